@@ -1,0 +1,3 @@
+"""kerasnuc: nuclei segmentation, classification and measurement for histopathology images."""
+
+__version__ = "0.1.0"

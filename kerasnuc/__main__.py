@@ -1,0 +1,3 @@
+from kerasnuc.cli import main
+
+main()

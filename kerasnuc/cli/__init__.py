@@ -1,0 +1,37 @@
+"""The ``kerasnuc`` command line: a click group with one thin module per command.
+
+Command modules import TensorFlow inside their command bodies, so ``kerasnuc --help`` and
+``kerasnuc --version`` stay instant.
+"""
+
+from __future__ import annotations
+
+import click
+
+from kerasnuc import __version__
+from kerasnuc.fileutil import KerasnucError
+
+
+class KerasnucGroup(click.Group):
+    """A click group that turns :class:`KerasnucError` into a one-line error (exit code 1)."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except KerasnucError as exc:
+            raise click.ClickException(str(exc)) from exc
+
+
+@click.group(cls=KerasnucGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="kerasnuc")
+def main() -> None:
+    """kerasnuc: find, outline, classify and measure cell nuclei in histopathology images."""
+
+
+def _register() -> None:
+    from kerasnuc.cli import data
+
+    main.add_command(data.data)
+
+
+_register()

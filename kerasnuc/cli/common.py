@@ -1,0 +1,43 @@
+"""Shared click option factories and helpers for the command modules."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from kerasnuc.fileutil import KerasnucError
+
+
+def dataset_path(value: str) -> Path:
+    """Resolve a dataset argument: a folder, or the name of a bundled example dataset."""
+    path = Path(value)
+    if path.exists():
+        return path
+    from kerasnuc.examples import example_dataset
+
+    try:
+        return example_dataset(value)
+    except KeyError:
+        raise KerasnucError(f"{value}: no such folder (nor a bundled example dataset)") from None
+
+
+def json_option(f):
+    return click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")(f)
+
+
+def format_table(rows: list[dict], columns: list[str], floatfmt: str = "{:.4f}") -> str:
+    """Format dict rows as an aligned plain-text table."""
+
+    def fmt(v) -> str:
+        if isinstance(v, float):
+            return floatfmt.format(v)
+        return "" if v is None else str(v)
+
+    cells = [[fmt(r.get(c)) for c in columns] for r in rows]
+    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))]
+    lines.append("  ".join("-" * w for w in widths))
+    for row in cells:
+        lines.append("  ".join(v.rjust(w) for v, w in zip(row, widths, strict=True)))
+    return "\n".join(lines)

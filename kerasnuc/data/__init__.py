@@ -1,0 +1,5 @@
+"""Dataset layout, importers, targets, point encodings, stain tools, augmentation, sampling, tf.data."""
+
+from kerasnuc.data.dataset import Dataset, DatasetWriter, Sample
+
+__all__ = ["Dataset", "DatasetWriter", "Sample"]

@@ -1,0 +1,30 @@
+"""Shared fixtures. Real data is found through KERASNUC_DATA (default: ../shared/data)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+DATA_ENV = "KERASNUC_DATA"
+
+
+def shared_data_root() -> Path:
+    return Path(os.environ.get(DATA_ENV, REPO.parent / "shared" / "data")).resolve()
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The folder holding monuseg_kumar/, consep/, dsb2018_histology/ (skips when absent)."""
+    root = shared_data_root()
+    if not (root / "monuseg_kumar" / "meta.json").is_file():
+        pytest.skip(f"shared datasets not found at {root} (set {DATA_ENV} to their folder)")
+    return root
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(0)
