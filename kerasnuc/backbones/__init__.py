@@ -1,0 +1,1 @@
+"""Encoders returning {"P1".."P5"} feature dicts (stride 2^n)."""

@@ -1,0 +1,1 @@
+"""Predictor (TTA, MC dropout, ensembles), tiling and stitching, slide readers."""

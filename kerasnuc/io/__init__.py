@@ -1,0 +1,1 @@
+"""Writers: GeoJSON, CSV, TIFF/PNG masks, overlays."""

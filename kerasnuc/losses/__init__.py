@@ -1,0 +1,1 @@
+"""Loss functions and the multi-task scheduler."""

@@ -1,0 +1,1 @@
+"""Instance, semantic, detection and count metrics (numpy)."""

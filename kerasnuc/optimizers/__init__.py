@@ -1,0 +1,1 @@
+"""Keras 3 optimizers the papers need and Keras lacks."""

@@ -1,0 +1,1 @@
+"""Probability maps -> instance and class maps (numpy / scikit-image), threshold tuning."""

@@ -1,0 +1,1 @@
+"""SavedModel export, TF Serving config and warm-up, serving client."""

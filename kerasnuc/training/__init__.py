@@ -1,0 +1,1 @@
+"""Fit wiring, callbacks, distribution strategy."""
