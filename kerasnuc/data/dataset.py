@@ -116,7 +116,9 @@ def check_label_pair(
     present = set(np.unique(classes).tolist()) - {0}
     if class_ids is not None and not present <= class_ids:
         bad = sorted(present - class_ids)
-        raise KerasnucError(f"{name}: class id(s) {bad} not in meta.json classes {sorted(class_ids)}")
+        raise KerasnucError(
+            f"{name}: class id(s) {bad} not in meta.json classes {sorted(class_ids)}"
+        )
     multi = [k for k, v in instance_classes(instances, classes).items() if len(v) > 1]
     if multi:
         raise KerasnucError(f"{name}: nucleus id(s) {multi[:5]} have more than one class")
@@ -246,7 +248,9 @@ class Dataset:
         path = self.instances_path(id)
         arr = read_image(path)
         if arr.ndim != 2 or not np.issubdtype(arr.dtype, np.integer):
-            raise KerasnucError(f"{path}: expected a greyscale integer PNG, got {arr.dtype} {arr.shape}")
+            raise KerasnucError(
+                f"{path}: expected a greyscale integer PNG, got {arr.dtype} {arr.shape}"
+            )
         return arr.astype(np.int32)
 
     def classes(self, id: str) -> np.ndarray | None:
@@ -257,7 +261,9 @@ class Dataset:
         path = self.classes_path(id)
         arr = read_image(path)
         if arr.ndim != 2 or not np.issubdtype(arr.dtype, np.integer):
-            raise KerasnucError(f"{path}: expected a greyscale integer PNG, got {arr.dtype} {arr.shape}")
+            raise KerasnucError(
+                f"{path}: expected a greyscale integer PNG, got {arr.dtype} {arr.shape}"
+            )
         return arr.astype(np.int32)
 
     def label(self, id: str) -> np.ndarray:
@@ -376,7 +382,9 @@ class DatasetWriter:
         inst = relabel_consecutive(instances)
         n = int(inst.max()) if inst.size else 0
         if n > MAX_PNG_INSTANCES:
-            raise KerasnucError(f"{name}: {n} nuclei exceed the 16-bit PNG limit of {MAX_PNG_INSTANCES}")
+            raise KerasnucError(
+                f"{name}: {n} nuclei exceed the 16-bit PNG limit of {MAX_PNG_INSTANCES}"
+            )
         write_png(self._tmp / "images" / f"{id}.png", image)
         write_png(self._tmp / "instances" / f"{id}.png", inst.astype(np.uint16))
         if classes is not None:
