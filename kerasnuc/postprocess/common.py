@@ -1,0 +1,276 @@
+"""Generic helpers on instance maps shared by the post-processors (numpy / scipy / OpenCV).
+
+All functions take an instance map ``(H, W)`` integer, 0 = background, positive = nucleus id.
+Per-instance results are returned as arrays **indexed by instance id** (length ``max_id + 1``,
+entry 0 belongs to the background), so that ``values[instances]`` paints them onto the image.
+Everything is vectorised over instances except the convex hulls of :func:`instance_solidity`
+(one OpenCV call per instance).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+from scipy import ndimage as ndi
+from skimage.measure import label as _sk_label
+
+PerClass = float | int | Mapping[int, float | int | None] | None
+
+
+@dataclass(frozen=True)
+class PostprocResult:
+    """Output of a post-processor.
+
+    Attributes:
+        instances: ``(H, W)`` int32, 0 = background, nuclei numbered consecutively 1..N.
+        classes: ``(H, W)`` int32, 0 = background, 1..C = cell type of the covering nucleus.
+        table: per-instance arrays, row ``k`` describes instance ``k + 1``:
+
+            * ``"id"``: ``(N,)`` int32, 1..N;
+            * ``"class"``: ``(N,)`` int32, 1..C;
+            * ``"probabilities"``: ``(N, C + 1)`` float32, mean semantic softmax over the
+              instance's pixels (column 0 = background, rows sum to 1);
+            * ``"area"``: ``(N,)`` int64, pixels;
+            * ``"centroid"``: ``(N, 2)`` float64, ``(row, col)`` in pixels;
+            * ``"solidity"``: ``(N,)`` float64, area / convex-hull area (see
+              :func:`instance_solidity`).
+    """
+
+    instances: np.ndarray
+    classes: np.ndarray
+    table: dict[str, np.ndarray]
+
+    @property
+    def num_instances(self) -> int:
+        """Number of instances N."""
+        return int(self.table["id"].shape[0])
+
+
+def per_class_table(value: PerClass, num_classes: int, default: float, name: str) -> np.ndarray:
+    """Expand a scalar or per-class setting into a lookup table indexed by class id.
+
+    Args:
+        value: a number (same for every class), ``None`` (meaning "no limit", stored as
+            ``+inf``), or a mapping ``{class_id: number or None}``; classes missing from the
+            mapping take ``default``.
+        num_classes: number of cell types C; class ids run 0..C (0 = pixels or instances the
+            semantic head calls background, only meaningful for pixel thresholds).
+        default: value for classes missing from a mapping.
+        name: setting name for error messages.
+
+    Returns:
+        ``(C + 1,)`` float64 table.
+
+    Raises:
+        ValueError: a mapping names a class outside 0..C.
+    """
+    table = np.full(num_classes + 1, np.inf if default is None else float(default))
+    if isinstance(value, Mapping):
+        bad = sorted(k for k in value if not 0 <= int(k) <= num_classes)
+        if bad:
+            raise ValueError(
+                f"`{name}` names class id(s) {bad} but the maps have classes 0..{num_classes}. "
+                f"Received: {name}={dict(value)}"
+            )
+        for k, v in value.items():
+            table[int(k)] = np.inf if v is None else float(v)
+    else:
+        table[:] = np.inf if value is None else float(value)
+    return table
+
+
+def relabel_by_lut(instances: np.ndarray, keep: np.ndarray | None = None) -> tuple[np.ndarray, int]:
+    """Renumber the kept instances 1..N in the order of their old ids, drop the rest.
+
+    Args:
+        instances: ``(H, W)`` non-negative integer instance map.
+        keep: ``(max_id + 1,)`` bool indexed by old id, or None to keep every id present.
+
+    Returns:
+        ``(instances, N)``: ``(H, W)`` int32 map with ids 1..N, and N.
+    """
+    instances = np.asarray(instances)
+    size = int(instances.max(initial=0)) + 1
+    if keep is None:
+        keep = np.bincount(instances.ravel(), minlength=size) > 0
+    keep = np.asarray(keep, dtype=bool).copy()
+    keep[0] = False
+    lut = np.zeros(keep.shape[0], dtype=np.int32)
+    n = int(keep.sum())
+    lut[keep] = np.arange(1, n + 1, dtype=np.int32)
+    return lut[instances], n
+
+
+def split_instance_components(instances: np.ndarray, connectivity: int = 1) -> np.ndarray:
+    """Give every connected piece of every instance its own id (splits distant false merges).
+
+    ``skimage.measure.label`` already separates neighbouring pixels with different values, so a
+    single call labels the connected components of all instances at once.
+
+    Args:
+        instances: ``(H, W)`` integer instance map.
+        connectivity: 1 (4-neighbours) or 2 (8-neighbours).
+
+    Returns:
+        ``(H, W)`` int32, pieces numbered 1..M in raster order of their first pixel.
+    """
+    if connectivity not in (1, 2):
+        raise ValueError(f"`connectivity` must be 1 or 2. Received: connectivity={connectivity}")
+    return _sk_label(np.asarray(instances), background=0, connectivity=connectivity).astype(
+        np.int32, copy=False
+    )
+
+
+_SHIFTS = (
+    (np.s_[1:, :], np.s_[:-1, :]),
+    (np.s_[:-1, :], np.s_[1:, :]),
+    (np.s_[:, 1:], np.s_[:, :-1]),
+    (np.s_[:, :-1], np.s_[:, 1:]),
+)
+
+
+def fill_instance_holes(instances: np.ndarray, max_hole_size: int | None = None) -> np.ndarray:
+    """Fill the holes of every instance with its id.
+
+    A hole of instance ``i`` is a 4-connected background region that does not touch the image
+    border and whose 4-neighbours all belong to ``i`` (the definition of
+    ``scipy.ndimage.binary_fill_holes`` applied to ``instances == i``, restricted to background
+    pixels). Background enclosed jointly by several instances is not a hole of any of them, and
+    other instances are never overwritten. Vectorised: one labelling of the background.
+
+    Args:
+        instances: ``(H, W)`` integer instance map.
+        max_hole_size: fill only holes of at most this many pixels (None: all holes).
+
+    Returns:
+        ``(H, W)`` map of the same dtype.
+    """
+    instances = np.asarray(instances)
+    background = instances == 0
+    comp, n = ndi.label(background)
+    if n == 0:
+        return instances.copy()
+    touches_border = np.zeros(n + 1, dtype=bool)
+    for edge in (comp[0, :], comp[-1, :], comp[:, 0], comp[:, -1]):
+        touches_border[edge] = True
+    big = np.iinfo(np.int64).max
+    low = np.full(n + 1, big, dtype=np.int64)
+    high = np.zeros(n + 1, dtype=np.int64)
+    for here, there in _SHIFTS:
+        c = comp[here]
+        v = instances[there]
+        m = (c > 0) & (v > 0)
+        np.minimum.at(low, c[m], v[m].astype(np.int64))
+        np.maximum.at(high, c[m], v[m].astype(np.int64))
+    hole = ~touches_border & (high > 0) & (low == high)
+    if max_hole_size is not None:
+        hole &= np.bincount(comp.ravel(), minlength=n + 1) <= max_hole_size
+    hole[0] = False
+    if not hole.any():
+        return instances.copy()
+    lut = np.where(hole, high, 0).astype(instances.dtype)
+    return np.where(background, lut[comp], instances)
+
+
+def instance_areas(instances: np.ndarray) -> np.ndarray:
+    """``(max_id + 1,)`` int64 pixel counts indexed by instance id."""
+    return np.bincount(np.asarray(instances).ravel(), minlength=1).astype(np.int64)
+
+
+def instance_centroids(instances: np.ndarray) -> np.ndarray:
+    """``(max_id + 1, 2)`` float64 ``(row, col)`` centroids indexed by id (NaN for absent ids)."""
+    instances = np.asarray(instances)
+    flat = instances.ravel()
+    size = int(flat.max(initial=0)) + 1
+    rows, cols = np.indices(instances.shape)
+    area = np.bincount(flat, minlength=size).astype(np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        r = np.bincount(flat, weights=rows.ravel(), minlength=size) / area
+        c = np.bincount(flat, weights=cols.ravel(), minlength=size) / area
+    return np.stack([r, c], axis=1)
+
+
+def instance_sums(instances: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Sum per instance of a per-pixel vector, e.g. the semantic softmax.
+
+    Args:
+        instances: ``(H, W)`` integer instance map.
+        values: ``(H, W, K)`` float per-pixel values.
+
+    Returns:
+        ``(max_id + 1, K)`` float64, row 0 = sum over the background.
+    """
+    flat = np.asarray(instances).ravel()
+    size = int(flat.max(initial=0)) + 1
+    fg = np.flatnonzero(flat)
+    ids = flat[fg]
+    vals = np.asarray(values).reshape(flat.shape[0], -1)[fg]
+    out = np.zeros((size, vals.shape[1]), dtype=np.float64)
+    for k in range(vals.shape[1]):
+        out[:, k] = np.bincount(ids, weights=vals[:, k], minlength=size)
+    return out
+
+
+def _outline_mask(instances: np.ndarray) -> np.ndarray:
+    """Instance pixels with a 4-neighbour of another value (or outside the image)."""
+    padded = np.pad(instances, 1)
+    centre = padded[1:-1, 1:-1]
+    edge = (
+        (centre != padded[:-2, 1:-1])
+        | (centre != padded[2:, 1:-1])
+        | (centre != padded[1:-1, :-2])
+        | (centre != padded[1:-1, 2:])
+    )
+    return edge & (centre > 0)
+
+
+def instance_solidity(instances: np.ndarray) -> np.ndarray:
+    """Solidity = area / convex-hull area of every instance (Rumberger et al. 2022, II.G).
+
+    The convex-hull area is the number of pixel centres inside or on the convex hull of the
+    instance's pixel centres; it is counted exactly with Pick's theorem
+    (``A + B / 2 + 1`` for a polygon with lattice vertices, area ``A`` and ``B`` lattice points
+    on its edges), so a digitally convex shape (rectangle, digital disc) has solidity 1 and a
+    single pixel or a straight line of pixels too. Only the outline pixels of each instance are
+    passed to ``cv2.convexHull``.
+
+    Args:
+        instances: ``(H, W)`` integer instance map.
+
+    Returns:
+        ``(max_id + 1,)`` float64 indexed by id; 0 for the background and absent ids.
+    """
+    instances = np.asarray(instances)
+    size = int(instances.max(initial=0)) + 1
+    out = np.zeros(size, dtype=np.float64)
+    rows, cols = np.nonzero(_outline_mask(instances))
+    if rows.size == 0:
+        return out
+    ids = instances[rows, cols]
+    order = np.argsort(ids, kind="stable")
+    points = np.ascontiguousarray(np.stack([cols[order], rows[order]], axis=1), dtype=np.int32)
+    counts = np.bincount(ids, minlength=size)
+    present = np.flatnonzero(counts)
+    present = present[present > 0]
+    ends = np.cumsum(counts)[present]
+    starts = ends - counts[present]
+    hulls = [cv2.convexHull(points[s:e]).reshape(-1, 2) for s, e in zip(starts, ends, strict=True)]
+    lengths = np.array([h.shape[0] for h in hulls])
+    vertices = np.concatenate(hulls).astype(np.int64)
+    group_start = np.repeat(np.cumsum(lengths) - lengths, lengths)
+    index = np.arange(vertices.shape[0])
+    following = np.where(
+        index + 1 == group_start + np.repeat(lengths, lengths), group_start, index + 1
+    )
+    x, y = vertices[:, 0], vertices[:, 1]
+    xn, yn = x[following], y[following]
+    group = np.repeat(np.arange(present.size), lengths)
+    twice_area = np.abs(np.bincount(group, weights=(x * yn - xn * y).astype(np.float64)))
+    on_edges = np.bincount(group, weights=np.gcd(np.abs(xn - x), np.abs(yn - y)).astype(np.float64))
+    hull_pixels = (twice_area + on_edges) / 2.0 + 1.0
+    area = instance_areas(instances)
+    out[present] = area[present] / hull_pixels
+    return out
