@@ -1,0 +1,518 @@
+"""The tf.data training pipelines: the one place where the order of data operations is defined.
+
+Order, for every method::
+
+    Dataset(s) -> decoded images + label maps cached in memory (resampled to the model's mpp)
+      -> epoch index stream (importance sampling, Rumberger et al. Eq. 2, or plain shuffling)
+      -> random crop with context margin (numpy, seeded per element)
+      -> augment image and label maps together (TF, stateless seeds)   [kerasnuc.data.augment]
+      -> centre crop to the training size
+      -> method targets (numpy per crop: three-label map, vectors, ...) [kerasnuc.data.targets]
+      -> batch -> prefetch
+
+Every random choice derives from ``(config.seed, epoch, position in epoch)``, so a pipeline is
+reproducible and a resumed run continues with the epochs it had not seen. ``deterministic=True``
+also fixes the element order of the parallel maps (tests).
+
+One public function per method returns a ``tf.data.Dataset`` of ``(image, targets)`` batches whose
+target keys match the output names of that method's model:
+
+* :func:`conic_dataset`: ``semantic`` (B, S, S) int32, ``three_label`` (B, S, S) int32,
+  ``vectors`` (B, S, S, 3) float32 = ``(dy, dx, foreground)``;
+* :func:`unet_sharp_dataset`: ``semantic`` (B, S, S) int32 (optionally Macenko-normalised input);
+* :func:`weak_dataset`: ``voronoi`` (B, S, S) int32 in {0, 1, IGNORE}, ``cluster`` (B, S, S)
+  int32 in {0, 1, IGNORE}, ``repel`` (B, S, S) float32 (the filtered repel code), all derived from
+  point labels only;
+* :func:`panoptic_dataset`: ``instances`` (B, S, S) int32 and ``semantic`` (B, S, S) int32 (boxes
+  and mask targets are assigned inside the model's training step).
+
+Images are ``(B, S, S, 3)`` float32 in ``[0, 1]``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import cv2
+import numpy as np
+import tensorflow as tf
+
+from kerasnuc.data.augment import AugmentConfig, augment
+from kerasnuc.data.dataset import Dataset
+from kerasnuc.data.points import IGNORE, cached_encode_points, encode_points, points_from_instances
+from kerasnuc.data.sampling import ImportanceSampler, class_pixel_frequencies
+from kerasnuc.data.targets import centre_vectors, three_label_map
+from kerasnuc.fileutil import KerasnucError
+
+logger = logging.getLogger(__name__)
+
+REPEL_SCALE = 65535
+"""The float repel code travels through augmentation as ``round(repel * REPEL_SCALE)`` (int32)."""
+
+_SEED_STRIDE = 1 << 24  # element seeds: (config.seed, epoch * _SEED_STRIDE + position)
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """Settings of a training pipeline (one per method run; saved with the run's config).
+
+    Attributes:
+        crop_size: side S of the square training crops (pixels at the model's resolution).
+        batch_size: crops per batch.
+        context: extra margin around each crop, as a fraction of ``crop_size``, that goes through
+            the geometric augmentation and is cut away afterwards, so rotations and zoom-outs
+            show real tissue instead of fill in the crop.
+        importance_sampling: draw images with ``p_n`` (with replacement) instead of shuffling.
+        samples_per_epoch: crops per epoch (default: the number of images).
+        target_mpp: resample every image to this pixel size (None: keep the data's own).
+        boundary_width: boundary band of the three-label map, pixels.
+        vector_units: units of the centre vectors (see ``kerasnuc.data.targets.centre_vectors``).
+        vector_scale: divisor for ``vector_units="scale"``.
+        augment: augmentation settings; ``AugmentConfig.none()`` to switch off.
+        seed: base seed of the whole pipeline.
+        deterministic: fixed element order of the parallel maps (slower; tests).
+        parallel_calls: parallelism of the maps; -1 = ``tf.data.AUTOTUNE``.
+    """
+
+    crop_size: int = 256
+    batch_size: int = 8
+    context: float = 0.25
+    importance_sampling: bool = True
+    samples_per_epoch: int | None = None
+    target_mpp: float | None = None
+    boundary_width: int = 1
+    vector_units: str = "pixels"
+    vector_scale: float = 1.0
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    seed: int = 0
+    deterministic: bool = False
+    parallel_calls: int = -1
+
+    def __post_init__(self) -> None:
+        if self.crop_size < 8:
+            raise ValueError(f"`crop_size` must be >= 8. Received: crop_size={self.crop_size}")
+        if self.batch_size < 1:
+            raise ValueError(f"`batch_size` must be >= 1. Received: batch_size={self.batch_size}")
+        if not 0 <= self.context <= 1:
+            raise ValueError(f"`context` must lie in [0, 1]. Received: context={self.context}")
+        if self.target_mpp is not None and self.target_mpp <= 0:
+            raise ValueError(f"`target_mpp` must be > 0. Received: target_mpp={self.target_mpp}")
+
+    @property
+    def context_size(self) -> int:
+        """Side of the crop that goes through augmentation (even margin on both sides)."""
+        return self.crop_size + 2 * int(round(self.context * self.crop_size / 2))
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["augment"] = self.augment.to_dict()
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PipelineConfig:
+        data = dict(data)
+        if "augment" in data:
+            data["augment"] = AugmentConfig.from_dict(data["augment"])
+        return cls(**data)
+
+
+# ----------------------------------------------------------------------------------------------
+# In-memory cache of decoded images
+
+
+@dataclass
+class _Item:
+    id: str
+    image: np.ndarray  # (H, W, 3) uint8
+    labels: np.ndarray  # (H, W, K) int32: instance, class, extra maps
+
+
+def _resample(image: np.ndarray, labels: np.ndarray, scale: float) -> tuple[np.ndarray, ...]:
+    if abs(scale - 1.0) < 1e-6:
+        return image, labels
+    h, w = image.shape[:2]
+    size = (max(1, int(round(w * scale))), max(1, int(round(h * scale))))
+    interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
+    image = cv2.resize(image, size, interpolation=interp)
+    chans = [
+        cv2.resize(labels[..., k], size, interpolation=cv2.INTER_NEAREST_EXACT)
+        for k in range(labels.shape[-1])
+    ]
+    return image, np.stack(chans, axis=-1)
+
+
+def _scale_for(ds: Dataset, target_mpp: float | None) -> float:
+    if target_mpp is None:
+        return 1.0
+    if ds.mpp is None:
+        raise KerasnucError(
+            f"{ds.root}: meta.json has no mpp, cannot resample to {target_mpp} um/px "
+            "(set 'mpp' in meta.json)"
+        )
+    return ds.mpp / target_mpp
+
+
+def _check_classes(datasets: Sequence[Dataset]) -> tuple[int, dict[int, str]]:
+    names = [ds.class_names for ds in datasets]
+    if any(n != names[0] for n in names[1:]):
+        listing = "; ".join(f"{ds.root}: {ds.class_names}" for ds in datasets)
+        raise KerasnucError(
+            f"datasets have different classes, cannot train on them together ({listing})"
+        )
+    return datasets[0].num_classes, names[0]
+
+
+def load_items(
+    datasets: Dataset | Sequence[Dataset],
+    split: str | None,
+    target_mpp: float | None = None,
+    extra: Callable[[Dataset, str, np.ndarray, np.ndarray, np.ndarray], np.ndarray] | None = None,
+) -> tuple[list[_Item], int]:
+    """Decode every image of ``split`` of each dataset into memory.
+
+    Args:
+        datasets: one dataset or several with the same classes.
+        split: split name (None: all images).
+        target_mpp: resample to this pixel size.
+        extra: ``f(ds, id, image, instances, classes) -> (H, W, K')`` int32 extra label maps
+            computed on the full image before resampling (e.g. point encodings).
+
+    Returns:
+        ``(items, num_classes)``; without classes, nuclei get class 1 and ``num_classes`` is 0.
+    """
+    datasets = [datasets] if isinstance(datasets, Dataset) else list(datasets)
+    if not datasets:
+        raise ValueError("`datasets` must name at least one dataset.")
+    num_classes, _ = _check_classes(datasets)
+    items = []
+    for ds in datasets:
+        scale = _scale_for(ds, target_mpp)
+        for id in ds.split(split):
+            s = ds.sample(id)
+            cls = s.classes if s.classes is not None else (s.instances > 0).astype(np.int32)
+            maps = [s.instances, cls]
+            if extra is not None:
+                ext = extra(ds, id, s.image, s.instances, cls)
+                maps.extend(np.moveaxis(ext, -1, 0))
+            image, labels = _resample(s.image, np.stack(maps, axis=-1).astype(np.int32), scale)
+            items.append(_Item(f"{ds.name}/{id}", image, labels))
+    if not items:
+        raise KerasnucError(f"no images in split {split!r}")
+    return items, num_classes
+
+
+# ----------------------------------------------------------------------------------------------
+# Element streams
+
+
+def _element_stream(
+    items: list[_Item],
+    num_classes: int,
+    config: PipelineConfig,
+    training: bool,
+    start_epoch: int,
+) -> tf.data.Dataset:
+    """``(item_index, y0, x0, seed)`` elements: training = sampled epochs, else a tile grid."""
+    if not training:
+        rows = []
+        size = config.crop_size
+        for k, it in enumerate(items):
+            h, w = it.image.shape[:2]
+            ys = sorted({min(y, max(h - size, 0)) for y in range(0, max(h, 1), size)})
+            xs = sorted({min(x, max(w - size, 0)) for x in range(0, max(w, 1), size)})
+            rows.extend((k, y, x, 0) for y in ys for x in xs)
+        arr = np.asarray(rows, dtype=np.int64)
+        seeds = np.stack([np.full(len(arr), config.seed), np.arange(len(arr))], axis=1)
+        return tf.data.Dataset.from_tensor_slices((arr[:, 0], arr[:, 1], arr[:, 2], seeds))
+
+    freqs = np.stack(
+        [class_pixel_frequencies(it.labels[..., 1], max(num_classes, 1)) for it in items]
+    )
+    sampler = ImportanceSampler(freqs, seed=config.seed, enabled=config.importance_sampling)
+    per_epoch = config.samples_per_epoch or len(items)
+
+    def gen():
+        epoch = start_epoch
+        while True:
+            idx, _ = sampler.draw(epoch, per_epoch)
+            for pos, k in enumerate(idx):
+                yield k, -1, -1, np.array([config.seed, epoch * _SEED_STRIDE + pos], np.int64)
+            epoch += 1
+
+    sig = (
+        tf.TensorSpec((), tf.int64),
+        tf.TensorSpec((), tf.int64),
+        tf.TensorSpec((), tf.int64),
+        tf.TensorSpec((2,), tf.int64),
+    )
+    return tf.data.Dataset.from_generator(gen, output_signature=sig)
+
+
+def _crop(items: list[_Item], size: int, margin: int, pad_value: int, shift: bool):
+    """Numpy crop function returning a ``size + 2 * margin`` window around a ``size`` crop.
+
+    The inner ``size`` crop lies inside the image when the image is large enough: at a random
+    place (``y0 < 0``) or at ``(y0, x0)``. Where the window leaves the image, the image is padded
+    with ``pad_value`` and the labels with 0; with ``shift`` the labels are stored ``+ 1`` first,
+    so that 0 marks "outside the image" for the caller.
+    """
+
+    def fn(k, y0, x0, seed):
+        it = items[int(k)]
+        h, w = it.image.shape[:2]
+        if y0 < 0:
+            rng = np.random.default_rng(seed.tolist())
+            y0 = rng.integers(0, max(h - size, 0) + 1)
+            x0 = rng.integers(0, max(w - size, 0) + 1)
+        if h < size:  # centre small images in the crop
+            y0 = -((size - h) // 2)
+        if w < size:
+            x0 = -((size - w) // 2)
+        big = size + 2 * margin
+        top, left = int(y0) - margin, int(x0) - margin
+        ys, xs = slice(max(top, 0), min(top + big, h)), slice(max(left, 0), min(left + big, w))
+        img = it.image[ys, xs]
+        lab = it.labels[ys, xs] + 1 if shift else it.labels[ys, xs]
+        pad = ((ys.start - top, top + big - ys.stop), (xs.start - left, left + big - xs.stop))
+        if any(p for pair in pad for p in pair):
+            img = np.pad(img, pad + ((0, 0),), constant_values=pad_value)
+            lab = np.pad(lab, pad + ((0, 0),))
+        return np.ascontiguousarray(img), np.ascontiguousarray(lab, dtype=np.int32)
+
+    return fn
+
+
+def _crops(
+    items: list[_Item],
+    num_classes: int,
+    config: PipelineConfig,
+    training: bool,
+    start_epoch: int,
+    label_fill: tf.Tensor | None = None,
+) -> tf.data.Dataset:
+    """``(image (S,S,3) float32, labels (S,S,K) int32)`` crops, augmented when training.
+
+    Args:
+        label_fill: ``(K,)`` label values for pixels outside the image (padding, or brought in by
+            the geometric augmentation). None: 0 (background) for every map.
+    """
+    k_maps = items[0].labels.shape[-1]
+    size = config.crop_size
+    margin = (config.context_size - size) // 2 if training else 0
+    big = size + 2 * margin
+    aug = config.augment
+    pad_value = int(round(255 * min(max(aug.fill_value, 0.0), 1.0)))
+    crop = _crop(items, size, margin, pad_value, shift=label_fill is not None)
+    par = tf.data.AUTOTUNE if config.parallel_calls < 0 else config.parallel_calls
+
+    def load(k, y0, x0, seed):
+        img, lab = tf.numpy_function(crop, [k, y0, x0, seed], [tf.uint8, tf.int32], stateful=False)
+        img = tf.ensure_shape(img, (big, big, 3))
+        lab = tf.ensure_shape(lab, (big, big, k_maps))
+        image = tf.cast(img, tf.float32) / 255.0
+        if training:
+            image, lab = augment(image, lab, seed, aug)
+            image = image[margin : margin + size, margin : margin + size]
+            lab = lab[margin : margin + size, margin : margin + size]
+        if label_fill is not None:  # 0 = outside the image
+            lab = tf.where(lab == 0, label_fill, lab - 1)
+        return image, lab
+
+    stream = _element_stream(items, num_classes, config, training, start_epoch)
+    return stream.map(load, num_parallel_calls=par, deterministic=config.deterministic)
+
+
+def _finish(ds: tf.data.Dataset, config: PipelineConfig, training: bool) -> tf.data.Dataset:
+    options = tf.data.Options()
+    options.deterministic = config.deterministic
+    ds = ds.with_options(options)
+    return ds.batch(config.batch_size, drop_remainder=training).prefetch(tf.data.AUTOTUNE)
+
+
+# ----------------------------------------------------------------------------------------------
+# Methods
+
+
+def conic_targets_numpy(
+    instances: np.ndarray, boundary_width: int, vector_units: str, vector_scale: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Three-label map ``(S, S)`` int32 and ``(dy, dx, fg)`` vectors ``(S, S, 3)`` of a crop."""
+    three = three_label_map(instances, boundary_width).astype(np.int32)
+    vec = centre_vectors(instances, vector_units, vector_scale)
+    fg = (instances > 0).astype(np.float32)[..., None]
+    return three, np.concatenate([vec, fg], axis=-1).astype(np.float32)
+
+
+def conic_dataset(
+    datasets: Dataset | Sequence[Dataset],
+    split: str | None = "train",
+    config: PipelineConfig | None = None,
+    training: bool = True,
+    start_epoch: int = 0,
+) -> tf.data.Dataset:
+    """``(image, {"semantic", "three_label", "vectors"})`` batches for the ``conic`` method.
+
+    Args:
+        datasets: one dataset or several with the same classes.
+        split: split to read.
+        config: pipeline settings.
+        training: sampled, augmented, endless crops (True) or every image tiled once in order,
+            without augmentation (False: validation).
+        start_epoch: first epoch to draw (resuming a run).
+
+    Returns:
+        A ``tf.data.Dataset`` of ``(images (B,S,S,3) float32, targets)`` (see module docstring).
+    """
+    config = config or PipelineConfig()
+    items, num_classes = load_items(datasets, split, config.target_mpp)
+    return conic_dataset_from_items(items, num_classes, config, training, start_epoch)
+
+
+def conic_dataset_from_items(
+    items: list[_Item],
+    num_classes: int,
+    config: PipelineConfig,
+    training: bool = True,
+    start_epoch: int = 0,
+) -> tf.data.Dataset:
+    """:func:`conic_dataset` on images already decoded with :func:`load_items`."""
+    size = config.crop_size
+    par = tf.data.AUTOTUNE if config.parallel_calls < 0 else config.parallel_calls
+
+    def targets(image, lab):
+        three, vec = tf.numpy_function(
+            lambda inst: conic_targets_numpy(
+                inst, config.boundary_width, config.vector_units, config.vector_scale
+            ),
+            [lab[..., 0]],
+            [tf.int32, tf.float32],
+            stateful=False,
+        )
+        return image, {
+            "semantic": lab[..., 1],
+            "three_label": tf.ensure_shape(three, (size, size)),
+            "vectors": tf.ensure_shape(vec, (size, size, 3)),
+        }
+
+    ds = _crops(items, num_classes, config, training, start_epoch)
+    ds = ds.map(targets, num_parallel_calls=par, deterministic=config.deterministic)
+    return _finish(ds, config, training)
+
+
+def unet_sharp_dataset(
+    datasets: Dataset | Sequence[Dataset],
+    split: str | None = "train",
+    config: PipelineConfig | None = None,
+    training: bool = True,
+    start_epoch: int = 0,
+    normalizer: Any | None = None,
+) -> tf.data.Dataset:
+    """``(image, {"semantic"})`` batches for ``unet_sharp``.
+
+    Args:
+        normalizer: a fitted ``kerasnuc.data.stain.MacenkoNormalizer`` applied to every image once,
+            before caching (the same normaliser is stored with the model for inference).
+        Other arguments as :func:`conic_dataset`.
+    """
+    config = config or PipelineConfig()
+    items, num_classes = load_items(datasets, split, config.target_mpp)
+    if normalizer is not None:
+        for it in items:
+            it.image = _normalise(normalizer, it)
+    ds = _crops(items, num_classes, config, training, start_epoch)
+    ds = ds.map(lambda image, lab: (image, {"semantic": lab[..., 1]}))
+    return _finish(ds, config, training)
+
+
+def _normalise(normalizer: Any, item: _Item) -> np.ndarray:
+    try:
+        out = normalizer.transform(item.image)
+    except (ValueError, KerasnucError) as exc:  # e.g. a tile without tissue
+        logger.warning("%s: Macenko normalisation skipped (%s)", item.id, exc)
+        return item.image
+    out = np.asarray(out)
+    if out.dtype != np.uint8:
+        out = np.clip(np.round(out * 255.0 if out.max() <= 1.0 else out), 0, 255).astype(np.uint8)
+    return out
+
+
+def weak_dataset(
+    datasets: Dataset | Sequence[Dataset],
+    split: str | None = "train",
+    config: PipelineConfig | None = None,
+    training: bool = True,
+    start_epoch: int = 0,
+    points: dict[str, np.ndarray] | None = None,
+    cache_dir: str | None = None,
+    encode_params: dict[str, Any] | None = None,
+) -> tf.data.Dataset:
+    """``(image, {"voronoi", "cluster", "repel"})`` batches for the point-supervised ``weak``.
+
+    The point encodings (Chamanzar & Nie 2020) are computed once per full image, before
+    cropping, and go through the same augmentation as the image. Pixels that the augmentation
+    brings in from outside the image are :data:`IGNORE` in ``voronoi`` and ``cluster`` and 0 in
+    ``repel``.
+
+    Args:
+        points: ``{image id: (K, 2) (row, col) points}``; default: centroids of the instance maps
+            (so instance masks are read only to derive points, never used as targets).
+        cache_dir: folder for the encoding cache (default: encode in memory only).
+        encode_params: keyword arguments of ``kerasnuc.data.points.encode_points``.
+        Other arguments as :func:`conic_dataset`.
+    """
+    config = config or PipelineConfig()
+    params = dict(encode_params or {})
+
+    def extra(ds, id, image, instances, classes):
+        pts = points[id] if points is not None and id in points else None
+        if pts is None:
+            if points is not None:
+                raise KerasnucError(f"{ds.image_path(id)}: no point annotations for this image")
+            pts, _ = points_from_instances(instances)
+        if cache_dir is not None:
+            enc = cached_encode_points(cache_dir, f"{ds.name}_{id}", image, pts, **params)
+        else:
+            enc = encode_points(image, pts, **params)
+        repel = np.round(enc["filtered_repel"] * REPEL_SCALE)
+        return np.stack([enc["voronoi"], enc["cluster"], repel], axis=-1).astype(np.int32)
+
+    items, num_classes = load_items(datasets, split, config.target_mpp, extra=extra)
+    for it in items:  # instance masks never reach the weak targets
+        it.labels[..., 0] = 0
+
+    def targets(image, lab):
+        voronoi, cluster = lab[..., 2], lab[..., 3]
+        repel = tf.cast(tf.maximum(lab[..., 4], 0), tf.float32) / REPEL_SCALE
+        return image, {"voronoi": voronoi, "cluster": cluster, "repel": repel}
+
+    fill = tf.constant([0, 0, IGNORE, IGNORE, 0], tf.int32)
+    ds = _crops(items, num_classes, config, training, start_epoch, label_fill=fill)
+    ds = ds.map(targets)
+    return _finish(ds, config, training)
+
+
+def panoptic_dataset(
+    datasets: Dataset | Sequence[Dataset],
+    split: str | None = "train",
+    config: PipelineConfig | None = None,
+    training: bool = True,
+    start_epoch: int = 0,
+) -> tf.data.Dataset:
+    """``(image, {"instances", "semantic"})`` batches for ``panoptic`` (default crops 512x512)."""
+    config = config or PipelineConfig(crop_size=512, batch_size=2)
+    items, num_classes = load_items(datasets, split, config.target_mpp)
+    ds = _crops(items, num_classes, config, training, start_epoch)
+    ds = ds.map(lambda image, lab: (image, {"instances": lab[..., 0], "semantic": lab[..., 1]}))
+    return _finish(ds, config, training)
+
+
+PIPELINES = {
+    "conic": conic_dataset,
+    "unet_sharp": unet_sharp_dataset,
+    "weak": weak_dataset,
+    "panoptic": panoptic_dataset,
+}

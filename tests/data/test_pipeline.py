@@ -1,0 +1,151 @@
+"""tf.data pipelines: shapes, keys, reproducibility, and targets that sit on the nuclei."""
+
+import numpy as np
+import pytest
+
+tf = pytest.importorskip("tensorflow")
+
+from kerasnuc.data.augment import AugmentConfig  # noqa: E402
+from kerasnuc.data.dataset import Dataset, DatasetWriter  # noqa: E402
+from kerasnuc.data.pipeline import (  # noqa: E402
+    PipelineConfig,
+    conic_dataset,
+    load_items,
+    panoptic_dataset,
+    unet_sharp_dataset,
+    weak_dataset,
+)
+from kerasnuc.data.points import IGNORE  # noqa: E402
+from kerasnuc.fileutil import KerasnucError  # noqa: E402
+
+S = 64
+
+
+@pytest.fixture(scope="module")
+def consep_small(shared_data, tmp_path_factory):
+    """Four CoNSeP val patches (with nuclei of several classes) as their own dataset."""
+    src = Dataset(shared_data / "consep")
+    ids = [i for i in src.split("val") if src.instances(i).max() > 20][:4]
+    root = tmp_path_factory.mktemp("c") / "consep4"
+    with DatasetWriter(root, {"name": "consep4", "mpp": 0.25, "classes": src.meta["classes"]}) as w:
+        for i in ids:
+            s = src.sample(i)
+            w.add(i, s.image, s.instances, s.classes, split="train")
+    return Dataset(root)
+
+
+def _cfg(**kw):
+    base = dict(crop_size=S, batch_size=2, deterministic=True, seed=1)
+    base.update(kw)
+    return PipelineConfig(**base)
+
+
+def test_conic_batches_keys_shapes_and_consistency(consep_small):
+    ds = conic_dataset(consep_small, "train", _cfg())
+    for images, t in ds.take(3):
+        assert images.shape == (2, S, S, 3) and images.dtype == tf.float32
+        assert 0.0 <= float(tf.reduce_min(images)) and float(tf.reduce_max(images)) <= 1.0
+        assert set(t) == {"semantic", "three_label", "vectors"}
+        sem, three, vec = t["semantic"].numpy(), t["three_label"].numpy(), t["vectors"].numpy()
+        assert sem.shape == (2, S, S) and three.shape == (2, S, S) and vec.shape == (2, S, S, 3)
+        assert sem.max() <= 4
+        # all three targets come from the same (augmented) label maps
+        np.testing.assert_array_equal(three > 0, sem > 0)
+        np.testing.assert_array_equal(vec[..., 2] > 0, sem > 0)
+        assert np.abs(vec[..., :2][sem == 0]).max(initial=0) == 0
+
+
+def test_validation_tiles_equal_ground_truth_crops(consep_small):
+    """Without augmentation the first tile is the top-left S x S window of the first image."""
+    ds = conic_dataset(consep_small, "train", _cfg(), training=False)
+    images, t = next(iter(ds))
+    first = consep_small.ids[0]
+    img = consep_small.image(first)[:S, :S] / 255.0
+    inst = consep_small.instances(first)[:S, :S]
+    cls = consep_small.classes(first)[:S, :S]
+    np.testing.assert_allclose(images[0].numpy(), img, atol=1e-6)
+    np.testing.assert_array_equal(t["semantic"][0].numpy(), cls)
+    np.testing.assert_array_equal(t["three_label"][0].numpy() > 0, inst > 0)
+    # second tile of the same image: columns S..2S
+    np.testing.assert_array_equal(
+        t["semantic"][1].numpy(), consep_small.classes(first)[:S, S : 2 * S]
+    )
+    # 256x256 patches tiled by 64: 16 tiles per image, 4 images, batch 2
+    assert sum(1 for _ in ds) == 4 * 16 // 2
+
+
+def test_reproducible_and_seed_dependent(consep_small):
+    def first(seed):
+        images, t = next(iter(conic_dataset(consep_small, "train", _cfg(seed=seed))))
+        return images.numpy(), t["semantic"].numpy()
+
+    a, b, c = first(3), first(3), first(4)
+    np.testing.assert_array_equal(a[0], b[0])
+    np.testing.assert_array_equal(a[1], b[1])
+    assert not np.array_equal(a[0], c[0])
+
+
+def test_epochs_differ_and_resume_continues(consep_small):
+    cfg = _cfg(batch_size=1, samples_per_epoch=3, augment=AugmentConfig.none())
+    run = [x.numpy() for x, _ in conic_dataset(consep_small, "train", cfg).take(6)]
+    resumed = [
+        x.numpy() for x, _ in conic_dataset(consep_small, "train", cfg, start_epoch=1).take(3)
+    ]
+    for a, b in zip(run[3:], resumed, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_unet_sharp_and_panoptic_keys(consep_small):
+    images, t = next(iter(unet_sharp_dataset(consep_small, "train", _cfg())))
+    assert set(t) == {"semantic"} and t["semantic"].shape == (2, S, S)
+    images, t = next(iter(panoptic_dataset(consep_small, "train", _cfg())))
+    assert set(t) == {"instances", "semantic"}
+    np.testing.assert_array_equal(t["instances"].numpy() > 0, t["semantic"].numpy() > 0)
+
+
+def test_weak_targets_from_points_only(consep_small):
+    cfg = _cfg(augment=AugmentConfig.none(), context=0.0)
+    images, t = next(iter(weak_dataset(consep_small, "train", cfg, training=False)))
+    assert set(t) == {"voronoi", "cluster", "repel"}
+    vor, clu, rep = t["voronoi"].numpy(), t["cluster"].numpy(), t["repel"].numpy()
+    assert set(np.unique(vor)) <= {0, 1, IGNORE} and set(np.unique(clu)) <= {0, 1}
+    assert 0.0 <= rep.min() and rep.max() <= 1.0
+    assert np.all(rep[clu == 0] == 0)  # filtered repel = repel x cluster mask
+    # the Voronoi discs sit on nuclei: most of them lie inside ground-truth nuclei
+    inst = consep_small.instances(consep_small.ids[0])[:S, :S]
+    assert (inst[vor[0] == 1] > 0).mean() > 0.8
+
+
+def test_weak_outside_pixels_are_ignored(consep_small):
+    aug = AugmentConfig(
+        **{**AugmentConfig.none().to_dict(), "rotate_prob": 1.0, "rotate": (45.0, 45.0)}
+    )
+    cfg = _cfg(augment=aug, context=0.0, batch_size=1)
+    _, t = next(iter(weak_dataset(consep_small, "train", cfg)))
+    vor = t["voronoi"].numpy()[0]
+    # a 45 degree rotation of a square crop brings fill into all four corners
+    for corner in (vor[0, 0], vor[0, -1], vor[-1, 0], vor[-1, -1]):
+        assert corner == IGNORE
+
+
+def test_resampling_to_target_mpp(consep_small):
+    items, n_cls = load_items(consep_small, "train", target_mpp=0.5)
+    assert n_cls == 4 and items[0].image.shape == (128, 128, 3)
+    assert items[0].labels.shape == (128, 128, 2)
+    # nearest resampling keeps only existing ids
+    orig = set(np.unique(consep_small.instances(consep_small.ids[0])))
+    assert set(np.unique(items[0].labels[..., 0])) <= orig
+
+
+def test_errors_are_clear(consep_small, shared_data):
+    with pytest.raises(KerasnucError, match="no mpp"):
+        load_items(Dataset(shared_data / "dsb2018_histology"), "val", target_mpp=0.5)
+    with pytest.raises(KerasnucError, match="different classes"):
+        load_items([consep_small, Dataset(shared_data / "dsb2018_histology")], None)
+    with pytest.raises(ValueError, match="crop_size"):
+        PipelineConfig(crop_size=4)
+
+
+def test_config_round_trip():
+    cfg = PipelineConfig(crop_size=128, augment=AugmentConfig.none(), target_mpp=0.5)
+    assert PipelineConfig.from_dict(cfg.to_dict()) == cfg
