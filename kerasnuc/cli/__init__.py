@@ -32,6 +32,9 @@ def _register() -> None:
     from kerasnuc.cli import data
 
     main.add_command(data.data)
+    from kerasnuc.cli import evaluate
+
+    main.add_command(evaluate.evaluate)
 
 
 _register()
