@@ -1,4 +1,4 @@
-"""Dataset layout, importers, targets, point encodings, stain tools, augmentation, sampling, tf.data."""
+"""Dataset layout, importers, targets, points, stain tools, augmentation, sampling, tf.data."""
 
 from kerasnuc.data.dataset import Dataset, DatasetWriter, Sample
 
