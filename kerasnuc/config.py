@@ -1,0 +1,208 @@
+"""Configuration that travels with the weights: one frozen dataclass per concern.
+
+A run directory (``kerasnuc train --out RUN_DIR``) holds::
+
+    config.json        RunConfig: method, model, data, pipeline, train (this module)
+    model.weights.h5   weights of the best checkpoint (by validation mPQ+ / PQ)
+    postproc.json      post-processing thresholds tuned on validation data
+    history.csv        one row per epoch
+    checkpoint/        training state for --resume (last epoch: model, optimizer, counters)
+    logs/              TensorBoard
+
+The model and pipeline sections are method-specific dicts (e.g. ``ConicModelConfig.to_dict()``,
+``PipelineConfig.to_dict()``) so that reading a config never imports TensorFlow;
+:mod:`kerasnuc.registry` turns them back into objects.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kerasnuc import __version__
+from kerasnuc.fileutil import KerasnucError, write_json_atomic
+
+RUN_CONFIG = "config.json"
+BEST_WEIGHTS = "model.weights.h5"
+POSTPROC = "postproc.json"
+HISTORY = "history.csv"
+CHECKPOINT_DIR = "checkpoint"
+LOG_DIR = "logs"
+
+#: Default colours of cell types 1..6 (RGB), reused cyclically.
+DEFAULT_COLOURS = (
+    (255, 215, 0),
+    (220, 20, 60),
+    (30, 144, 255),
+    (50, 205, 50),
+    (255, 0, 255),
+    (255, 140, 0),
+)
+
+
+def _from_dict(cls, data: dict[str, Any]):
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(
+            f"Unknown {cls.__name__} keys {unknown}. Expected a subset of {sorted(known)}"
+        )
+    return cls(**data)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """What the model was trained on and at which resolution.
+
+    Attributes:
+        datasets: dataset folders used for training (as given).
+        train_split, val_split: split names.
+        mpp: the model's resolution in micrometres per pixel (None: unknown; inputs are used as
+            they are).
+        class_names: cell types ``{id: name}`` (ids 1..C); empty for class-agnostic models.
+        class_colours: ``{id: (r, g, b)}`` for overlays and QuPath.
+    """
+
+    datasets: tuple[str, ...] = ()
+    train_split: str = "train"
+    val_split: str = "val"
+    mpp: float | None = None
+    class_names: dict[int, str] = field(default_factory=dict)
+    class_colours: dict[int, tuple[int, int, int]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "datasets", tuple(os.fspath(d) for d in self.datasets))
+        names = {int(k): str(v) for k, v in dict(self.class_names).items()}
+        colours = {int(k): tuple(int(c) for c in v) for k, v in dict(self.class_colours).items()}
+        for k in names:
+            colours.setdefault(k, DEFAULT_COLOURS[(k - 1) % len(DEFAULT_COLOURS)])
+        object.__setattr__(self, "class_names", names)
+        object.__setattr__(self, "class_colours", colours)
+
+    @property
+    def num_classes(self) -> int:
+        return max(self.class_names) if self.class_names else 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "datasets": list(self.datasets),
+            "train_split": self.train_split,
+            "val_split": self.val_split,
+            "mpp": self.mpp,
+            "class_names": {str(k): v for k, v in sorted(self.class_names.items())},
+            "class_colours": {str(k): list(v) for k, v in sorted(self.class_colours.items())},
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DataConfig:
+        return _from_dict(cls, data)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation settings.
+
+    Attributes:
+        epochs: number of epochs.
+        steps_per_epoch: train steps per epoch (default: images / batch size).
+        learning_rate: peak learning rate, cosine-annealed to ``min_lr_fraction`` of it.
+        min_lr_fraction: final learning rate as a fraction of ``learning_rate``.
+        weight_decay: decoupled weight decay (AdamW).
+        optimizer: optimizer name of the method (``"adamw"`` for conic).
+        val_every: validate (post-processing + metrics) every this many epochs.
+        val_max_images: cap on validation images per evaluation (None: all).
+        seed: seed of weights, pipeline and dropout.
+        mixed_precision: train with ``mixed_float16``.
+        strategy: ``"default"``, ``"mirrored"`` or ``"multiworker"`` (tf.distribute).
+        jit_compile: XLA-compile the train step (slow to compile on CPU).
+    """
+
+    epochs: int = 50
+    steps_per_epoch: int | None = None
+    learning_rate: float = 1e-3
+    min_lr_fraction: float = 0.01
+    weight_decay: float = 1e-4
+    optimizer: str = "adamw"
+    val_every: int = 1
+    val_max_images: int | None = None
+    seed: int = 0
+    mixed_precision: bool = False
+    strategy: str = "default"
+    jit_compile: bool = False
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise ValueError(f"`epochs` must be >= 1. Received: epochs={self.epochs}")
+        if self.strategy not in ("default", "mirrored", "multiworker"):
+            raise ValueError(
+                "`strategy` must be one of 'default', 'mirrored', 'multiworker'. "
+                f"Received: strategy={self.strategy!r}"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        return _from_dict(cls, data)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything needed to rebuild a trained model and run it like it was trained.
+
+    Attributes:
+        method: method name (a key of ``kerasnuc.registry.METHODS``).
+        model: method-specific model config dict (e.g. ``ConicModelConfig.to_dict()``).
+        data: :class:`DataConfig`.
+        pipeline: ``PipelineConfig.to_dict()`` of the training pipeline.
+        train: :class:`TrainConfig`.
+        kerasnuc_version: version that wrote the run.
+    """
+
+    method: str
+    model: dict[str, Any]
+    data: DataConfig = field(default_factory=DataConfig)
+    pipeline: dict[str, Any] = field(default_factory=dict)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    kerasnuc_version: str = __version__
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "method": self.method,
+            "kerasnuc_version": self.kerasnuc_version,
+            "model": self.model,
+            "data": self.data.to_dict(),
+            "pipeline": self.pipeline,
+            "train": self.train.to_dict(),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunConfig:
+        data = dict(data)
+        data["data"] = DataConfig.from_dict(data.get("data", {}))
+        data["train"] = TrainConfig.from_dict(data.get("train", {}))
+        return _from_dict(cls, data)
+
+    def save(self, run_dir: str | os.PathLike) -> None:
+        """Write ``RUN_DIR/config.json`` atomically."""
+        write_json_atomic(Path(run_dir) / RUN_CONFIG, self.to_dict())
+
+    @classmethod
+    def load(cls, run_dir: str | os.PathLike) -> RunConfig:
+        """Read ``RUN_DIR/config.json``.
+
+        Raises:
+            KerasnucError: missing or malformed file.
+        """
+        path = Path(run_dir) / RUN_CONFIG
+        if not path.is_file():
+            raise KerasnucError(f"{path}: missing (not a kerasnuc run directory?)")
+        try:
+            return cls.from_dict(json.loads(path.read_text(encoding="utf-8")))
+        except (json.JSONDecodeError, TypeError, ValueError) as exc:
+            raise KerasnucError(f"{path}: invalid run config ({exc})") from exc

@@ -1,0 +1,63 @@
+import json
+
+import numpy as np
+import pytest
+
+from kerasnuc.config import DataConfig, RunConfig, TrainConfig
+from kerasnuc.fileutil import KerasnucError
+
+
+def test_run_config_round_trip(tmp_path):
+    cfg = RunConfig(
+        method="conic",
+        model={"encoder": "efficientnet_b0", "num_classes": 2},
+        data=DataConfig(datasets=("a", "b"), mpp=0.5, class_names={1: "tumour", 2: "immune"}),
+        pipeline={"crop_size": 128},
+        train=TrainConfig(epochs=3, learning_rate=2e-3),
+    )
+    cfg.save(tmp_path)
+    raw = json.loads((tmp_path / "config.json").read_text())
+    assert raw["data"]["class_names"] == {"1": "tumour", "2": "immune"}
+    assert raw["data"]["class_colours"]["1"] == [255, 215, 0]  # default colour of class 1
+    back = RunConfig.load(tmp_path)
+    assert back == cfg
+    assert back.data.num_classes == 2
+
+
+def test_bad_configs():
+    with pytest.raises(ValueError, match="Unknown TrainConfig keys"):
+        TrainConfig.from_dict({"epoch": 3})
+    with pytest.raises(ValueError, match="strategy"):
+        TrainConfig(strategy="tpu")
+
+
+def test_load_errors(tmp_path):
+    with pytest.raises(KerasnucError, match="config.json: missing"):
+        RunConfig.load(tmp_path)
+    (tmp_path / "config.json").write_text('{"method": "conic", "model": {}, "train": {"x": 1}}')
+    with pytest.raises(KerasnucError, match="invalid run config"):
+        RunConfig.load(tmp_path)
+
+
+def test_load_run_restores_weights_and_postproc(tmp_path):
+    keras = pytest.importorskip("keras")
+    from kerasnuc.postprocess.conic import PostprocConfig
+    from kerasnuc.registry import build_model, load_run
+
+    cfg = RunConfig(
+        method="conic",
+        model={"encoder": "efficientnet_b0", "num_classes": 1, "decoder_filters": [8, 8, 8, 8, 8]},
+    )
+    cfg.save(tmp_path)
+    keras.utils.set_random_seed(0)
+    model = build_model(cfg)
+    model.save_weights(tmp_path / "model.weights.h5")
+    PostprocConfig(fg_threshold=0.3).save(tmp_path / "postproc.json")
+    x = np.random.default_rng(0).uniform(size=(1, 64, 64, 3)).astype("float32")
+    run = load_run(tmp_path)
+    assert run.postproc.fg_threshold == 0.3
+    a, b = model.predict(x, verbose=0), run.model.predict(x, verbose=0)
+    for k in ("semantic", "three_label", "vectors"):
+        np.testing.assert_allclose(a[k], b[k], atol=1e-6)
+    with pytest.raises(KerasnucError, match="nope.h5: weights file not found"):
+        load_run(tmp_path, weights=tmp_path / "nope.h5")
