@@ -1,0 +1,73 @@
+"""Run a model on whole images: pad to a multiple of the network stride, predict, crop back.
+
+This is the one place where images meet the model outside the training pipeline; validation
+during training, the :mod:`~kerasnuc.inference.predictor` (TTA) and tiling all call it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+
+STRIDE = 32
+
+
+def pad_to_multiple(
+    image: np.ndarray, multiple: int = STRIDE, mode: str = "reflect"
+) -> tuple[np.ndarray, tuple[int, int]]:
+    """Pad ``(H, W, C)`` (or ``(B, H, W, C)``) at the bottom/right to a multiple of ``multiple``.
+
+    Args:
+        image: the array to pad.
+        multiple: the network stride (32 for five 2x downsamplings).
+        mode: ``np.pad`` mode; ``"reflect"`` keeps tissue statistics at the border (falls back to
+            ``"edge"`` for sides shorter than the padding).
+
+    Returns:
+        ``(padded, (H, W))`` with the original height and width for :func:`crop_maps`.
+    """
+    image = np.asarray(image)
+    h, w = image.shape[-3], image.shape[-2]
+    ph, pw = (-h) % multiple, (-w) % multiple
+    if ph == 0 and pw == 0:
+        return image, (h, w)
+    pad = [(0, 0)] * image.ndim
+    pad[-3], pad[-2] = (0, ph), (0, pw)
+    use = mode if (mode != "reflect" or (h > ph and w > pw)) else "edge"
+    return np.pad(image, pad, mode=use), (h, w)
+
+
+def crop_maps(maps: Mapping[str, np.ndarray], size: tuple[int, int]) -> dict[str, np.ndarray]:
+    """Crop every ``(..., H', W', K)`` map back to ``size = (H, W)``."""
+    h, w = size
+    return {k: np.asarray(v)[..., :h, :w, :] for k, v in maps.items()}
+
+
+def predict_maps_batch(model, images: np.ndarray, batch_size: int = 4) -> dict[str, np.ndarray]:
+    """Probability maps of a batch of same-size images.
+
+    Args:
+        model: a Keras model with a dict of named outputs taking ``(B, H, W, 3)`` float32 in
+            ``[0, 1]`` for any ``H, W`` divisible by :data:`STRIDE`.
+        images: ``(B, H, W, 3)`` uint8, or float32 in ``[0, 1]``.
+        batch_size: images per forward pass.
+
+    Returns:
+        ``{output name: (B, H, W, K) float32}`` at the input size.
+    """
+    images = np.asarray(images)
+    x = images.astype(np.float32) / 255.0 if images.dtype == np.uint8 else images.astype(np.float32)
+    x, size = pad_to_multiple(x)
+    parts: dict[str, list[np.ndarray]] = {}
+    for i in range(0, len(x), batch_size):
+        out = model(x[i : i + batch_size], training=False)
+        for k, v in out.items():
+            parts.setdefault(k, []).append(np.asarray(v, dtype=np.float32))
+    return crop_maps({k: np.concatenate(v) for k, v in parts.items()}, size)
+
+
+def predict_maps(model, image: np.ndarray) -> dict[str, np.ndarray]:
+    """Probability maps ``{name: (H, W, K) float32}`` of one ``(H, W, 3)`` image (no TTA)."""
+    out = predict_maps_batch(model, np.asarray(image)[None], batch_size=1)
+    return {k: v[0] for k, v in out.items()}
