@@ -9,7 +9,7 @@ def test_pad_to_multiple_and_crop():
     padded, size = pad_to_multiple(img, 4)
     assert padded.shape == (8, 8, 3) and size == (5, 7)
     np.testing.assert_array_equal(padded[:5, :7], img)
-    np.testing.assert_array_equal(padded[5], img[3])  # reflect: row 5 mirrors row 3
+    np.testing.assert_array_equal(padded[5, :7], img[3])  # reflect: row 5 mirrors row 3
     same, size = pad_to_multiple(np.zeros((8, 4, 3)), 4)
     assert same.shape == (8, 4, 3) and size == (8, 4)
     tiny, _ = pad_to_multiple(np.ones((2, 2, 3)), 32)  # shorter than the pad: edge mode
