@@ -1,0 +1,511 @@
+"""Predictor: test-time augmentation, MC dropout and ensembles behind one API.
+
+Rumberger et al. 2022 (CoNIC challenge, METHODS.md section 1, "Inference") average 16 stochastic
+forward passes pixel-wise: every pass sees the image with a random HED stain-intensity change
+of up to 10 %, a random flip / 90-degree rotation, and the decoder dropout kept active (Monte
+Carlo dropout, Gal & Ghahramani 2016); an ensemble of two models does 8 passes each.
+
+:class:`Predictor` implements that for any model with a dict of named ``(B, H, W, K)`` outputs:
+
+* Pass ``j`` of a model uses the dihedral transform ``j % 8`` (:func:`apply_transform`), so 8 or
+  more passes per model cover the whole group of flips and rotations exactly once per cycle;
+  the HED factors come from ``np.random.default_rng(seed)``, three per pass (one per stain),
+  uniform in ``[1 - hed_intensity, 1 + hed_intensity]``. The plan is the same on every call
+  (:func:`plan_passes`); the dropout masks come from the model's own seeded generators, which
+  advance from call to call.
+* Every output is mapped back to the input frame exactly (:func:`invert_transform`): maps get
+  the inverse flip / rotation and the vector outputs (``(dy, dx)`` in the last axis, e.g. the
+  conic centre vectors) are also rotated / reflected as vectors.
+* Ensembles: ``tta`` is the **total** number of passes, split as evenly as possible over the
+  models (16 passes and 2 models: 8 per model, as in the paper; every model gets at least one).
+  Each model's passes are averaged, then the models are averaged with equal weights.
+* ``tta`` 0 or 1: one plain pass per model (no HED change, no flip, dropout off).
+
+The per-pixel variance returned with ``return_variance=True`` is pooled over all passes of all
+models with the same equal model weights, ``mean_m(E_m[x^2]) - mean^2``: it holds both the
+spread of the TTA / MC dropout passes and the disagreement between the ensemble's models.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import keras
+import numpy as np
+
+from kerasnuc.config import DataConfig, RunConfig
+from kerasnuc.data.stain import hed_to_rgb, rgb_to_hed
+from kerasnuc.fileutil import KerasnucError
+from kerasnuc.inference.maps import predict_maps_batch
+from kerasnuc.layers.dropout import MCDropout, set_mc_dropout
+from kerasnuc.postprocess.common import PostprocResult
+from kerasnuc.registry import Method, load_run
+
+logger = logging.getLogger(__name__)
+
+#: Number of passes of ``tta=True`` (the paper's 16).
+DEFAULT_TTA_PASSES = 16
+#: Number of dihedral transforms (4 rotations x optional left-right flip).
+NUM_TRANSFORMS = 8
+#: Outputs whose last axis is a ``(dy, dx)`` vector in (row, column) pixel axes.
+VECTOR_OUTPUTS: tuple[str, ...] = ("vectors",)
+
+
+@dataclass(frozen=True)
+class AugmentPass:
+    """One forward pass of the test-time augmentation.
+
+    Attributes:
+        transform: dihedral transform index ``0..7`` (see :func:`apply_transform`).
+        hed_scale: ``(3,)`` float64 factors of the H, E, D stain amounts, or None (no change).
+        mc_dropout: whether the model's MC dropout layers are active in this pass.
+    """
+
+    transform: int
+    hed_scale: np.ndarray | None
+    mc_dropout: bool
+
+
+def _transform_parts(transform: int) -> tuple[int, bool]:
+    if not isinstance(transform, int | np.integer) or not 0 <= transform < NUM_TRANSFORMS:
+        raise ValueError(f"`transform` must be an int in [0, 8). Received: transform={transform!r}")
+    return int(transform) % 4, int(transform) >= 4
+
+
+def apply_transform(image: np.ndarray, transform: int) -> np.ndarray:
+    """Apply dihedral transform ``transform`` to an image or a batch.
+
+    Transform ``t`` flips left-right when ``t >= 4`` and then rotates by ``t % 4`` quarter turns
+    counter-clockwise (``np.rot90``): 0 identity, 1..3 rotations, 4 left-right flip, 6
+    up-down flip, 5 the transpose, 7 the anti-transpose.
+
+    Args:
+        image: ``(H, W, C)`` or ``(B, H, W, C)`` array.
+        transform: index ``0..7``.
+
+    Returns:
+        The transformed array (``(W, H, ...)`` spatial size for odd rotations).
+    """
+    rotations, flip = _transform_parts(transform)
+    out = np.asarray(image)
+    if flip:
+        out = out[..., :, ::-1, :]
+    return np.rot90(out, rotations, axes=(-3, -2))
+
+
+def invert_transform(
+    maps: Mapping[str, np.ndarray],
+    transform: int,
+    vector_outputs: Sequence[str] = VECTOR_OUTPUTS,
+) -> dict[str, np.ndarray]:
+    """Map outputs predicted on ``apply_transform(image, transform)`` back to the image's frame.
+
+    Spatially this is the inverse flip / rotation of :func:`apply_transform`. A vector field
+    transforms with the pixel grid: if the transform sends pixel ``p = (row, col)`` to
+    ``A p + b``, an equivariant model predicts ``v'(A p + b) = A v(p)``, so after undoing the
+    spatial move the vectors are multiplied by ``A^-1``. With ``np.rot90`` sending
+    ``(row, col)`` to ``(-col, row)`` (plus a shift), ``A^-1`` of one quarter turn maps
+    ``(dy, dx)`` to ``(dx, -dy)``; the left-right flip negates ``dx``.
+
+    Args:
+        maps: ``{name: (H', W', K)}`` or ``(B, H', W', K)`` arrays predicted on the transformed
+            image.
+        transform: the index ``0..7`` that was applied.
+        vector_outputs: names of the outputs holding ``(dy, dx)`` vectors in their last axis
+            (``K = 2``); missing names are ignored.
+
+    Returns:
+        ``{name: array}`` in the original frame (``(H, W, K)``), float32 for vector outputs.
+    """
+    rotations, flip = _transform_parts(transform)
+    out: dict[str, np.ndarray] = {}
+    for name, value in maps.items():
+        value = np.rot90(np.asarray(value), -rotations, axes=(-3, -2))
+        if flip:
+            value = value[..., :, ::-1, :]
+        if name in vector_outputs:
+            if value.shape[-1] != 2:
+                raise ValueError(
+                    f"vector output {name!r} must have 2 channels (dy, dx). "
+                    f"Received: shape={value.shape}"
+                )
+            dy, dx = value[..., 0], value[..., 1]
+            for _ in range(rotations):
+                dy, dx = dx, -dy
+            if flip:
+                dx = -dx
+            value = np.stack([dy, dx], axis=-1).astype(np.float32)
+        out[name] = np.ascontiguousarray(value)
+    return out
+
+
+def passes_per_model(passes: int, num_models: int) -> list[int]:
+    """Split ``passes`` TTA passes over ``num_models`` models (at least one each).
+
+    ``passes`` 0 or 1 means one plain pass per model; otherwise model ``m`` gets
+    ``passes // M`` passes plus one for the first ``passes % M`` models, and at least one.
+    """
+    if passes <= 1:
+        return [1] * num_models
+    return [max(1, passes // num_models + (m < passes % num_models)) for m in range(num_models)]
+
+
+def plan_passes(
+    passes: int,
+    num_models: int = 1,
+    hed_intensity: float = 0.1,
+    mc_dropout: bool = True,
+    seed: int = 0,
+) -> list[list[AugmentPass]]:
+    """The deterministic test-time augmentation plan of every model.
+
+    Args:
+        passes: total number of passes ``N`` (0 or 1: one plain pass per model).
+        num_models: ensemble size ``M`` (see :func:`passes_per_model` for the split).
+        hed_intensity: half-width of the uniform HED scale range (paper: 0.1); 0 disables it.
+        mc_dropout: keep dropout active in the augmented passes.
+        seed: seed of the HED factor generator.
+
+    Returns:
+        One list of :class:`AugmentPass` per model. Pass ``j`` of a model uses transform
+        ``j % 8``; HED factors are drawn in order, model after model, from
+        ``np.random.default_rng(seed)``.
+    """
+    if passes <= 1:
+        return [[AugmentPass(0, None, False)] for _ in range(num_models)]
+    rng = np.random.default_rng(seed)
+    plan = []
+    for count in passes_per_model(passes, num_models):
+        model_plan = []
+        for j in range(count):
+            scale = (
+                rng.uniform(1.0 - hed_intensity, 1.0 + hed_intensity, size=3)
+                if hed_intensity > 0
+                else None
+            )
+            model_plan.append(AugmentPass(j % NUM_TRANSFORMS, scale, bool(mc_dropout)))
+        plan.append(model_plan)
+    return plan
+
+
+def hed_rescale(images: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """Scale the H, E, D stain amounts of each image (the TTA stain-intensity change).
+
+    Args:
+        images: ``(B, H, W, 3)`` float32 RGB in ``[0, 1]``.
+        scales: ``(B, 3)`` factors per image and stain.
+
+    Returns:
+        ``(B, H, W, 3)`` float32 in ``[0, 1]``: ``hed_to_rgb(rgb_to_hed(x) * s)`` without
+        clipping the stain amounts (so a factor of 1 gives the image back up to rounding).
+    """
+    hed = rgb_to_hed(images, clip_negative=False)
+    scales = np.asarray(scales, np.float32)[:, None, None, :]
+    return np.asarray(hed_to_rgb(hed * scales), dtype=np.float32)
+
+
+@contextlib.contextmanager
+def _mc_dropout_state(model: keras.Model, active: bool) -> Iterator[None]:
+    """Switch the MC dropout of ``model`` and restore every layer's previous state after."""
+    layers = [
+        layer
+        for layer in model._flatten_layers(include_self=True, recursive=True)
+        if isinstance(layer, MCDropout)
+    ]
+    before = [layer.mc for layer in layers]
+    set_mc_dropout(model, active)
+    try:
+        yield
+    finally:
+        for layer, state in zip(layers, before, strict=True):
+            layer.mc = state
+
+
+def _check_int(name: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < minimum:
+        raise ValueError(f"`{name}` must be an int >= {minimum}. Received: {name}={value!r}")
+    return int(value)
+
+
+def _as_float_images(images: Any) -> np.ndarray:
+    images = np.asarray(images)
+    if images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"`images` must have shape (B, H, W, 3). Received: shape={images.shape}")
+    if images.dtype == np.uint8:
+        return images.astype(np.float32) / 255.0
+    if not np.issubdtype(images.dtype, np.floating):
+        raise ValueError(
+            f"`images` must be uint8 or float in [0, 1]. Received: dtype={images.dtype}"
+        )
+    return images.astype(np.float32)
+
+
+class Predictor:
+    """Probability maps and instances of images, with TTA, MC dropout and ensembles.
+
+    Assumptions: images are RGB at the models' resolution (``data_config.mpp``; resample or use
+    :mod:`kerasnuc.inference.tiling` otherwise) and small enough to predict in one piece; every
+    model accepts any height and width divisible by 32 (inputs are padded and the maps cropped
+    by :func:`~kerasnuc.inference.maps.predict_maps_batch`), so rotated non-square images work;
+    all models return the same output names and channel counts. Exact TTA inversion of vector
+    outputs assumes they hold ``(dy, dx)`` in (row, column) pixel axes.
+
+    Args:
+        models: one Keras model or a list (an ensemble), each mapping ``(B, H, W, 3)`` float32
+            in ``[0, 1]`` to a dict of ``(B, H, W, K)`` maps.
+        method: the :class:`~kerasnuc.registry.Method` (its ``postprocess`` makes instances).
+        postproc: the method's post-processing config (e.g. from ``postproc.json``).
+        data_config: what the models were trained on (resolution, class names); default empty.
+        tta: total number of passes ``N`` (paper: 16; ``True`` means 16, ``False`` 0); 0 or 1
+            is one plain pass per model.
+        mc_dropout: keep MC dropout active in the TTA passes (restored afterwards).
+        hed_intensity: half-width of the HED stain scale range (paper: 0.1); 0 disables it.
+        seed: seed of the TTA plan (HED factors).
+        batch_size: forward passes per model call.
+        vector_outputs: names of the outputs holding ``(dy, dx)`` vectors.
+
+    Raises:
+        ValueError: bad arguments.
+    """
+
+    def __init__(
+        self,
+        models: keras.Model | Sequence[keras.Model],
+        method: Method,
+        postproc: Any,
+        data_config: DataConfig | None = None,
+        tta: int | bool = 0,
+        mc_dropout: bool = True,
+        hed_intensity: float = 0.1,
+        seed: int = 0,
+        batch_size: int = 8,
+        vector_outputs: Sequence[str] = VECTOR_OUTPUTS,
+    ) -> None:
+        models = [models] if isinstance(models, keras.Model) else list(models)
+        if not models or not all(isinstance(m, keras.Model) for m in models):
+            raise ValueError(
+                "`models` must be a keras.Model or a non-empty list of them. "
+                f"Received: {[type(m).__name__ for m in models]}"
+            )
+        if isinstance(tta, bool):
+            tta = DEFAULT_TTA_PASSES if tta else 0
+        self.tta = _check_int("tta", tta, 0)
+        self.batch_size = _check_int("batch_size", batch_size, 1)
+        self.seed = _check_int("seed", seed, 0)
+        if not isinstance(hed_intensity, int | float) or not 0 <= hed_intensity < 1:
+            raise ValueError(
+                "`hed_intensity` must be a float in [0, 1). "
+                f"Received: hed_intensity={hed_intensity!r}"
+            )
+        self.models = models
+        self.method = method
+        self.postproc = postproc
+        self.data_config = DataConfig() if data_config is None else data_config
+        self.mc_dropout = bool(mc_dropout)
+        self.hed_intensity = float(hed_intensity)
+        self.vector_outputs = tuple(vector_outputs)
+        self.plan = plan_passes(
+            self.tta, len(models), self.hed_intensity, self.mc_dropout, self.seed
+        )
+
+    @classmethod
+    def from_run_dirs(
+        cls,
+        run_dirs: str | os.PathLike | Sequence[str | os.PathLike],
+        tta: int | bool = 0,
+        mc_dropout: bool = True,
+        hed_intensity: float = 0.1,
+        seed: int = 0,
+        batch_size: int = 8,
+        postproc: Any = None,
+    ) -> Predictor:
+        """A predictor for one run directory or an ensemble of several.
+
+        Args:
+            run_dirs: one folder written by ``kerasnuc train`` or a list of them.
+            tta, mc_dropout, hed_intensity, seed, batch_size: as for :class:`Predictor`.
+            postproc: post-processing config; default the first run's ``postproc.json`` (or the
+                method's defaults).
+
+        Raises:
+            KerasnucError: unreadable runs, or runs that differ in method, cell types or
+                resolution (mpp), or whose models differ in outputs.
+        """
+        if isinstance(run_dirs, str | os.PathLike):
+            run_dirs = [run_dirs]
+        run_dirs = list(run_dirs)
+        if not run_dirs:
+            raise KerasnucError("no run directory given")
+        configs = [RunConfig.load(d) for d in run_dirs]
+        # Compare the configs before building any model, then the loaded models' outputs.
+        for run_dir, config in zip(run_dirs[1:], configs[1:], strict=True):
+            _check_same(
+                run_dirs[0],
+                run_dir,
+                {
+                    "method": (configs[0].method, config.method),
+                    "cell types": (configs[0].data.class_names, config.data.class_names),
+                    "mpp": (configs[0].data.mpp, config.data.mpp),
+                },
+            )
+        runs = [load_run(d) for d in run_dirs]
+        for run in runs[1:]:
+            _check_same(
+                runs[0].run_dir,
+                run.run_dir,
+                {"outputs": (_output_channels(runs[0].model), _output_channels(run.model))},
+            )
+        first = runs[0]
+        logger.info("predictor: %d model(s), tta=%s", len(runs), tta)
+        return cls(
+            [r.model for r in runs],
+            first.method,
+            first.postproc if postproc is None else postproc,
+            first.config.data,
+            tta=tta,
+            mc_dropout=mc_dropout,
+            hed_intensity=hed_intensity,
+            seed=seed,
+            batch_size=batch_size,
+        )
+
+    @property
+    def mpp(self) -> float | None:
+        """The models' resolution in um/px (None: unknown)."""
+        return self.data_config.mpp
+
+    def predict_maps(
+        self, image: np.ndarray, return_variance: bool = False
+    ) -> dict[str, np.ndarray] | tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """Mean output maps of one image over all passes of all models.
+
+        Args:
+            image: ``(H, W, 3)`` uint8 RGB (or float in ``[0, 1]``).
+            return_variance: also return the per-pixel variance across passes.
+
+        Returns:
+            ``{name: (H, W, K) float32}`` mean maps, or ``(mean, variance)`` with variance maps
+            of the same shapes (see the module docstring for the pooling).
+        """
+        image = np.asarray(image)
+        if image.ndim != 3:
+            raise ValueError(f"`image` must have shape (H, W, 3). Received: shape={image.shape}")
+        mean, var = self.predict_maps_batch(image[None], return_variance=True)
+        mean = {k: v[0] for k, v in mean.items()}
+        if return_variance:
+            return mean, {k: v[0] for k, v in var.items()}
+        return mean
+
+    def predict_maps_batch(
+        self, images: np.ndarray, return_variance: bool = False
+    ) -> dict[str, np.ndarray] | tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """:meth:`predict_maps` of a batch of same-size images, ``{name: (B, H, W, K)}``."""
+        x = _as_float_images(images)
+        mean: dict[str, np.ndarray] = {}
+        sq: dict[str, np.ndarray] = {}
+        weight = 1.0 / len(self.models)
+        for model, plan in zip(self.models, self.plan, strict=True):
+            m_mean, m_sq = self._model_moments(model, plan, x)
+            if mean and (
+                set(m_mean) != set(mean) or any(m_mean[k].shape != mean[k].shape for k in mean)
+            ):
+                raise ValueError(
+                    "all models must return the same outputs. Received: "
+                    f"{ {k: v.shape[1:] for k, v in m_mean.items()} } vs "
+                    f"{ {k: v.shape[1:] for k, v in mean.items()} }"
+                )
+            for k in m_mean:
+                mean[k] = mean.get(k, 0.0) + weight * m_mean[k]
+                sq[k] = sq.get(k, 0.0) + weight * m_sq[k]
+        mean32 = {k: v.astype(np.float32) for k, v in mean.items()}
+        if not return_variance:
+            return mean32
+        var = {k: np.maximum(sq[k] - mean[k] ** 2, 0.0).astype(np.float32) for k in mean}
+        return mean32, var
+
+    def _model_moments(
+        self, model: keras.Model, plan: list[AugmentPass], x: np.ndarray
+    ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """First and second moments (float64) of one model's passes, ``{name: (B, H, W, K)}``."""
+        jobs = [(i, p) for i in range(len(x)) for p in plan]
+        # Odd rotations of a non-square image change its shape: batch the two shapes apart.
+        groups = [[job for job in jobs if job[1].transform % 2 == parity] for parity in (0, 1)]
+        total: dict[str, np.ndarray] = {}
+        total_sq: dict[str, np.ndarray] = {}
+        for group in groups:
+            for start in range(0, len(group), self.batch_size):
+                chunk = group[start : start + self.batch_size]
+                batch = x[[i for i, _ in chunk]]
+                scales = [p.hed_scale for _, p in chunk]
+                if any(s is not None for s in scales):
+                    batch = hed_rescale(
+                        batch, np.stack([np.ones(3) if s is None else s for s in scales])
+                    )
+                batch = np.stack(
+                    [
+                        apply_transform(b, p.transform)
+                        for b, (_, p) in zip(batch, chunk, strict=True)
+                    ]
+                )
+                with _mc_dropout_state(model, any(p.mc_dropout for _, p in chunk)):
+                    out = predict_maps_batch(model, batch, batch_size=len(chunk))
+                for n, (i, p) in enumerate(chunk):
+                    maps = invert_transform(
+                        {k: v[n] for k, v in out.items()}, p.transform, self.vector_outputs
+                    )
+                    for k, v in maps.items():
+                        v = v.astype(np.float64)
+                        if k not in total:
+                            total[k] = np.zeros((len(x), *v.shape))
+                            total_sq[k] = np.zeros((len(x), *v.shape))
+                        total[k][i] += v
+                        total_sq[k][i] += v * v
+        n_pass = len(plan)
+        return (
+            {k: v / n_pass for k, v in total.items()},
+            {k: v / n_pass for k, v in total_sq.items()},
+        )
+
+    def predict_instances(self, image: np.ndarray) -> PostprocResult:
+        """Nuclei of one image: :meth:`predict_maps`, then the method's post-processing.
+
+        Args:
+            image: ``(H, W, 3)`` uint8 RGB at the models' resolution.
+
+        Returns:
+            :class:`~kerasnuc.postprocess.common.PostprocResult` with ``(H, W)`` int32
+            ``instances`` and ``classes`` and the per-instance table.
+        """
+        return self.method.postprocess(self.predict_maps(image), self.postproc)
+
+    def predict_instances_batch(self, images: np.ndarray) -> list[PostprocResult]:
+        """:meth:`predict_instances` of a ``(B, H, W, 3)`` batch; usable as the ``predict_fn``
+        of :mod:`kerasnuc.inference.tiling`."""
+        maps = self.predict_maps_batch(images)
+        return [
+            self.method.postprocess({k: v[b] for k, v in maps.items()}, self.postproc)
+            for b in range(len(images))
+        ]
+
+
+def _check_same(
+    first: str | os.PathLike, other: str | os.PathLike, checks: Mapping[str, tuple[Any, Any]]
+) -> None:
+    for what, (a, b) in checks.items():
+        if a != b:
+            raise KerasnucError(
+                f"{other}: cannot ensemble with {first}: {what} differ ({b!r} vs {a!r})"
+            )
+
+
+def _output_channels(model: keras.Model) -> dict[str, int | None]:
+    """``{output name: channels}`` of a model with a dict of outputs."""
+    outputs = model.output
+    if isinstance(outputs, Mapping):
+        return {k: v.shape[-1] for k, v in outputs.items()}
+    return {name: t.shape[-1] for name, t in zip(model.output_names, model.outputs, strict=True)}
