@@ -44,8 +44,8 @@ import tensorflow as tf
 from kerasnuc.data.augment import AugmentConfig, augment
 from kerasnuc.data.dataset import Dataset
 from kerasnuc.data.points import IGNORE, cached_encode_points, encode_points, points_from_instances
-from kerasnuc.data.sampling import ImportanceSampler, class_pixel_frequencies
-from kerasnuc.data.targets import centre_vectors, three_label_map
+from kerasnuc.data.sampling import ImportanceSampler
+from kerasnuc.data.targets import UNKNOWN_CLASS, centre_vectors, three_label_map
 from kerasnuc.fileutil import KerasnucError
 
 logger = logging.getLogger(__name__)
@@ -157,13 +157,19 @@ def _scale_for(ds: Dataset, target_mpp: float | None) -> float:
 
 
 def _check_classes(datasets: Sequence[Dataset]) -> tuple[int, dict[int, str]]:
-    names = [ds.class_names for ds in datasets]
+    """Class count and names shared by ``datasets``.
+
+    Datasets without cell types may be mixed with datasets that share one set of types: their
+    nuclei then get :data:`~kerasnuc.data.targets.UNKNOWN_CLASS` (see :func:`load_items`).
+    """
+    typed = [ds for ds in datasets if ds.has_classes]
+    names = [ds.class_names for ds in typed]
     if any(n != names[0] for n in names[1:]):
-        listing = "; ".join(f"{ds.root}: {ds.class_names}" for ds in datasets)
+        listing = "; ".join(f"{ds.root}: {ds.class_names}" for ds in typed)
         raise KerasnucError(
-            f"datasets have different classes, cannot train on them together ({listing})"
+            f"datasets have different cell types, cannot train on them together ({listing})"
         )
-    return datasets[0].num_classes, names[0]
+    return (typed[0].num_classes, names[0]) if typed else (0, {})
 
 
 def load_items(
@@ -182,7 +188,9 @@ def load_items(
             computed on the full image before resampling (e.g. point encodings).
 
     Returns:
-        ``(items, num_classes)``; without classes, nuclei get class 1 and ``num_classes`` is 0.
+        ``(items, num_classes)``. When no dataset has cell types, nuclei get class 1 and
+        ``num_classes`` is 0. When some have, the nuclei of those without get
+        :data:`~kerasnuc.data.targets.UNKNOWN_CLASS`.
     """
     datasets = [datasets] if isinstance(datasets, Dataset) else list(datasets)
     if not datasets:
@@ -193,7 +201,10 @@ def load_items(
         scale = _scale_for(ds, target_mpp)
         for id in ds.split(split):
             s = ds.sample(id)
-            cls = s.classes if s.classes is not None else (s.instances > 0).astype(np.int32)
+            if s.classes is not None:
+                cls = s.classes
+            else:
+                cls = np.where(s.instances > 0, UNKNOWN_CLASS if num_classes else 1, 0)
             maps = [s.instances, cls]
             if extra is not None:
                 ext = extra(ds, id, s.image, s.instances, cls)
@@ -207,6 +218,17 @@ def load_items(
 
 # ----------------------------------------------------------------------------------------------
 # Element streams
+
+
+def _sampling_frequencies(class_map: np.ndarray, num_classes: int) -> np.ndarray:
+    """``X_{c,n}`` for importance sampling; nuclei of unknown type form an extra last class.
+
+    Giving "unknown type" its own column keeps images of datasets without cell types from being
+    drawn only for their background when they are mixed with typed datasets.
+    """
+    k = max(num_classes, 1) + 1
+    idx = np.where(class_map == UNKNOWN_CLASS, k, class_map).ravel()
+    return np.bincount(idx, minlength=k + 1) / idx.size
 
 
 def _element_stream(
@@ -229,9 +251,7 @@ def _element_stream(
         seeds = np.stack([np.full(len(arr), config.seed), np.arange(len(arr))], axis=1)
         return tf.data.Dataset.from_tensor_slices((arr[:, 0], arr[:, 1], arr[:, 2], seeds))
 
-    freqs = np.stack(
-        [class_pixel_frequencies(it.labels[..., 1], max(num_classes, 1)) for it in items]
-    )
+    freqs = np.stack([_sampling_frequencies(it.labels[..., 1], num_classes) for it in items])
     sampler = ImportanceSampler(freqs, seed=config.seed, enabled=config.importance_sampling)
     per_epoch = config.samples_per_epoch or len(items)
 

@@ -30,6 +30,10 @@ from kerasnuc.data.sampling import class_pixel_frequencies
 
 VectorUnits = Literal["pixels", "scale", "instance"]
 
+#: Semantic label of nucleus pixels whose cell type is unknown (e.g. a dataset without types
+#: trained together with one that has them); the semantic loss ignores them.
+UNKNOWN_CLASS = -1
+
 THREE_LABEL_BACKGROUND = 0
 THREE_LABEL_INTERIOR = 1
 THREE_LABEL_BOUNDARY = 2

@@ -20,6 +20,8 @@ import keras
 import numpy as np
 from keras import ops
 
+from kerasnuc.data.targets import UNKNOWN_CLASS
+
 
 def _sparse_labels(y_true, y_pred):
     """Int32 ``(B, H, W)`` labels from ``(B, H, W)`` or ``(B, H, W, 1)`` targets."""
@@ -93,8 +95,13 @@ class WeightedSemanticLoss(keras.losses.Loss):
         reduction: Keras reduction of the per-pixel terms (default ``"sum_over_batch_size"``).
         dtype: dtype of the computation (default float32).
 
+    Unknown cell type. Pixels labelled :data:`UNKNOWN_CLASS` (-1), e.g. nuclei of a dataset
+    without cell types trained together with one that has them, are left out of the loss, of
+    its normalisation and of the prior update (a batch of only such pixels leaves the prior as
+    it is and gives 0).
+
     Call arguments:
-        y_true: ``(B, H, W)`` or ``(B, H, W, 1)`` int class map in ``[0, C]``.
+        y_true: ``(B, H, W)`` or ``(B, H, W, 1)`` int class map in ``[0, C]`` or -1 (unknown).
         y_pred: ``(B, H, W, C + 1)`` softmax probabilities.
     """
 
@@ -155,16 +162,21 @@ class WeightedSemanticLoss(keras.losses.Loss):
     def call(self, y_true, y_pred):
         k = self.num_classes + 1
         labels = _sparse_labels(y_true, y_pred)
-        onehot = ops.one_hot(labels, k, dtype="float32")
+        valid = ops.cast(labels != UNKNOWN_CLASS, "float32")
+        onehot = ops.one_hot(ops.maximum(labels, 0), k, dtype="float32") * valid[..., None]
         prior = ops.convert_to_tensor(self.class_frequency.value, dtype="float32")
         if self.update_frequency:
-            batch_frequency = ops.mean(ops.reshape(onehot, (-1, k)), axis=0)
-            prior = self.momentum * prior + (1.0 - self.momentum) * batch_frequency
+            n_valid = ops.sum(valid)
+            batch_frequency = ops.sum(ops.reshape(onehot, (-1, k)), axis=0) / ops.maximum(
+                n_valid, 1.0
+            )
+            updated = self.momentum * prior + (1.0 - self.momentum) * batch_frequency
+            prior = ops.where(n_valid > 0, updated, prior)
             self.class_frequency.assign(prior)
         weights = ops.stop_gradient(ops.power(1.0 - prior, self.rho))
         target = onehot * (1.0 - self.label_smoothing) + self.label_smoothing / k
         log_p = ops.log(ops.clip(ops.cast(y_pred, "float32"), keras.config.epsilon(), 1.0))
-        per_pixel = -ops.sum(weights * target * log_p, axis=-1)
+        per_pixel = -ops.sum(weights * target * log_p, axis=-1) * valid
         true_weight = ops.sum(onehot * weights, axis=-1)
         # mean(per_pixel / mean(true_weight)) == sum(per_pixel) / sum(true_weight).
         norm = ops.maximum(ops.mean(true_weight), keras.config.epsilon())

@@ -140,8 +140,12 @@ def test_resampling_to_target_mpp(consep_small):
 def test_errors_are_clear(consep_small, shared_data):
     with pytest.raises(KerasnucError, match="no mpp"):
         load_items(Dataset(shared_data / "dsb2018_histology"), "val", target_mpp=0.5)
-    with pytest.raises(KerasnucError, match="different classes"):
-        load_items([consep_small, Dataset(shared_data / "dsb2018_histology")], None)
+    other = consep_small.root.parent / "other_types"
+    img, inst = consep_small.image(consep_small.ids[0]), consep_small.instances(consep_small.ids[0])
+    with DatasetWriter(other, {"name": "other", "classes": {"1": "tumour"}}) as w:
+        w.add("a", img, inst, (inst > 0).astype(np.int32))
+    with pytest.raises(KerasnucError, match="different cell types"):
+        load_items([consep_small, Dataset(other)], None)
     with pytest.raises(ValueError, match="crop_size"):
         PipelineConfig(crop_size=4)
 
@@ -149,3 +153,25 @@ def test_errors_are_clear(consep_small, shared_data):
 def test_config_round_trip():
     cfg = PipelineConfig(crop_size=128, augment=AugmentConfig.none(), target_mpp=0.5)
     assert PipelineConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_typed_and_untyped_datasets_mix_with_unknown_class(consep_small, shared_data):
+    from kerasnuc.data.pipeline import _sampling_frequencies
+    from kerasnuc.data.targets import UNKNOWN_CLASS
+
+    dsb = Dataset(shared_data / "dsb2018_histology")
+    items, n_cls = load_items([consep_small, dsb], None)
+    assert n_cls == 4
+    typed, untyped = items[0].labels, items[-1].labels
+    assert set(np.unique(typed[..., 1])) <= {0, 1, 2, 3, 4}
+    inst, cls = untyped[..., 0], untyped[..., 1]
+    np.testing.assert_array_equal(cls == UNKNOWN_CLASS, inst > 0)
+    np.testing.assert_array_equal(cls == 0, inst == 0)
+    # sampling: unknown nuclei get their own last column (bg, 4 types, unknown)
+    f = _sampling_frequencies(cls, n_cls)
+    assert f.shape == (6,)
+    np.testing.assert_allclose(f, [(inst == 0).mean(), 0, 0, 0, 0, (inst > 0).mean()])
+    ds = conic_dataset([consep_small, dsb], None, _cfg(batch_size=4))
+    images, t = next(iter(ds))
+    sem = t["semantic"].numpy()
+    assert sem.min() >= UNKNOWN_CLASS and sem.max() <= 4

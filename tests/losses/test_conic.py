@@ -69,6 +69,31 @@ def test_weighted_semantic_loss_two_steps():
     assert value == pytest.approx(expected, rel=1e-5)
 
 
+def test_unknown_class_pixels_are_ignored():
+    loss = WeightedSemanticLoss(num_classes=2, rho=3.0, label_smoothing=0.05, momentum=0.9)
+    labels = np.array([[[0, -1], [2, 0]]])  # pixel (0, 1): a nucleus of unknown type
+    value = _value(loss(labels, PROBS))
+    # prior update from the 3 known pixels only: batch frequency (2/3, 0, 1/3)
+    prior = 0.9 / 3 + 0.1 * np.array([2 / 3, 0.0, 1 / 3])
+    np.testing.assert_allclose(loss.class_frequency.numpy(), prior, rtol=1e-6)
+    known = [(0, 0, 0), (0, 1, 0), (0, 1, 1)]
+    weights = (1 - prior) ** 3
+    numerator = sum(
+        weights[c] * ((1 - 0.05) * (c == labels[i]) + 0.05 / 3) * -np.log(PROBS[i][c])
+        for i in known
+        for c in range(3)
+    )
+    expected = numerator / sum(weights[labels[i]] for i in known)
+    assert value == pytest.approx(expected, rel=1e-5)
+
+
+def test_all_unknown_batch_gives_zero_and_keeps_prior():
+    loss = WeightedSemanticLoss(num_classes=2, momentum=0.9)
+    value = _value(loss(np.full((1, 2, 2), -1), PROBS))
+    assert value == 0.0
+    np.testing.assert_allclose(loss.class_frequency.numpy(), [1 / 3] * 3)
+
+
 def test_no_update_uses_current_prior():
     loss = WeightedSemanticLoss(num_classes=2)
     loss.update_frequency = False
