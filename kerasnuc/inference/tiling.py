@@ -1,0 +1,1033 @@
+"""Tiled prediction of large images and slides: overlapping tiles, exact stitching, streaming.
+
+The model is abstracted as a callable ``predict_fn(tiles) -> results``: ``tiles`` is a
+``(B, T, T, 3)`` uint8 batch, ``results`` holds one entry per tile, each either a
+:class:`~kerasnuc.postprocess.common.PostprocResult`, a tuple ``(instances, classes, table)``
+(``classes`` and ``table`` may be None) or a bare instance map. ``instances`` is ``(T, T)``
+integer (0 = background, any positive ids); ``classes`` is ``(T, T)`` integer or None;
+``table`` is a dict of per-instance arrays whose row ``k`` describes ``table["id"][k]`` (or,
+without an ``"id"`` column, the ``k``-th smallest id of the map). This is the model plus its
+post-processing; nothing here imports TensorFlow.
+
+Tiling (the overlap-tile strategy of U-Net, Ronneberger et al. 2015, with the object ownership
+rule of StarDist's ``predict_instances_big``, Schmidt et al. 2018): the image is cut into a grid
+of *cores* of ``tile_size - 2 * margin`` model pixels; each tile the model sees is its core plus
+``margin`` pixels of context on every side (white padding outside the image, and for images
+smaller than one tile). Each tile's instances are kept only if their centroid falls inside that
+tile's core, so every nucleus is taken from exactly one tile, the one that sees it with at
+least ``margin`` pixels of context around its centre.
+
+**Assumption**: the largest object fits in the margin, i.e. every predicted instance's bounding
+box is at most ``margin`` model pixels high and wide. Then the tile owning a nucleus sees it
+whole (it reaches at most ``margin`` pixels beyond the core), and any tile that sees only a part
+of it, cut by the tile border, finds that part's centroid less than ``margin`` pixels from the
+border, in its margin, and drops it; so no nucleus is cut or duplicated, and a
+translation-equivariant ``predict_fn`` gives exactly the instances of an untiled prediction.
+Larger objects may come out cut or twice. The default margin of 64 px is 16 um at 0.25 um/px,
+above the diameter of nearly all nuclei.
+
+Resolution: with ``target_mpp`` (the model's pixel size) and the input's ``mpp``, tiles are read
+from the best pyramid level (the coarsest not coarser than the model's resolution), resampled to
+``tile_size`` for the model, and every result is mapped back to **level-0 input pixels**
+(masks with nearest neighbour, centroids and contours scaled), so callers give input-resolution
+images and get input-resolution outputs. Pixel sizes within ``mpp_tolerance`` (default 5 %) of
+the model's are not resampled.
+
+Two output modes:
+
+* :func:`predict_tiled`: in-memory stitched instance and class maps for images that fit.
+* :func:`predict_streaming`: memory bounded by the tile batch: each tile's kept instances go to a
+  *sink* as soon as the tile is done.
+
+Sink protocol (duck-typed, see :class:`TileSink`):
+
+* ``on_tile(instances: list[dict])``: called once per processed tile, in tile order (the list
+  may be empty). Each dict describes one kept nucleus in level-0 input pixels:
+
+  - ``"id"``: int, unique in the image, consecutive from 1 in tile order;
+  - ``"class"``: int cell type (``table["class"]`` if given, else the majority of the class
+    map over the nucleus, else 0);
+  - ``"bbox"``: ``(y0, x0, y1, x1)`` ints, half-open, clipped to the image;
+  - ``"mask"``: ``(y1 - y0, x1 - x0)`` bool;
+  - ``"centroid"``: ``(y, x)`` floats;
+  - ``"area"``: int pixels (``mask.sum()``);
+  - ``"contour"``: ``(K, 2)`` float64 ``(x, y)`` of the outer boundary pixels' centres, in
+    order (OpenCV convention), or None when ``contours=False``;
+  - ``"tile"``: int tile index;
+  - ``"table"``: dict, the predictor's table row without its tile-local geometry columns
+    (``id``, ``centroid``, ``area``, ``bbox``) and ``class``, 0-d values as Python scalars.
+
+* ``close()``: called once after the last tile (not when the run fails).
+* optional ``begin(done_tiles: frozenset[int])``: called before the first tile with the tiles
+  a resumed run will not process again (empty for a fresh run).
+
+Resuming: with ``checkpoint=path``, the indices of finished tiles and the next free id are
+written atomically after every batch (once the sink has had the batch's tiles). A rerun with
+the same checkpoint and tiling parameters skips finished tiles and continues the ids. The sink
+must keep what it received before the interruption: :class:`ResumableSink` stores each tile's
+instances in a work folder (one ``.npz`` per tile, written atomically, rewritten if a tile is
+redone) and replays them, in tile order, into any final sink on ``close()``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import cv2
+import numpy as np
+from scipy import ndimage as ndi
+
+from kerasnuc.fileutil import KerasnucError, atomic_path, write_json_atomic
+from kerasnuc.inference.readers import ArraySource, ImageSource, check_mpp, open_image
+from kerasnuc.postprocess.common import PostprocResult
+
+logger = logging.getLogger(__name__)
+
+PredictFn = Callable[[np.ndarray], Sequence[Any]]
+"""``(B, T, T, 3)`` uint8 tiles -> B results (see the module docstring)."""
+
+ProgressFn = Callable[[int, int], None]
+"""``progress(done, total)`` in tiles (tiles skipped as background are not counted)."""
+
+GEOMETRY_KEYS = frozenset({"id", "centroid", "area", "bbox"})
+"""Table columns holding tile-local geometry; replaced by level-0 values in the outputs (the
+``"class"`` column becomes the instance's top-level ``"class"``)."""
+
+CHECKPOINT_FORMAT = "kerasnuc-tiling-checkpoint"
+CHECKPOINT_VERSION = 1
+
+
+class TileSink(Protocol):
+    """Receives the kept instances of each tile (see the module docstring)."""
+
+    def on_tile(self, instances: list[dict[str, Any]]) -> None:
+        """Take the instances of one finished tile (level-0 coordinates)."""
+
+    def close(self) -> None:
+        """Finish after the last tile."""
+
+
+@dataclass(frozen=True)
+class TileGrid:
+    """Geometry of the tiles: where each is read and how it maps to the model and back.
+
+    Attributes:
+        image_shape: level-0 ``(H, W)`` of the input.
+        level: pyramid level the tiles are read from.
+        level_shape: ``(H, W)`` of that level.
+        downsample: level-0 pixels per pixel of that level.
+        tile_size: tile side the model sees, ``T`` (model pixels).
+        margin: context on each side, in model pixels.
+        read_size: tile side read from the level (level pixels; ``T`` unless resampled).
+        read_margin: margin in level pixels.
+    """
+
+    image_shape: tuple[int, int]
+    level: int
+    level_shape: tuple[int, int]
+    downsample: float
+    tile_size: int
+    margin: int
+    read_size: int
+    read_margin: int
+
+    @property
+    def core(self) -> int:
+        """Core side in level pixels; cores tile the level without overlap."""
+        return self.read_size - 2 * self.read_margin
+
+    @property
+    def rows(self) -> int:
+        """Tile rows."""
+        return max(1, math.ceil(self.level_shape[0] / self.core))
+
+    @property
+    def cols(self) -> int:
+        """Tile columns."""
+        return max(1, math.ceil(self.level_shape[1] / self.core))
+
+    @property
+    def n_tiles(self) -> int:
+        """Number of tiles (row-major indices ``0 .. n_tiles - 1``)."""
+        return self.rows * self.cols
+
+    @property
+    def resampled(self) -> bool:
+        """Whether tiles are resized between the level and the model."""
+        return self.read_size != self.tile_size
+
+    def origin(self, index: int) -> tuple[int, int]:
+        """Top-left ``(y, x)`` of tile ``index``'s read window, in level pixels (may be < 0)."""
+        row, col = divmod(int(index), self.cols)
+        return row * self.core - self.read_margin, col * self.core - self.read_margin
+
+    def core_boxes(self) -> np.ndarray:
+        """``(n_tiles, 4)`` float64 ``(y0, x0, y1, x1)`` of every core, in level-0 pixels."""
+        rows, cols = np.divmod(np.arange(self.n_tiles), self.cols)
+        y0 = rows * self.core * self.downsample
+        x0 = cols * self.core * self.downsample
+        side = self.core * self.downsample
+        return np.stack([y0, x0, y0 + side, x0 + side], axis=1).astype(np.float64)
+
+
+def _check_int(name: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < minimum:
+        raise ValueError(f"`{name}` must be an int >= {minimum}. Received: {name}={value!r}")
+    return int(value)
+
+
+def make_grid(
+    source: ImageSource,
+    tile_size: int = 512,
+    margin: int = 64,
+    target_mpp: float | None = None,
+    mpp_tolerance: float = 0.05,
+) -> TileGrid:
+    """Choose the read level and tile geometry for a source and a model resolution.
+
+    Args:
+        source: the image.
+        tile_size: tile side the model sees (model pixels, e.g. a multiple of 32).
+        margin: context on each side in model pixels; the largest nucleus must fit in it
+            (bounding box at most ``margin`` on each side). The core is
+            ``tile_size - 2 * margin``.
+        target_mpp: the model's micrometres per pixel, or None to use the input as is.
+        mpp_tolerance: relative pixel-size difference below which nothing is resampled.
+
+    Returns:
+        The :class:`TileGrid`.
+    """
+    tile_size = _check_int("tile_size", tile_size, 1)
+    margin = _check_int("margin", margin, 0)
+    if tile_size - 2 * margin < 1:
+        raise ValueError(
+            "`tile_size` must exceed 2 * `margin` (the core is tile_size - 2 * margin). "
+            f"Received: tile_size={tile_size}, margin={margin}"
+        )
+    target = check_mpp(target_mpp, "target_mpp")
+    if not 0 <= mpp_tolerance < 1:
+        raise ValueError(
+            f"`mpp_tolerance` must be in [0, 1). Received: mpp_tolerance={mpp_tolerance}"
+        )
+    factor = 1.0
+    if target is not None and source.mpp is None:
+        logger.warning(
+            "%s: pixel size unknown; assuming it matches the model's %.4g um/px",
+            source.name,
+            target,
+        )
+    elif target is not None:
+        factor = source.mpp / target
+    level = 0
+    if abs(factor - 1.0) > mpp_tolerance:
+        level = source.best_level((1.0 + mpp_tolerance) / factor)
+    ds = float(source.level_downsamples[level])
+    level_factor = factor * ds
+    if abs(level_factor - 1.0) <= mpp_tolerance:
+        read_size, read_margin = tile_size, margin
+    else:
+        read_margin = max(1, round(margin / level_factor)) if margin else 0
+        core = max(1, round((tile_size - 2 * margin) / level_factor))
+        read_size = core + 2 * read_margin
+    return TileGrid(
+        image_shape=tuple(source.shape),
+        level=level,
+        level_shape=tuple(source.level_shapes[level]),
+        downsample=ds,
+        tile_size=tile_size,
+        margin=margin,
+        read_size=read_size,
+        read_margin=read_margin,
+    )
+
+
+def read_tile(source: ImageSource, grid: TileGrid, index: int) -> np.ndarray:
+    """Tile ``index`` as the model sees it: ``(T, T, 3)`` uint8, white outside the image."""
+    y, x = grid.origin(index)
+    region = source.read_region(y, x, grid.read_size, grid.read_size, grid.level)
+    if grid.resampled:
+        size = (grid.tile_size, grid.tile_size)
+        interp = cv2.INTER_AREA if grid.read_size > grid.tile_size else cv2.INTER_LINEAR
+        region = cv2.resize(region, size, interpolation=interp)
+    return region
+
+
+def select_tiles(grid: TileGrid, mask: np.ndarray | None) -> np.ndarray:
+    """Indices of the tiles whose core touches the tissue mask (all tiles without a mask).
+
+    Args:
+        grid: the tiling.
+        mask: ``(h, w)`` bool tissue mask covering the whole image at any uniform scale.
+
+    Returns:
+        ``(n,)`` int64 sorted tile indices.
+    """
+    if mask is None:
+        return np.arange(grid.n_tiles, dtype=np.int64)
+    mask = np.asarray(mask, dtype=bool)
+    if mask.ndim != 2 or 0 in mask.shape:
+        raise ValueError(f"`tissue` mask must be a non-empty 2-D array. Received: {mask.shape}")
+    mh, mw = mask.shape
+    height, width = grid.image_shape
+    boxes = grid.core_boxes()
+    y0 = np.clip(np.floor(boxes[:, 0] * mh / height), 0, mh).astype(np.int64)
+    x0 = np.clip(np.floor(boxes[:, 1] * mw / width), 0, mw).astype(np.int64)
+    y1 = np.clip(np.ceil(boxes[:, 2] * mh / height), 0, mh).astype(np.int64)
+    x1 = np.clip(np.ceil(boxes[:, 3] * mw / width), 0, mw).astype(np.int64)
+    table = np.zeros((mh + 1, mw + 1), dtype=np.int64)
+    table[1:, 1:] = mask.cumsum(axis=0).cumsum(axis=1)
+    counts = table[y1, x1] - table[y0, x1] - table[y1, x0] + table[y0, x0]
+    return np.flatnonzero(counts > 0).astype(np.int64)
+
+
+@functools.lru_cache(maxsize=4)
+def _pixel_coords(size: int) -> tuple[np.ndarray, np.ndarray]:
+    rows, cols = np.divmod(np.arange(size * size, dtype=np.float64), size)
+    return rows, cols
+
+
+def _unpack(result: Any) -> tuple[Any, Any, Any]:
+    if hasattr(result, "instances"):
+        return result.instances, getattr(result, "classes", None), getattr(result, "table", None)
+    if isinstance(result, tuple | list) and len(result) == 3:
+        return result[0], result[1], result[2]
+    if isinstance(result, np.ndarray):
+        return result, None, None
+    raise ValueError(
+        "Each `predict_fn` result must be a PostprocResult, an (instances, classes, table) "
+        f"tuple or an instance map. Received: {type(result).__name__}"
+    )
+
+
+def _scalar(value: Any) -> Any:
+    if isinstance(value, np.generic | np.ndarray) and np.ndim(value) == 0:
+        return value.item()
+    return value
+
+
+def _largest_contour(crop: np.ndarray) -> np.ndarray:
+    """``(K, 2)`` float64 ``(x, y)`` outer boundary of the largest part of a bool crop."""
+    padded = np.pad(crop.astype(np.uint8), 1)
+    found, _ = cv2.findContours(padded, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    best = max(found, key=lambda c: (cv2.contourArea(c), len(c)))
+    return best[:, 0, :].astype(np.float64) - 1.0
+
+
+def tile_instances(
+    result: Any,
+    grid: TileGrid,
+    index: int,
+    first_id: int,
+    contours: bool = True,
+) -> list[dict[str, Any]]:
+    """The instances of one tile's prediction that its core owns, in level-0 coordinates.
+
+    Args:
+        result: ``predict_fn``'s result for the tile (see the module docstring).
+        grid: the tiling.
+        index: tile index.
+        first_id: global id given to the first kept instance (then consecutive, in the order
+            of the tile's ids).
+        contours: also compute each instance's outer contour.
+
+    Returns:
+        The instance dicts of the sink protocol (see the module docstring).
+    """
+    inst, classes, table = _unpack(result)
+    size = grid.tile_size
+    inst = np.asarray(inst)
+    if inst.shape != (size, size) or not np.issubdtype(inst.dtype, np.integer):
+        raise ValueError(
+            f"`predict_fn` must return ({size}, {size}) integer instance maps. "
+            f"Received: shape={inst.shape}, dtype={inst.dtype}"
+        )
+    if not inst.any():
+        return []
+    if int(inst.min()) < 0:
+        raise ValueError("`predict_fn` instance maps must not contain negative ids.")
+    # Compact labels 1..K (original ids kept in `ids`, sorted) when ids are sparse.
+    top = int(inst.max())
+    if top > 4 * size * size:
+        ids, labels = np.unique(inst, return_inverse=True)
+        labels = labels.reshape(inst.shape)
+        if ids[0] != 0:
+            ids, labels = np.concatenate([[0], ids]), labels + 1
+        top = ids.size - 1
+    else:
+        ids, labels = np.arange(top + 1), inst.astype(np.intp, copy=False)
+    flat = labels.ravel()
+    rows, cols = _pixel_coords(size)
+    area = np.bincount(flat, minlength=top + 1)
+    sum_r = np.bincount(flat, weights=rows, minlength=top + 1)
+    sum_c = np.bincount(flat, weights=cols, minlength=top + 1)
+    present = np.flatnonzero(area[1:]) + 1
+    cy = sum_r[present] / area[present]
+    cx = sum_c[present] / area[present]
+    # Ownership: centroid inside this tile's core, in level pixels.
+    oy, ox = grid.origin(index)
+    k = grid.read_size / size
+    if grid.resampled:
+        ly, lx = oy + (cy + 0.5) * k - 0.5, ox + (cx + 0.5) * k - 0.5
+    else:
+        ly, lx = oy + cy, ox + cx
+    c0y, c0x = oy + grid.read_margin, ox + grid.read_margin
+    own = (ly >= c0y) & (ly < c0y + grid.core) & (lx >= c0x) & (lx < c0x + grid.core)
+    kept = np.flatnonzero(own)
+    if kept.size == 0:
+        return []
+    # Per-instance class and table rows.
+    table_rows = _table_rows(table, ids[present])
+    if table is not None and "class" in table:
+        inst_class = np.asarray(table["class"])[table_rows].astype(np.int64)
+    elif classes is not None:
+        inst_class = _majority_class(labels, classes, size, top)[present]
+    else:
+        inst_class = np.zeros(present.size, dtype=np.int64)
+    extra = {}
+    if table is not None:
+        extra = {
+            key: np.asarray(col)
+            for key, col in table.items()
+            if key not in GEOMETRY_KEYS and key != "class"
+        }
+    # Level-0 mapping: edge u (model px) -> o0 + u * kk.
+    ds = grid.downsample
+    kk = k * ds
+    o0y, o0x = oy * ds, ox * ds
+    exact = not grid.resampled and ds == 1.0
+    if exact:
+        cent_y, cent_x = oy + cy, ox + cx
+    else:
+        cent_y, cent_x = o0y + (cy + 0.5) * kk - 0.5, o0x + (cx + 0.5) * kk - 0.5
+    height, width = grid.image_shape
+    objects = ndi.find_objects(labels, max_label=top)
+    out = []
+    for j in kept:
+        label = int(present[j])
+        sl = objects[label - 1]
+        crop = labels[sl] == label
+        uy0, uy1, ux0, ux1 = sl[0].start, sl[0].stop, sl[1].start, sl[1].stop
+        if exact:
+            y0, x0, y1, x1 = oy + uy0, ox + ux0, oy + uy1, ox + ux1
+            mask = crop
+        else:
+            y0, x0, mask = _resample_mask(crop, uy0, ux0, o0y, o0x, kk, cent_y[j], cent_x[j])
+            y1, x1 = y0 + mask.shape[0], x0 + mask.shape[1]
+        cy0, cx0, cy1, cx1 = max(y0, 0), max(x0, 0), min(y1, height), min(x1, width)
+        if cy1 <= cy0 or cx1 <= cx0:
+            continue
+        mask = mask[cy0 - y0 : cy1 - y0, cx0 - x0 : cx1 - x0]
+        n_pixels = int(mask.sum())
+        if n_pixels == 0:
+            continue
+        contour = None
+        if contours:
+            pts = _largest_contour(crop)
+            pts[:, 0] = np.clip(o0x + (pts[:, 0] + ux0 + 0.5) * kk - 0.5, 0, width - 1)
+            pts[:, 1] = np.clip(o0y + (pts[:, 1] + uy0 + 0.5) * kk - 0.5, 0, height - 1)
+            contour = pts
+        row = int(table_rows[j]) if table_rows is not None else None
+        out.append(
+            {
+                "id": first_id + len(out),
+                "class": int(inst_class[j]),
+                "bbox": (cy0, cx0, cy1, cx1),
+                "mask": np.ascontiguousarray(mask),
+                "centroid": (float(cent_y[j]), float(cent_x[j])),
+                "area": n_pixels,
+                "contour": contour,
+                "tile": int(index),
+                "table": {key: _scalar(col[row]) for key, col in extra.items()},
+            }
+        )
+    return out
+
+
+def _resample_mask(
+    crop: np.ndarray,
+    uy0: int,
+    ux0: int,
+    o0y: float,
+    o0x: float,
+    kk: float,
+    cy: float,
+    cx: float,
+) -> tuple[int, int, np.ndarray]:
+    """Nearest-neighbour map of a model-pixel mask crop onto level-0 pixels.
+
+    Model pixel ``u`` covers level-0 ``[o0 + u * kk, o0 + (u + 1) * kk)``; each level-0 pixel
+    takes the model pixel containing its centre. Returns the tight ``(y0, x0, mask)``; a mask
+    too small to cover any pixel centre becomes the pixel holding the centroid ``(cy, cx)``.
+    """
+    axes = []
+    for u0, size, o0 in ((uy0, crop.shape[0], o0y), (ux0, crop.shape[1], o0x)):
+        pix = np.arange(math.floor(o0 + u0 * kk), math.ceil(o0 + (u0 + size) * kk))
+        src = np.floor((pix + 0.5 - o0) / kk).astype(np.int64) - u0
+        valid = (src >= 0) & (src < size)
+        axes.append((pix[valid], src[valid]))
+    (ys, sy), (xs, sx) = axes
+    mask = crop[np.ix_(sy, sx)] if ys.size and xs.size else np.zeros((0, 0), bool)
+    if not mask.any():
+        return math.floor(cy + 0.5), math.floor(cx + 0.5), np.ones((1, 1), bool)
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    mask = mask[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
+    return int(ys[rows[0]]), int(xs[cols[0]]), mask
+
+
+def _table_rows(table: Any, present_ids: np.ndarray) -> np.ndarray | None:
+    """Row of ``table`` for each present id (None without a table)."""
+    if table is None:
+        return None
+    lengths = {key: len(np.asarray(col)) for key, col in table.items()}
+    if len(set(lengths.values())) > 1:
+        raise ValueError(f"`predict_fn` table columns differ in length. Received: {lengths}")
+    if "id" in table:
+        table_ids = np.asarray(table["id"]).astype(np.int64)
+        order = np.argsort(table_ids, kind="stable")
+        pos = np.searchsorted(table_ids[order], present_ids)
+        pos = np.minimum(pos, max(table_ids.size - 1, 0))
+        if table_ids.size == 0 or np.any(table_ids[order][pos] != present_ids):
+            raise ValueError("`predict_fn` table has no row for some instance ids of its map.")
+        return order[pos]
+    n_rows = next(iter(lengths.values()), present_ids.size)
+    if n_rows != present_ids.size:
+        raise ValueError(
+            "`predict_fn` table without an 'id' column must have one row per instance. "
+            f"Received: {n_rows} rows for {present_ids.size} instances"
+        )
+    return np.arange(present_ids.size)
+
+
+def _majority_class(labels: np.ndarray, classes: Any, size: int, top: int) -> np.ndarray:
+    """Most frequent non-zero class per label (0 where none), indexed by label."""
+    classes = np.asarray(classes)
+    if classes.shape != (size, size) or not np.issubdtype(classes.dtype, np.integer):
+        raise ValueError(
+            f"`predict_fn` class maps must be ({size}, {size}) integer. "
+            f"Received: shape={classes.shape}, dtype={classes.dtype}"
+        )
+    n_cls = int(classes.max()) + 1 if classes.size else 1
+    fg = labels > 0
+    keys = labels[fg].astype(np.int64) * n_cls + classes[fg].astype(np.int64)
+    counts = np.bincount(keys, minlength=(top + 1) * n_cls).reshape(top + 1, n_cls)
+    counts[:, 0] = 0
+    best = counts.argmax(axis=1)
+    best[counts.max(axis=1) == 0] = 0
+    return best
+
+
+class _Checkpoint:
+    """Finished tiles and the next free id, saved atomically as JSON."""
+
+    def __init__(self, path: str | os.PathLike, fingerprint: dict[str, Any]) -> None:
+        self.path = Path(path)
+        self.fingerprint = fingerprint
+        self.done: set[int] = set()
+        self.next_id = 1
+        if not self.path.exists():
+            return
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+            if data.get("format") != CHECKPOINT_FORMAT:
+                raise ValueError("not a kerasnuc tiling checkpoint")
+            saved = data["fingerprint"]
+            ranges = data["done"]
+            next_id = int(data["next_id"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise KerasnucError(f"{self.path}: unreadable checkpoint ({exc})") from exc
+        if saved != fingerprint:
+            changed = sorted(k for k in fingerprint if saved.get(k) != fingerprint[k])
+            raise KerasnucError(
+                f"{self.path}: checkpoint belongs to another image or tiling "
+                f"(differs in {', '.join(changed) or 'format'}); delete it to start over"
+            )
+        for start, stop in ranges:
+            self.done.update(range(int(start), int(stop)))
+        self.next_id = next_id
+
+    def save(self, complete: bool = False) -> None:
+        done = sorted(self.done)
+        ranges: list[list[int]] = []
+        for i in done:
+            if ranges and ranges[-1][1] == i:
+                ranges[-1][1] = i + 1
+            else:
+                ranges.append([i, i + 1])
+        write_json_atomic(
+            self.path,
+            {
+                "format": CHECKPOINT_FORMAT,
+                "version": CHECKPOINT_VERSION,
+                "fingerprint": self.fingerprint,
+                "done": ranges,
+                "next_id": self.next_id,
+                "complete": complete,
+            },
+        )
+
+
+@dataclass(frozen=True)
+class StreamSummary:
+    """What a :func:`predict_streaming` run did.
+
+    Attributes:
+        grid: the tiling.
+        n_selected: tiles to predict (after skipping background).
+        n_resumed: tiles already finished by an earlier run (from the checkpoint).
+        n_processed: tiles predicted by this run.
+        n_instances: instances in the whole image (earlier runs included).
+        seconds: wall time of this run.
+    """
+
+    grid: TileGrid
+    n_selected: int
+    n_resumed: int
+    n_processed: int
+    n_instances: int
+    seconds: float
+
+
+def _as_source(image: Any, mpp: float | None, grey: str = "error") -> tuple[ImageSource, bool]:
+    """``(source, opened_here)`` for an ImageSource, an array or a path."""
+    if isinstance(image, ImageSource):
+        if mpp is not None:
+            raise ValueError("`mpp` is only used with arrays and paths; pass it to open_image.")
+        return image, False
+    if isinstance(image, np.ndarray):
+        return ArraySource(image, mpp=mpp, grey=grey), False
+    if isinstance(image, str | os.PathLike):
+        return open_image(image, mpp=mpp, grey=grey), True
+    raise ValueError(
+        f"`image` must be an ImageSource, an array or a path. Received: {type(image).__name__}"
+    )
+
+
+def _tissue_selection(source: ImageSource, grid: TileGrid, tissue: Any) -> np.ndarray:
+    if tissue is True:
+        from kerasnuc.inference.tissue import tissue_mask
+
+        mask, _ = tissue_mask(source)
+        return select_tiles(grid, mask)
+    if tissue is None or tissue is False:
+        return select_tiles(grid, None)
+    return select_tiles(grid, np.asarray(tissue))
+
+
+def predict_streaming(
+    image: ImageSource | np.ndarray | str | os.PathLike,
+    predict_fn: PredictFn,
+    sink: TileSink,
+    *,
+    tile_size: int = 512,
+    margin: int = 64,
+    target_mpp: float | None = None,
+    mpp: float | None = None,
+    mpp_tolerance: float = 0.05,
+    batch_size: int = 4,
+    tissue: bool | np.ndarray | None = True,
+    checkpoint: str | os.PathLike | None = None,
+    progress: ProgressFn | None = None,
+    contours: bool = True,
+    prefetch: bool = True,
+) -> StreamSummary:
+    """Predict a large image or slide tile by tile and stream the kept instances to ``sink``.
+
+    Memory is bounded by the batch (plus the reader's segment cache), not by the image. The
+    tiles of a batch are read (in a background thread when ``prefetch``, while the previous
+    batch is predicted), given to ``predict_fn``, and each tile's owned instances are passed to
+    ``sink.on_tile`` in level-0 input coordinates (see the module docstring).
+
+    Args:
+        image: an :class:`ImageSource`, a ``(H, W, 3)`` array or a path (opened and closed here).
+        predict_fn: ``(B, T, T, 3)`` uint8 -> B results (model + post-processing).
+        sink: receives each tile's instances; ``close()`` is called at the end.
+        tile_size: tile side ``T`` the model sees.
+        margin: context per side in model pixels; the largest nucleus must fit in it (see
+            the module docstring).
+        target_mpp: the model's um/px (None: no resampling).
+        mpp: the input's um/px for arrays and paths (overrides the file).
+        mpp_tolerance: relative pixel-size difference tolerated without resampling.
+        batch_size: tiles per ``predict_fn`` call.
+        tissue: True detects tissue on a thumbnail and skips tiles without any
+            (:func:`~kerasnuc.inference.tissue.tissue_mask`); a bool array is used as the mask
+            (any uniform scale); False/None predicts every tile.
+        checkpoint: JSON file recording finished tiles, to resume an interrupted run.
+        progress: ``progress(done, total)`` after every batch (and once at the start).
+        contours: compute each instance's contour.
+        prefetch: read the next batch in a background thread.
+
+    Returns:
+        A :class:`StreamSummary`.
+
+    Raises:
+        KerasnucError: unreadable input or a checkpoint from another run.
+    """
+    batch_size = _check_int("batch_size", batch_size, 1)
+    source, opened = _as_source(image, mpp)
+    try:
+        return _stream(
+            source,
+            predict_fn,
+            sink,
+            make_grid(source, tile_size, margin, target_mpp, mpp_tolerance),
+            batch_size,
+            tissue,
+            checkpoint,
+            progress,
+            contours,
+            prefetch,
+        )
+    finally:
+        if opened:
+            source.close()
+
+
+def _stream(
+    source: ImageSource,
+    predict_fn: PredictFn,
+    sink: TileSink,
+    grid: TileGrid,
+    batch_size: int,
+    tissue: Any,
+    checkpoint: str | os.PathLike | None,
+    progress: ProgressFn | None,
+    contours: bool,
+    prefetch: bool,
+) -> StreamSummary:
+    start = time.perf_counter()
+    selected = _tissue_selection(source, grid, tissue)
+    logger.info(
+        "%s: %d of %d tiles of %d px (margin %d) read at level %d as %d px",
+        source.name,
+        selected.size,
+        grid.n_tiles,
+        grid.tile_size,
+        grid.margin,
+        grid.level,
+        grid.read_size,
+    )
+    ckpt = None
+    next_id = 1
+    done: set[int] = set()
+    if checkpoint is not None:
+        fingerprint = {
+            "source": Path(source.name).name,
+            "grid": [list(v) if isinstance(v, tuple) else v for v in dataclasses.astuple(grid)],
+            "selected": hashlib.sha1(selected.tobytes()).hexdigest(),
+            "n_selected": int(selected.size),
+        }
+        ckpt = _Checkpoint(checkpoint, fingerprint)
+        done, next_id = set(ckpt.done), ckpt.next_id
+    todo = [int(i) for i in selected if int(i) not in done]
+    n_resumed = int(selected.size) - len(todo)
+    begin = getattr(sink, "begin", None)
+    if callable(begin):
+        begin(frozenset(int(i) for i in selected if int(i) in done))
+    if progress is not None:
+        progress(n_resumed, int(selected.size))
+    batches = [todo[i : i + batch_size] for i in range(0, len(todo), batch_size)]
+
+    def read(batch: list[int]) -> np.ndarray:
+        return np.stack([read_tile(source, grid, i) for i in batch])
+
+    executor = ThreadPoolExecutor(max_workers=1) if prefetch and len(batches) > 1 else None
+    pending: Future | None = None
+    try:
+        for b, batch in enumerate(batches):
+            tiles = pending.result() if pending is not None else read(batch)
+            pending = None
+            if executor is not None and b + 1 < len(batches):
+                pending = executor.submit(read, batches[b + 1])
+            results = list(predict_fn(tiles))
+            if len(results) != len(batch):
+                raise ValueError(
+                    f"`predict_fn` must return one result per tile. "
+                    f"Received: {len(results)} results for {len(batch)} tiles"
+                )
+            for index, result in zip(batch, results, strict=True):
+                instances = tile_instances(result, grid, index, next_id, contours)
+                next_id += len(instances)
+                sink.on_tile(instances)
+            if ckpt is not None:
+                ckpt.done.update(batch)
+                ckpt.next_id = next_id
+                ckpt.save()
+            if progress is not None:
+                progress(n_resumed + sum(len(x) for x in batches[: b + 1]), int(selected.size))
+    finally:
+        if pending is not None:
+            pending.cancel()
+        if executor is not None:
+            executor.shutdown(wait=True, cancel_futures=True)
+    sink.close()
+    if ckpt is not None:
+        ckpt.save(complete=True)
+    return StreamSummary(
+        grid=grid,
+        n_selected=int(selected.size),
+        n_resumed=n_resumed,
+        n_processed=len(todo),
+        n_instances=next_id - 1,
+        seconds=time.perf_counter() - start,
+    )
+
+
+class StitchSink:
+    """Paints streamed instances into full-size maps (the in-memory mode).
+
+    Where instances of different tiles overlap (possible only with a predictor that is not
+    translation-equivariant), the one painted first keeps the pixels.
+
+    Args:
+        shape: level-0 ``(H, W)`` of the image.
+    """
+
+    def __init__(self, shape: tuple[int, int]) -> None:
+        self.instances = np.zeros(shape, dtype=np.int32)
+        self.classes = np.zeros(shape, dtype=np.int32)
+        self._records: list[dict[str, Any]] = []
+
+    def on_tile(self, instances: list[dict[str, Any]]) -> None:
+        for inst in instances:
+            y0, x0, y1, x1 = inst["bbox"]
+            region = self.instances[y0:y1, x0:x1]
+            sel = inst["mask"] & (region == 0)
+            region[sel] = inst["id"]
+            self.classes[y0:y1, x0:x1][sel] = inst["class"]
+            record = {key: inst[key] for key in ("id", "class", "bbox", "centroid", "table")}
+            record["area"] = int(sel.sum())
+            self._records.append(record)
+
+    def close(self) -> None:
+        """Nothing to release; the maps stay available."""
+
+    def result(self) -> PostprocResult:
+        """The stitched maps and per-instance table, ids relabelled 1..N in id order.
+
+        Returns:
+            A :class:`~kerasnuc.postprocess.common.PostprocResult` whose table has ``"id"``,
+            ``"class"``, ``"area"`` (painted pixels), ``"centroid"`` ``(N, 2)``, ``"bbox"``
+            ``(N, 4)`` (level-0 pixels) and the predictor's own per-instance columns.
+        """
+        records = sorted((r for r in self._records if r["area"] > 0), key=lambda r: r["id"])
+        top = int(self.instances.max())
+        lut = np.zeros(top + 1, dtype=np.int32)
+        for new, rec in enumerate(records, start=1):
+            lut[rec["id"]] = new
+        instances = lut[self.instances]
+        classes = np.where(instances > 0, self.classes, 0).astype(np.int32)
+        n = len(records)
+        table: dict[str, np.ndarray] = {
+            "id": np.arange(1, n + 1, dtype=np.int32),
+            "class": np.array([r["class"] for r in records], dtype=np.int32),
+            "area": np.array([r["area"] for r in records], dtype=np.int64),
+            "centroid": np.array([r["centroid"] for r in records], dtype=np.float64).reshape(n, 2),
+            "bbox": np.array([r["bbox"] for r in records], dtype=np.int64).reshape(n, 4),
+        }
+        keys = set.intersection(*(set(r["table"]) for r in records)) if records else set()
+        dropped = set.union(*(set(r["table"]) for r in records)) - keys if records else set()
+        if dropped:
+            logger.warning("table columns missing for some instances, dropped: %s", dropped)
+        for key in sorted(keys):
+            table[key] = np.stack([np.asarray(r["table"][key]) for r in records])
+        return PostprocResult(instances=instances, classes=classes, table=table)
+
+
+def predict_tiled(
+    image: ImageSource | np.ndarray | str | os.PathLike,
+    predict_fn: PredictFn,
+    *,
+    tile_size: int = 512,
+    margin: int = 64,
+    target_mpp: float | None = None,
+    mpp: float | None = None,
+    mpp_tolerance: float = 0.05,
+    batch_size: int = 4,
+    tissue: bool | np.ndarray | None = False,
+    progress: ProgressFn | None = None,
+    max_pixels: int = 12000 * 12000,
+) -> PostprocResult:
+    """Predict an image that fits in memory tile by tile and stitch full-size maps.
+
+    Same tiling and ownership rule as :func:`predict_streaming` (see the module docstring for
+    the margin assumption); the result is in level-0 input pixels whatever ``target_mpp``.
+
+    Args:
+        image: an :class:`ImageSource`, a ``(H, W, 3)`` array or a path.
+        predict_fn: ``(B, T, T, 3)`` uint8 -> B results (model + post-processing).
+        tile_size: tile side ``T`` the model sees.
+        margin: context per side in model pixels.
+        target_mpp: the model's um/px (None: no resampling).
+        mpp: the input's um/px for arrays and paths.
+        mpp_tolerance: relative pixel-size difference tolerated without resampling.
+        batch_size: tiles per ``predict_fn`` call.
+        tissue: as in :func:`predict_streaming`, but off by default (small images are usually
+            tissue throughout).
+        progress: ``progress(done, total)`` after every batch.
+        max_pixels: larger images raise (use :func:`predict_streaming`).
+
+    Returns:
+        :class:`~kerasnuc.postprocess.common.PostprocResult`: ``instances`` ``(H, W)`` int32
+        (ids 1..N), ``classes`` ``(H, W)`` int32 and the table described in
+        :meth:`StitchSink.result`.
+    """
+    source, opened = _as_source(image, mpp)
+    try:
+        height, width = source.shape
+        if height * width > max_pixels:
+            raise KerasnucError(
+                f"{source.name}: {height} x {width} is too large to stitch in memory "
+                f"(max_pixels={max_pixels}); stream it to files instead"
+            )
+        sink = StitchSink(source.shape)
+        predict_streaming(
+            source,
+            predict_fn,
+            sink,
+            tile_size=tile_size,
+            margin=margin,
+            target_mpp=target_mpp,
+            mpp_tolerance=mpp_tolerance,
+            batch_size=batch_size,
+            tissue=tissue,
+            progress=progress,
+            contours=False,
+        )
+        return sink.result()
+    finally:
+        if opened:
+            source.close()
+
+
+_PART_PREFIX = "tile_"
+
+
+class ResumableSink:
+    """Keeps each tile's instances in a work folder; replays them into ``downstream`` at the end.
+
+    Use it with ``predict_streaming(..., checkpoint=...)`` so that an interrupted slide run can
+    resume: each tile's instances are written atomically to ``work_dir/tile_<index>.npz`` (a
+    redone tile overwrites its file), and :meth:`close` feeds all stored tiles, in tile order,
+    to ``downstream.on_tile`` and then calls ``downstream.close()`` (e.g. a GeoJSON writer), so
+    the final outputs are written once, from the complete set. Tiles without instances write
+    nothing. Table values must be numeric or string arrays (stored without pickle).
+
+    Args:
+        work_dir: folder for the per-tile parts (created if missing).
+        downstream: the final sink.
+        cleanup: delete the parts (and the folder, if then empty) after a successful close.
+    """
+
+    def __init__(
+        self, work_dir: str | os.PathLike, downstream: TileSink, cleanup: bool = True
+    ) -> None:
+        self.work_dir = Path(work_dir)
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        self.downstream = downstream
+        self.cleanup = cleanup
+
+    def _part(self, tile: int) -> Path:
+        return self.work_dir / f"{_PART_PREFIX}{tile:09d}.npz"
+
+    def _parts(self) -> list[tuple[int, Path]]:
+        parts = []
+        for path in self.work_dir.glob(f"{_PART_PREFIX}*.npz"):
+            stem = path.stem[len(_PART_PREFIX) :]
+            if stem.isdigit():
+                parts.append((int(stem), path))
+        return sorted(parts)
+
+    def begin(self, done_tiles: frozenset[int]) -> None:
+        """Delete parts of tiles the run will redo or that belong to an earlier, other run."""
+        for tile, path in self._parts():
+            if tile not in done_tiles:
+                path.unlink()
+
+    def on_tile(self, instances: list[dict[str, Any]]) -> None:
+        if not instances:
+            return
+        arrays = _pack(instances)
+        with atomic_path(self._part(instances[0]["tile"])) as tmp, open(tmp, "wb") as fh:
+            np.savez(fh, **arrays)
+
+    def iter_tiles(self) -> Iterable[list[dict[str, Any]]]:
+        """The stored tiles' instance lists, in tile order."""
+        for _, path in self._parts():
+            try:
+                with np.load(path, allow_pickle=False) as data:
+                    arrays = {key: data[key] for key in data.files}
+            except (OSError, ValueError) as exc:
+                raise KerasnucError(f"{path}: unreadable partial output ({exc})") from exc
+            yield _unpack_part(arrays)
+
+    def close(self) -> None:
+        for instances in self.iter_tiles():
+            self.downstream.on_tile(instances)
+        self.downstream.close()
+        if self.cleanup:
+            for _, path in self._parts():
+                path.unlink()
+            if not any(self.work_dir.iterdir()):
+                self.work_dir.rmdir()
+
+
+def _pack(instances: list[dict[str, Any]]) -> dict[str, np.ndarray]:
+    """Instance dicts -> flat arrays for one ``.npz``."""
+    out = {
+        "id": np.array([d["id"] for d in instances], dtype=np.int64),
+        "class": np.array([d["class"] for d in instances], dtype=np.int64),
+        "bbox": np.array([d["bbox"] for d in instances], dtype=np.int64).reshape(-1, 4),
+        "centroid": np.array([d["centroid"] for d in instances], dtype=np.float64).reshape(-1, 2),
+        "area": np.array([d["area"] for d in instances], dtype=np.int64),
+        "tile": np.array([d["tile"] for d in instances], dtype=np.int64),
+        "mask": np.concatenate([d["mask"].ravel() for d in instances]),
+    }
+    if instances[0]["contour"] is not None:
+        out["contour"] = np.concatenate([d["contour"] for d in instances]).astype(np.float64)
+        out["contour_len"] = np.array([len(d["contour"]) for d in instances], dtype=np.int64)
+    for key in instances[0]["table"]:
+        out[f"table.{key}"] = np.stack([np.asarray(d["table"][key]) for d in instances])
+    return out
+
+
+def _unpack_part(arrays: dict[str, np.ndarray]) -> list[dict[str, Any]]:
+    """Inverse of :func:`_pack`."""
+    bbox = arrays["bbox"]
+    sizes = (bbox[:, 2] - bbox[:, 0]) * (bbox[:, 3] - bbox[:, 1])
+    mask_ends = np.cumsum(sizes)
+    contour_ends = np.cumsum(arrays["contour_len"]) if "contour" in arrays else None
+    table_keys = [k for k in arrays if k.startswith("table.")]
+    out = []
+    for i in range(bbox.shape[0]):
+        y0, x0, y1, x1 = (int(v) for v in bbox[i])
+        m_end = int(mask_ends[i])
+        contour = None
+        if contour_ends is not None:
+            c_end = int(contour_ends[i])
+            contour = arrays["contour"][c_end - int(arrays["contour_len"][i]) : c_end]
+        out.append(
+            {
+                "id": int(arrays["id"][i]),
+                "class": int(arrays["class"][i]),
+                "bbox": (y0, x0, y1, x1),
+                "mask": arrays["mask"][m_end - int(sizes[i]) : m_end].reshape(y1 - y0, x1 - x0),
+                "centroid": (float(arrays["centroid"][i, 0]), float(arrays["centroid"][i, 1])),
+                "area": int(arrays["area"][i]),
+                "contour": contour,
+                "tile": int(arrays["tile"][i]),
+                "table": {k[len("table.") :]: _scalar(arrays[k][i]) for k in table_keys},
+            }
+        )
+    return out
