@@ -67,6 +67,9 @@ class PipelineConfig:
             the geometric augmentation and is cut away afterwards, so rotations and zoom-outs
             show real tissue instead of fill in the crop.
         importance_sampling: draw images with ``p_n`` (with replacement) instead of shuffling.
+        dataset_weights: when training on several datasets, the share of crops drawn from each
+            (importance sampling then runs within each dataset). None: pool all images (the
+            paper's sampling).
         samples_per_epoch: crops per epoch (default: the number of images).
         target_mpp: resample every image to this pixel size (None: keep the data's own).
         boundary_width: boundary band of the three-label map, pixels.
@@ -82,6 +85,7 @@ class PipelineConfig:
     batch_size: int = 8
     context: float = 0.25
     importance_sampling: bool = True
+    dataset_weights: tuple[float, ...] | None = None
     samples_per_epoch: int | None = None
     target_mpp: float | None = None
     boundary_width: int = 1
@@ -99,6 +103,14 @@ class PipelineConfig:
             raise ValueError(f"`batch_size` must be >= 1. Received: batch_size={self.batch_size}")
         if not 0 <= self.context <= 1:
             raise ValueError(f"`context` must lie in [0, 1]. Received: context={self.context}")
+        if self.dataset_weights is not None:
+            weights = tuple(float(w) for w in self.dataset_weights)
+            if not weights or min(weights) < 0 or sum(weights) <= 0:
+                raise ValueError(
+                    "`dataset_weights` must be non-negative with a positive sum. "
+                    f"Received: dataset_weights={self.dataset_weights}"
+                )
+            object.__setattr__(self, "dataset_weights", weights)
         if self.target_mpp is not None and self.target_mpp <= 0:
             raise ValueError(f"`target_mpp` must be > 0. Received: target_mpp={self.target_mpp}")
 
@@ -129,6 +141,7 @@ class _Item:
     id: str
     image: np.ndarray  # (H, W, 3) uint8
     labels: np.ndarray  # (H, W, K) int32: instance, class, extra maps
+    source: int = 0  # index of the dataset it comes from
 
 
 def _resample(image: np.ndarray, labels: np.ndarray, scale: float) -> tuple[np.ndarray, ...]:
@@ -197,7 +210,7 @@ def load_items(
         raise ValueError("`datasets` must name at least one dataset.")
     num_classes, _ = _check_classes(datasets)
     items = []
-    for ds in datasets:
+    for source, ds in enumerate(datasets):
         scale = _scale_for(ds, target_mpp)
         for id in ds.split(split):
             s = ds.sample(id)
@@ -210,7 +223,7 @@ def load_items(
                 ext = extra(ds, id, s.image, s.instances, cls)
                 maps.extend(np.moveaxis(ext, -1, 0))
             image, labels = _resample(s.image, np.stack(maps, axis=-1).astype(np.int32), scale)
-            items.append(_Item(f"{ds.name}/{id}", image, labels))
+            items.append(_Item(f"{ds.name}/{id}", image, labels, source))
     if not items:
         raise KerasnucError(f"no images in split {split!r}")
     return items, num_classes
@@ -229,6 +242,48 @@ def _sampling_frequencies(class_map: np.ndarray, num_classes: int) -> np.ndarray
     k = max(num_classes, 1) + 1
     idx = np.where(class_map == UNKNOWN_CLASS, k, class_map).ravel()
     return np.bincount(idx, minlength=k + 1) / idx.size
+
+
+def _epoch_sampler(items: list[_Item], freqs: np.ndarray, config: PipelineConfig):
+    """``epoch -> item indices`` of one epoch.
+
+    Without ``dataset_weights``: importance sampling (or shuffling) over all items pooled.
+    With them: each draw picks a dataset with the given probabilities, then an image of that
+    dataset by importance sampling among its own images.
+    """
+    per_epoch = config.samples_per_epoch or len(items)
+    if config.dataset_weights is None:
+        sampler = ImportanceSampler(freqs, seed=config.seed, enabled=config.importance_sampling)
+        return lambda epoch: sampler.draw(epoch, per_epoch)[0]
+
+    sources = np.array([it.source for it in items])
+    n_sources = int(sources.max()) + 1
+    weights = np.asarray(config.dataset_weights, dtype=np.float64)
+    if weights.shape != (n_sources,):
+        raise ValueError(
+            f"`dataset_weights` needs one weight per dataset ({n_sources}). "
+            f"Received: dataset_weights={config.dataset_weights}"
+        )
+    members = [np.flatnonzero(sources == s) for s in range(n_sources)]
+    samplers = [
+        ImportanceSampler(
+            freqs[m], seed=config.seed + 1000 * (s + 1), enabled=config.importance_sampling
+        )
+        for s, m in enumerate(members)
+    ]
+    probs = weights / weights.sum()
+
+    def draw(epoch: int) -> np.ndarray:
+        rng = np.random.default_rng([config.seed, int(epoch), 7])
+        which = rng.choice(n_sources, size=per_epoch, p=probs)
+        out = np.empty(per_epoch, dtype=np.int64)
+        for s in range(n_sources):
+            sel = np.flatnonzero(which == s)
+            if sel.size:
+                out[sel] = members[s][samplers[s].draw(epoch, sel.size)[0]]
+        return out
+
+    return draw
 
 
 def _element_stream(
@@ -252,14 +307,12 @@ def _element_stream(
         return tf.data.Dataset.from_tensor_slices((arr[:, 0], arr[:, 1], arr[:, 2], seeds))
 
     freqs = np.stack([_sampling_frequencies(it.labels[..., 1], num_classes) for it in items])
-    sampler = ImportanceSampler(freqs, seed=config.seed, enabled=config.importance_sampling)
-    per_epoch = config.samples_per_epoch or len(items)
+    draw = _epoch_sampler(items, freqs, config)
 
     def gen():
         epoch = start_epoch
         while True:
-            idx, _ = sampler.draw(epoch, per_epoch)
-            for pos, k in enumerate(idx):
+            for pos, k in enumerate(draw(epoch)):
                 yield k, -1, -1, np.array([config.seed, epoch * _SEED_STRIDE + pos], np.int64)
             epoch += 1
 

@@ -175,3 +175,26 @@ def test_typed_and_untyped_datasets_mix_with_unknown_class(consep_small, shared_
     images, t = next(iter(ds))
     sem = t["semantic"].numpy()
     assert sem.min() >= UNKNOWN_CLASS and sem.max() <= 4
+
+
+def test_dataset_weights_set_the_share_of_each_dataset():
+    from kerasnuc.data.pipeline import _epoch_sampler, _Item
+
+    lab = np.zeros((4, 4, 2), np.int32)
+    lab[:2, :2] = (1, 1)
+    items = [_Item(f"a{i}", np.zeros((4, 4, 3), np.uint8), lab, source=0) for i in range(30)]
+    items += [_Item(f"b{i}", np.zeros((4, 4, 3), np.uint8), lab, source=1) for i in range(3)]
+    freqs = np.tile([0.75, 0.25], (len(items), 1))
+    cfg = _cfg(dataset_weights=(0.2, 0.8), samples_per_epoch=20000)
+    idx = _epoch_sampler(items, freqs, cfg)(0)
+    from_b = (idx >= 30).mean()
+    assert from_b == pytest.approx(0.8, abs=0.015)
+    # pooled (paper) sampling: images are equivalent, so b gets its 3/33 share
+    pooled = _epoch_sampler(items, freqs, _cfg(samples_per_epoch=20000))(0)
+    assert (pooled >= 30).mean() == pytest.approx(3 / 33, abs=0.01)
+    np.testing.assert_array_equal(idx, _epoch_sampler(items, freqs, cfg)(0))
+    with pytest.raises(ValueError, match="one weight per dataset"):
+        _epoch_sampler(items, freqs, _cfg(dataset_weights=(1.0,)))(0)
+    with pytest.raises(ValueError, match="non-negative"):
+        PipelineConfig(dataset_weights=(-1.0, 2.0))
+    assert PipelineConfig.from_dict(cfg.to_dict()) == cfg
