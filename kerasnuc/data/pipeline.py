@@ -74,7 +74,11 @@ class PipelineConfig:
         target_mpp: resample every image to this pixel size (None: keep the data's own).
         boundary_width: boundary band of the three-label map, pixels.
         vector_units: units of the centre vectors (see ``kerasnuc.data.targets.centre_vectors``).
-        vector_scale: divisor for ``vector_units="scale"``.
+            Default ``"scale"``: pixels divided by ``vector_scale``, so that the L2 loss of the
+            vectors stays of the order of the cross-entropies it is summed with (in pixels it
+            starts ~50x larger and dominates the gradient).
+        vector_scale: divisor for ``vector_units="scale"``; default 10 px, a typical nucleus
+            radius at 0.25 um/px (MoNuSeg median equivalent diameter: 20 px).
         augment: augmentation settings; ``AugmentConfig.none()`` to switch off.
         seed: base seed of the whole pipeline.
         deterministic: fixed element order of the parallel maps (slower; tests).
@@ -89,8 +93,8 @@ class PipelineConfig:
     samples_per_epoch: int | None = None
     target_mpp: float | None = None
     boundary_width: int = 1
-    vector_units: str = "pixels"
-    vector_scale: float = 1.0
+    vector_units: str = "scale"
+    vector_scale: float = 10.0
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     seed: int = 0
     deterministic: bool = False
