@@ -1,0 +1,257 @@
+"""``kerasnuc predict``: nuclei of images and whole slides as GeoJSON, CSV, TIFF, overlay, summary.
+
+A thin wrapper around :func:`kerasnuc.inference.run.predict_inputs`; TensorFlow is imported in
+the command body, after ``--device cpu`` has hidden the GPUs.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from kerasnuc.cli.common import format_table
+from kerasnuc.fileutil import KerasnucError
+
+FORMAT_NAMES = ("geojson", "csv", "tiff", "overlay", "summary")
+
+
+def _parse_formats(value: str | None) -> frozenset[str] | None:
+    if value is None or value.strip().lower() in ("", "all", "default"):
+        return None
+    names = {v.strip().lower() for v in value.split(",") if v.strip()}
+    bad = sorted(names - set(FORMAT_NAMES))
+    if bad or not names:
+        raise click.BadParameter(
+            f"unknown format(s) {', '.join(bad) or value!r}; choose from {', '.join(FORMAT_NAMES)}",
+            param_hint="--format",
+        )
+    return frozenset(names)
+
+
+class _TileProgress:
+    """A click progress bar over the tiles of one input, opened at the first report."""
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self.bar = None
+        self.done = 0
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.bar is None:
+            self.bar = click.progressbar(
+                length=max(total, 1),
+                label=self.label,
+                file=click.get_text_stream("stderr"),
+                show_eta=True,
+                show_pos=True,
+            )
+            self.bar.__enter__()
+        self.bar.update(done - self.done)
+        self.done = done
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(None, None, None)
+            self.bar = None
+
+
+def _reason(report) -> str:
+    """The failure reason, prefixed with the input unless it already names it."""
+    reason = str(report.reason)
+    return reason if str(report.path) in reason else f"{report.path}: {reason}"
+
+
+def _set_device(device: str) -> None:
+    """Hide the GPUs for ``cpu`` (before TensorFlow is imported); check one exists for ``gpu``."""
+    if device == "cpu":
+        if "tensorflow" in sys.modules:
+            click.echo("Note: TensorFlow already loaded; --device cpu may not hide GPUs", err=True)
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+        return
+    if device == "gpu":
+        import tensorflow as tf
+
+        if not tf.config.list_physical_devices("GPU"):
+            raise KerasnucError("--device gpu: TensorFlow sees no GPU (use --device cpu or auto)")
+
+
+@click.command("predict")
+@click.argument("inputs", nargs=-1, required=True)
+@click.option(
+    "--model",
+    "model",
+    default=None,
+    help="Run directory written by 'kerasnuc train', or the name of a bundled model.",
+)
+@click.option(
+    "--out",
+    "out",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Output folder; each input gets OUT/<name>/.",
+)
+@click.option(
+    "--tta",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Test-time augmentation passes (16 as in the paper; 0 or 1: one plain pass).",
+)
+@click.option(
+    "--mpp",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="Pixel size of the inputs in um/px (overrides the files).",
+)
+@click.option(
+    "--format",
+    "formats",
+    default=None,
+    help="Comma-separated outputs among geojson,csv,tiff,overlay,summary [default: all that fit].",
+)
+@click.option(
+    "--tile",
+    type=click.IntRange(min=32),
+    default=512,
+    show_default=True,
+    help="Tile side the model sees, in model pixels (a multiple of 32 is fastest).",
+)
+@click.option(
+    "--margin",
+    type=click.IntRange(min=0),
+    default=64,
+    show_default=True,
+    help="Context per tile side in model pixels; the largest nucleus must fit in it.",
+)
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=4,
+    show_default=True,
+    help="Tiles per model call (and forward passes per batch with --tta).",
+)
+@click.option("--resume", is_flag=True, help="Skip complete inputs, continue interrupted slides.")
+@click.option(
+    "--device",
+    type=click.Choice(["auto", "cpu", "gpu"]),
+    default="auto",
+    show_default=True,
+    help="cpu hides the GPUs; gpu fails without one.",
+)
+@click.option(
+    "--grey",
+    type=click.Choice(["error", "convert"]),
+    default="error",
+    show_default=True,
+    help="Greyscale inputs: refuse them, or repeat the grey value in R, G and B.",
+)
+@click.option("--no-tissue", is_flag=True, help="Predict every tile of slides (no tissue mask).")
+@click.option("--recursive", is_flag=True, help="Also collect images from sub-folders.")
+def predict(
+    inputs: tuple[str, ...],
+    model: str | None,
+    out: Path,
+    tta: int,
+    mpp: float | None,
+    formats: str | None,
+    tile: int,
+    margin: int,
+    batch_size: int,
+    resume: bool,
+    device: str,
+    grey: str,
+    no_tissue: bool,
+    recursive: bool,
+) -> None:
+    """Find, outline, classify and measure the nuclei of images and whole slides.
+
+    INPUT: image files (PNG, JPEG, TIFF, OME-TIFF) or slides (SVS, NDPI, MRXS, ...), or
+    folders of them. Each input gets a folder OUT/<name>/ with <name>.geojson (QuPath
+    detections with measurements), <name>.csv (one row per nucleus), <name>.instances.ome.tif
+    and <name>.classes.ome.tif (pyramidal label maps), <name>.overlay.png and
+    <name>.summary.json (counts and densities per class). A folder appears only once all of
+    its files are complete. Unreadable inputs are reported and skipped; the exit code is 1
+    when any input failed.
+    """
+    format_set = _parse_formats(formats)
+    if tile - 2 * margin < 1:
+        raise click.BadParameter(
+            f"must be less than half of --tile ({tile}); got {margin}", param_hint="--margin"
+        )
+    _set_device(device)
+    from kerasnuc.inference.run import (
+        PredictOptions,
+        find_inputs,
+        predict_inputs,
+        resolve_model,
+    )
+
+    run_dir = resolve_model(model)
+    paths = find_inputs(inputs, recursive=recursive, exclude=out)
+    if not paths:
+        raise KerasnucError(f"no images found in {', '.join(inputs)}")
+    from kerasnuc.inference.predictor import Predictor
+
+    predictor = Predictor.from_run_dirs(run_dir, tta=tta, batch_size=batch_size)
+    options = PredictOptions(
+        formats=format_set,
+        tile_size=tile,
+        margin=margin,
+        batch_size=batch_size,
+        mpp=mpp,
+        grey=grey,
+        tissue=not no_tissue,
+        resume=resume,
+    )
+    click.echo(f"{len(paths)} input(s), model {run_dir}, output {out}", err=True)
+    bars: list[_TileProgress] = []
+
+    def progress_factory(path: Path, name: str) -> _TileProgress:
+        bars.append(_TileProgress(f"{name}: tiles"))
+        return bars[-1]
+
+    def on_report(report) -> None:
+        if bars:
+            bars[-1].close()
+        for message in report.warnings:
+            click.echo(f"warning: {message}", err=True)
+        if report.status == "failed":
+            click.echo(f"failed: {_reason(report)}", err=True)
+
+    start = time.perf_counter()
+    reports = predict_inputs(
+        paths,
+        predictor,
+        out,
+        options,
+        model_id=run_dir.resolve().name,
+        progress_factory=progress_factory,
+        on_report=on_report,
+    )
+    rows = [
+        {
+            "input": r.path.name,
+            "status": r.status,
+            "nuclei": r.n_nuclei,
+            "seconds": f"{r.seconds:.1f}" if r.status == "done" else None,
+            "output": str(r.out_dir) if r.status != "failed" else "",
+        }
+        for r in reports
+    ]
+    click.echo(format_table(rows, ["input", "status", "nuclei", "seconds", "output"]))
+    failed = [r for r in reports if r.status == "failed"]
+    done = sum(r.status == "done" for r in reports)
+    complete = sum(r.status == "complete" for r in reports)
+    click.echo(
+        f"\n{done} predicted, {complete} already complete (--resume), {len(failed)} failed "
+        f"in {time.perf_counter() - start:.1f} s"
+    )
+    if failed:
+        click.echo("Failed inputs:")
+        for r in failed:
+            click.echo(f"  {_reason(r)}")
+        raise click.exceptions.Exit(1)

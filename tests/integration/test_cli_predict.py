@@ -1,0 +1,175 @@
+"""``kerasnuc predict`` end to end with a tiny random-init conic model on real image crops."""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections import Counter
+
+import numpy as np
+import pytest
+import tifffile
+from click.testing import CliRunner
+
+from kerasnuc.cli import main
+from kerasnuc.fileutil import read_image, write_png
+
+CLASS_NAMES = {1: "other", 2: "inflammatory", 3: "epithelial", 4: "spindle"}
+FAST = ["--tile", "256", "--margin", "32", "--batch-size", "4"]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A random-init conic run directory (EfficientNet-B0, 8-filter decoder, 4 classes)."""
+    import keras
+
+    from kerasnuc.config import DataConfig, RunConfig
+    from kerasnuc.registry import build_model
+
+    config = RunConfig(
+        method="conic",
+        model={"encoder": "efficientnet_b0", "num_classes": 4, "decoder_filters": [8] * 5},
+        data=DataConfig(mpp=0.25, class_names=CLASS_NAMES),
+    )
+    keras.utils.set_random_seed(0)
+    model = build_model(config)
+    path = tmp_path_factory.mktemp("run")
+    model.save_weights(path / "model.weights.h5")
+    config.save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory, shared_data):
+    """Real crops, a corrupt file, an RGBA PNG, a 16-bit TIFF, a greyscale PNG and a slide."""
+    folder = tmp_path_factory.mktemp("inputs")
+    consep = read_image(shared_data / "consep" / "images" / "train_10_000.png")
+    monuseg = read_image(sorted((shared_data / "monuseg_kumar" / "images").glob("*.png"))[0])
+    write_png(folder / "consep.png", consep)
+    write_png(folder / "monuseg.png", monuseg[100:400, 200:600])
+    (folder / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 64)
+    rgba = np.concatenate([consep[:96, :128], np.full((96, 128, 1), 255, np.uint8)], axis=2)
+    write_png(folder / "rgba.png", rgba)
+    tifffile.imwrite(folder / "deep.tif", consep[:96, :128].astype(np.uint16) * 257)
+    write_png(folder / "grey.png", consep[:64, :64, 0])
+    # A 1500 x 1500 pyramidal TIFF at 0.125 um/px (level 1 = the model's 0.25 um/px): the
+    # MoNuSeg image in the top-left corner of white glass.
+    canvas = np.full((1500, 1500, 3), 255, np.uint8)
+    canvas[:1000, :1000] = monuseg
+    slides = folder / "slides"
+    slides.mkdir()
+    with tifffile.TiffWriter(slides / "slide.ome.tif") as tif:
+        for level, mpp in ((0, 0.125), (1, 0.25)):
+            tif.write(
+                canvas[:: 2**level, :: 2**level],
+                tile=(256, 256),
+                photometric="rgb",
+                resolution=(1e4 / mpp, 1e4 / mpp),
+                resolutionunit="CENTIMETER",
+                **({"subifds": 1} if level == 0 else {"subfiletype": 1}),
+            )
+    return folder
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, ["predict", *map(str, args)])
+
+
+def read_rows(path):
+    with open(path, newline="", encoding="utf-8") as fh:
+        return list(csv.DictReader(fh))
+
+
+@pytest.fixture(scope="module")
+def first_run(run_dir, inputs, tmp_path_factory):
+    out = tmp_path_factory.mktemp("out")
+    images = [inputs / n for n in ("consep.png", "monuseg.png", "corrupt.png", "rgba.png")]
+    result = invoke(*images, inputs / "deep.tif", inputs / "grey.png", "--model", run_dir,
+                    "--out", out, "--mpp", "0.25", *FAST)  # fmt: skip
+    return result, out
+
+
+@pytest.mark.slow
+def test_outputs_exist_and_read_back(first_run):
+    result, out = first_run
+    assert result.exit_code == 1, result.output
+    for name, shape in (("consep", (256, 256)), ("monuseg", (300, 400))):
+        folder = out / name
+        collection = json.loads((folder / f"{name}.geojson").read_text())
+        assert collection["type"] == "FeatureCollection"
+        rows = read_rows(folder / f"{name}.csv")
+        inst = tifffile.imread(folder / f"{name}.instances.ome.tif")
+        cls = tifffile.imread(folder / f"{name}.classes.ome.tif")
+        assert inst.shape == cls.shape == shape
+        ids = np.unique(inst[inst > 0])
+        assert len(rows) == ids.size == len(collection["features"])
+        assert sorted(int(r["id"]) for r in rows) == ids.tolist()
+        for feature in collection["features"]:
+            assert feature["properties"]["objectType"] == "detection"
+        summary = json.loads((folder / f"{name}.summary.json").read_text())
+        assert summary["total"] == len(rows)
+        per_class = Counter(r["class_name"] for r in rows)
+        assert {k: v for k, v in summary["counts"].items() if v} == dict(per_class)
+        area_mm2 = shape[0] * shape[1] * 0.25**2 / 1e6
+        assert summary["tissue_area_mm2"] == pytest.approx(area_mm2)
+        assert summary["mode"] == "in-memory" and summary["mpp"] == 0.25
+        overlay = read_image(folder / f"{name}.overlay.png")
+        assert overlay.shape == (*shape, 3)
+    assert not any(p.name.startswith(".") for p in out.iterdir())
+
+
+@pytest.mark.slow
+def test_bad_inputs_are_reported_and_skipped(first_run):
+    result, out = first_run
+    assert sorted(p.name for p in out.iterdir()) == ["consep", "deep", "monuseg", "rgba"]
+    assert "corrupt.png" in result.output and "cannot decode image" in result.output
+    assert "grey.png" in result.output and "greyscale" in result.output
+    assert "alpha channel removed" in result.output
+    assert "rescaled to uint8" in result.output
+    assert "4 predicted, 0 already complete (--resume), 2 failed" in result.output
+
+
+@pytest.mark.slow
+def test_resume_skips_finished_inputs(first_run, run_dir, inputs):
+    _, out = first_run
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    result = invoke(inputs / "consep.png", inputs / "monuseg.png", "--model", run_dir,
+                    "--out", out, "--mpp", "0.25", "--resume", *FAST)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "0 predicted, 2 already complete" in result.output
+    after = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    assert after == before
+
+
+@pytest.mark.slow
+def test_grey_convert_and_pyramidal_slide_streams(run_dir, inputs, tmp_path):
+    out = tmp_path / "out"
+    result = invoke(inputs / "grey.png", inputs / "slides", "--model", run_dir, "--out", out,
+                    "--grey", "convert", "--format", "geojson,csv,summary", *FAST)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "converted to RGB" in result.output
+    summary = json.loads((out / "slide" / "slide.summary.json").read_text())
+    assert summary["mode"] == "streaming" and summary["image_shape"] == [1500, 1500]
+    assert summary["tiles"]["level"] == 1 and summary["mpp"] == 0.125
+    # Level 1 is 750 x 750 px: 4 x 4 cores of 192 px; the tissue fills the top-left 500 x 500.
+    assert summary["tiles"]["total"] == 16 and 0 < summary["tiles"]["predicted"] < 16
+    assert 0.9 * 1e6 < summary["tissue_area_px"] < 1.2e6
+    rows = read_rows(out / "slide" / "slide.csv")
+    features = json.loads((out / "slide" / "slide.geojson").read_text())["features"]
+    assert summary["total"] == len(rows) == len(features)
+    assert sorted(p.name for p in (out / "slide").iterdir()) == [
+        "slide.csv",
+        "slide.geojson",
+        "slide.summary.json",
+    ]
+    assert sorted(p.name for p in out.iterdir()) == ["grey", "slide"]
+
+
+def test_missing_model_and_bad_format_fail_with_one_line(tmp_path, monkeypatch):
+    from kerasnuc.inference import run as run_module
+
+    monkeypatch.setattr(run_module, "BUNDLED_DIR", tmp_path / "none")
+    result = invoke(tmp_path, "--out", tmp_path / "out")
+    assert result.exit_code == 1 and "pass --model" in result.output
+    result = invoke(tmp_path, "--out", tmp_path / "out", "--format", "geojson,pdf")
+    assert result.exit_code == 2 and "pdf" in result.output
