@@ -34,6 +34,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import re
 from pathlib import Path
 
 import keras
@@ -86,12 +87,19 @@ def _check_input_shape(input_shape: tuple) -> tuple[int | None, int | None, int]
     return shape
 
 
+#: Feature choices: the last layer at each stride, or the last block output at each stride.
+FEATURE_KINDS = ("expand", "blocks")
+_BLOCK_OUTPUT = re.compile(r"^block\d+[a-z]_(add|project_bn)$")
+
+
 @functools.cache
-def _feature_layer_names(name: str) -> dict[str, str]:
-    """Name of the last layer at each stride of the ``name`` classifier, found with a probe input.
+def _feature_layer_names(name: str, features: str = "expand") -> dict[str, str]:
+    """Name of the feature layer at each stride of the ``name`` classifier (probe input).
 
     Builds the application once on a ``_PROBE_SIZE`` square input (random weights, no top) and
-    scans its layers in order; cached per architecture.
+    scans its layers in order; cached per architecture. ``features="expand"`` takes the last
+    layer at each stride; ``"blocks"`` only considers block outputs (``blockNx_add`` or
+    ``blockNx_project_bn``), the narrow features segmentation_models_pytorch uses.
     """
     probe = _APPLICATIONS[name](
         include_top=False, weights=None, input_shape=(_PROBE_SIZE,) * 2 + (3,)
@@ -100,6 +108,8 @@ def _feature_layer_names(name: str) -> dict[str, str]:
     for layer in probe.layers:
         shape = layer.output.shape
         if len(shape) != 4:
+            continue
+        if features == "blocks" and not _BLOCK_OUTPUT.match(layer.name):
             continue
         for level, stride in FEATURE_STRIDES.items():
             if shape[1] == _PROBE_SIZE // stride and shape[2] == _PROBE_SIZE // stride:
@@ -126,6 +136,7 @@ def build_efficientnet_encoder(
     input_shape: tuple[int | None, int | None, int] = (None, None, 3),
     weights: str | os.PathLike | None = None,
     model_name: str | None = None,
+    features: str = "expand",
 ) -> keras.Model:
     """Build an EfficientNet encoder returning the features at strides 2, 4, 8, 16 and 32.
 
@@ -139,6 +150,10 @@ def build_efficientnet_encoder(
             (``efficientnetb0_notop.h5``; ``.weights.h5`` files saved from the same application
             load too). Nothing is ever downloaded.
         model_name: name of the returned model; defaults to ``name``.
+        features: ``"expand"`` (the last layer at each stride: the wide expanded activations,
+            96/144/240/672/1280 channels for B0) or ``"blocks"`` (the last block output at each
+            stride: 16/24/40/112/320 channels for B0; a decoder on these is several times
+            cheaper).
 
     Returns:
         A functional ``keras.Model`` mapping ``(B, H, W, 3)`` float32 RGB in ``[0, 1]`` to a dict
@@ -149,6 +164,10 @@ def build_efficientnet_encoder(
         KerasnucError: ``weights`` is not an existing ``.h5`` file or does not fit ``name``.
     """
     _check_name(name)
+    if features not in FEATURE_KINDS:
+        raise ValueError(
+            f"`features` must be one of {FEATURE_KINDS}. Received: features={features!r}"
+        )
     input_shape = _check_input_shape(input_shape)
     weights_path = None
     if weights is not None:
@@ -157,7 +176,7 @@ def build_efficientnet_encoder(
             raise KerasnucError(f"{weights_path}: encoder weights must be a .h5 file")
         if not weights_path.is_file():
             raise KerasnucError(f"{weights_path}: encoder weights file not found")
-    layer_names = _feature_layer_names(name)
+    layer_names = _feature_layer_names(name, features)
 
     inputs = keras.Input(shape=input_shape, name="image")
     # The application's stem divides by 255: undo that for inputs in [0, 1].

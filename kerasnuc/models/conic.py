@@ -161,6 +161,7 @@ def build_conic(
     dropout: float = 0.2,
     encoder_weights: str | os.PathLike | None = None,
     input_shape: tuple[int | None, int | None, int] = (None, None, 3),
+    encoder_features: str = "expand",
 ) -> ConicModel:
     """Build the conic dual-decoder U-Net.
 
@@ -174,6 +175,9 @@ def build_conic(
             encoder (see ``build_efficientnet_encoder``).
         input_shape: ``(height, width, 3)``; height and width ``None`` (any multiple of 32 at
             call time) or fixed multiples of 32.
+        encoder_features: skip features of the encoder, ``"expand"`` (wide expanded
+            activations) or ``"blocks"`` (block outputs: a decoder several times cheaper, the
+            better choice on a CPU; see ``build_efficientnet_encoder``).
 
     Returns:
         A :class:`ConicModel` mapping ``(B, H, W, 3)`` float32 RGB in ``[0, 1]`` to the dict
@@ -190,7 +194,11 @@ def build_conic(
     # Encoder
     inputs = keras.Input(shape=input_shape, name="image")
     backbone = build_efficientnet_encoder(
-        encoder, input_shape=input_shape, weights=encoder_weights, model_name="encoder"
+        encoder,
+        input_shape=input_shape,
+        weights=encoder_weights,
+        model_name="encoder",
+        features=encoder_features,
     )
     features = backbone(inputs)
 
@@ -229,6 +237,7 @@ class ConicModelConfig:
             rebuild a trained model before loading its weights, replace it with ``None``
             (``dataclasses.replace(cfg, encoder_weights=None)``): the file need not exist there.
         input_shape: ``(height, width, 3)`` with ``None`` for any multiple of 32.
+        encoder_features: ``"expand"`` or ``"blocks"`` skip features (see :func:`build_conic`).
     """
 
     encoder: str = "efficientnet_b0"
@@ -237,6 +246,7 @@ class ConicModelConfig:
     dropout: float = 0.2
     encoder_weights: str | None = None
     input_shape: tuple[int | None, int | None, int] = (None, None, 3)
+    encoder_features: str = "expand"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "decoder_filters", tuple(self.decoder_filters))
@@ -256,6 +266,7 @@ class ConicModelConfig:
             "dropout": self.dropout,
             "encoder_weights": self.encoder_weights,
             "input_shape": list(self.input_shape),
+            "encoder_features": self.encoder_features,
         }
 
     @classmethod
@@ -283,4 +294,5 @@ def build_conic_from_config(config: ConicModelConfig) -> ConicModel:
         dropout=config.dropout,
         encoder_weights=config.encoder_weights,
         input_shape=config.input_shape,
+        encoder_features=config.encoder_features,
     )

@@ -116,3 +116,20 @@ def test_bad_arguments(tmp_path):
         build_efficientnet_encoder(weights=tmp_path / "missing.h5")
     with pytest.raises(KerasnucError, match=r"must be a \.h5 file"):
         build_efficientnet_encoder(weights=tmp_path / "weights.pt")
+
+
+def test_block_output_features_have_the_stage_widths_of_b0():
+    """EfficientNet-B0 stage outputs (Tan & Le 2019, Table 1): 16, 24, 40, 112 and 320 channels."""
+    from kerasnuc.backbones.efficientnet import build_efficientnet_encoder
+
+    enc = build_efficientnet_encoder("efficientnet_b0", features="blocks")
+    feats = enc(np.zeros((1, 64, 64, 3), "float32"))
+    assert {k: tuple(v.shape) for k, v in feats.items()} == {
+        "P1": (1, 32, 32, 16),
+        "P2": (1, 16, 16, 24),
+        "P3": (1, 8, 8, 40),
+        "P4": (1, 4, 4, 112),
+        "P5": (1, 2, 2, 320),
+    }
+    with pytest.raises(ValueError, match="`features` must be one of"):
+        build_efficientnet_encoder("efficientnet_b0", features="wide")

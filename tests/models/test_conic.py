@@ -219,6 +219,7 @@ def test_config_round_trip():
         "dropout": 0.1,
         "encoder_weights": None,
         "input_shape": [None, None, 3],
+        "encoder_features": "expand",
     }
     assert ConicModelConfig.from_dict(data) == config
     assert ConicModelConfig.from_dict({}) == ConicModelConfig()
