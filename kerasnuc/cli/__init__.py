@@ -35,6 +35,9 @@ def _register() -> None:
     from kerasnuc.cli import evaluate
 
     main.add_command(evaluate.evaluate)
+    from kerasnuc.cli import export
+
+    main.add_command(export.export)
     from kerasnuc.cli import predict
 
     main.add_command(predict.predict)
