@@ -151,6 +151,12 @@ def _set_device(device: str) -> None:
 )
 @click.option("--no-tissue", is_flag=True, help="Predict every tile of slides (no tissue mask).")
 @click.option("--recursive", is_flag=True, help="Also collect images from sub-folders.")
+@click.option(
+    "--server",
+    default=None,
+    help="TF Serving endpoint (http://host:8501 or grpc://host:8500) that runs the model "
+    "instead of this machine; --model then names the served model.",
+)
 def predict(
     inputs: tuple[str, ...],
     model: str | None,
@@ -166,6 +172,7 @@ def predict(
     grey: str,
     no_tissue: bool,
     recursive: bool,
+    server: str | None,
 ) -> None:
     """Find, outline, classify and measure the nuclei of images and whole slides.
 
@@ -190,13 +197,20 @@ def predict(
         resolve_model,
     )
 
-    run_dir = resolve_model(model)
     paths = find_inputs(inputs, recursive=recursive, exclude=out)
     if not paths:
         raise KerasnucError(f"no images found in {', '.join(inputs)}")
     from kerasnuc.inference.predictor import Predictor
 
-    predictor = Predictor.from_run_dirs(run_dir, tta=tta, batch_size=batch_size)
+    if server is not None:
+        if not model:
+            raise KerasnucError("--server needs --model NAME, the model's name on the server")
+        predictor = Predictor.from_server(server, model, tta=tta, batch_size=batch_size)
+        model_id, source = f"{model} @ {server}", f"{model} on {server}"
+    else:
+        run_dir = resolve_model(model)
+        predictor = Predictor.from_run_dirs(run_dir, tta=tta, batch_size=batch_size)
+        model_id, source = run_dir.resolve().name, str(run_dir)
     options = PredictOptions(
         formats=format_set,
         tile_size=tile,
@@ -207,7 +221,7 @@ def predict(
         tissue=not no_tissue,
         resume=resume,
     )
-    click.echo(f"{len(paths)} input(s), model {run_dir}, output {out}", err=True)
+    click.echo(f"{len(paths)} input(s), model {source}, output {out}", err=True)
     bars: list[_TileProgress] = []
 
     def progress_factory(path: Path, name: str) -> _TileProgress:
@@ -228,7 +242,7 @@ def predict(
         predictor,
         out,
         options,
-        model_id=run_dir.resolve().name,
+        model_id=model_id,
         progress_factory=progress_factory,
         on_report=on_report,
     )

@@ -286,10 +286,11 @@ class Predictor:
         batch_size: int = 8,
         vector_outputs: Sequence[str] = VECTOR_OUTPUTS,
     ) -> None:
-        models = [models] if isinstance(models, keras.Model) else list(models)
-        if not models or not all(isinstance(m, keras.Model) for m in models):
+        models = [models] if _is_backend(models) else list(models)
+        if not models or not all(_is_backend(m) for m in models):
             raise ValueError(
-                "`models` must be a keras.Model or a non-empty list of them. "
+                "`models` must be a keras.Model (or a remote backend with `predict_maps_batch`, "
+                "e.g. a ServingClient) or a non-empty list of them. "
                 f"Received: {[type(m).__name__ for m in models]}"
             )
         if isinstance(tta, bool):
@@ -374,6 +375,58 @@ class Predictor:
             batch_size=batch_size,
         )
 
+    @classmethod
+    def from_server(
+        cls,
+        url: str,
+        model_name: str,
+        version: int | None = None,
+        tta: int | bool = 0,
+        hed_intensity: float = 0.1,
+        seed: int = 0,
+        batch_size: int = 8,
+        timeout: float = 60.0,
+        retries: int = 3,
+    ) -> Predictor:
+        """A predictor whose maps come from a TensorFlow Serving endpoint.
+
+        The model's method, classes, colours, resolution and post-processing settings are read
+        from the export's metadata signature, so no run directory is needed. TTA works as for
+        a local model (flips, rotations, HED), without MC dropout: the export has dropout off.
+
+        Args:
+            url: ``http(s)://host:8501`` (REST) or ``grpc://host:8500``.
+            model_name: the model name on the server (``kerasnuc export --name``).
+            version: a served version (default: the server's latest).
+            Other arguments as :class:`Predictor`; ``timeout``/``retries`` of the client.
+
+        Raises:
+            KerasnucError: the server is unreachable or answers with an error.
+        """
+        from kerasnuc.registry import get_method
+        from kerasnuc.serving.client import ServingClient
+
+        client = ServingClient(url, model_name, version=version, timeout=timeout, retries=retries)
+        meta = client.metadata()
+        method = get_method(meta["method"])
+        data = DataConfig(
+            mpp=meta.get("mpp"),
+            class_names=meta.get("class_names") or {},
+            class_colours=meta.get("class_colours") or {},
+        )
+        postproc = method.postproc_config.from_dict(meta["postproc"])
+        return cls(
+            client,
+            method,
+            postproc,
+            data,
+            tta=tta,
+            mc_dropout=False,
+            hed_intensity=hed_intensity,
+            seed=seed,
+            batch_size=batch_size,
+        )
+
     @property
     def mpp(self) -> float | None:
         """The models' resolution in um/px (None: unknown)."""
@@ -452,8 +505,11 @@ class Predictor:
                         for b, (_, p) in zip(batch, chunk, strict=True)
                     ]
                 )
-                with _mc_dropout_state(model, any(p.mc_dropout for _, p in chunk)):
-                    out = predict_maps_batch(model, batch, batch_size=len(chunk))
+                if isinstance(model, keras.Model):
+                    with _mc_dropout_state(model, any(p.mc_dropout for _, p in chunk)):
+                        out = predict_maps_batch(model, batch, batch_size=len(chunk))
+                else:  # a remote backend (TF Serving): no MC dropout there
+                    out = model.predict_maps_batch(batch, batch_size=len(chunk))
                 for n, (i, p) in enumerate(chunk):
                     maps = invert_transform(
                         {k: v[n] for k, v in out.items()}, p.transform, self.vector_outputs
@@ -491,6 +547,11 @@ class Predictor:
             self.method.postprocess({k: v[b] for k, v in maps.items()}, self.postproc)
             for b in range(len(images))
         ]
+
+
+def _is_backend(obj: Any) -> bool:
+    """A local Keras model or a remote maps backend (``predict_maps_batch(images, batch_size)``)."""
+    return isinstance(obj, keras.Model) or callable(getattr(obj, "predict_maps_batch", None))
 
 
 def _check_same(
