@@ -22,8 +22,9 @@ file path is given (tensorflow/tensorflow#49930). This module therefore
    initialisation and for a local ImageNet weights file.
 
 Feature selection. The layer of each level is the *last* layer (in the application's layer
-order) whose output has spatial size ``probe / stride`` when the classifier is built on a square
-``probe x probe`` input (``_PROBE_SIZE``). No layer names are hard-coded. For the Keras
+order) at that output stride, with strides read from the layers' ``strides`` attributes (no
+probe model, so building an encoder draws exactly the random numbers of its own weights). No
+layer names are hard-coded. For the Keras
 EfficientNets this picks the expanded activation in front of each stride-2 depthwise convolution
 (``block2a_expand_activation``, ``block3a_...``, ``block4a_...``, ``block6a_...``) and
 ``top_activation`` at stride 32; for B0 the channel counts are 96, 144, 240, 672 and 1280.
@@ -31,7 +32,6 @@ EfficientNets this picks the expanded activation in front of each stride-2 depth
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import re
@@ -65,8 +65,6 @@ FEATURE_STRIDES: dict[str, int] = {"P1": 2, "P2": 4, "P3": 8, "P4": 16, "P5": 32
 IMAGENET_MEAN_RGB: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD_RGB: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
-_PROBE_SIZE = 256
-
 
 def _check_name(name: str) -> None:
     if name not in _APPLICATIONS:
@@ -92,31 +90,43 @@ FEATURE_KINDS = ("expand", "blocks")
 _BLOCK_OUTPUT = re.compile(r"^block\d+[a-z]_(add|project_bn)$")
 
 
-@functools.cache
-def _feature_layer_names(name: str, features: str = "expand") -> dict[str, str]:
-    """Name of the feature layer at each stride of the ``name`` classifier (probe input).
+def _layer_strides(model: keras.Model) -> dict[str, int]:
+    """Output stride of every layer of a functional model, from the layers' ``strides``.
 
-    Builds the application once on a ``_PROBE_SIZE`` square input (random weights, no top) and
-    scans its layers in order; cached per architecture. ``features="expand"`` takes the last
-    layer at each stride; ``"blocks"`` only considers block outputs (``blockNx_add`` or
-    ``blockNx_project_bn``), the narrow features segmentation_models_pytorch uses.
+    Walks the layers in graph order: a layer's stride is the largest stride of its inputs
+    times its own (``strides`` of convolutions and poolings; 1 for every other layer). Needs no
+    forward pass and no probe model, so it draws no random numbers.
     """
-    probe = _APPLICATIONS[name](
-        include_top=False, weights=None, input_shape=(_PROBE_SIZE,) * 2 + (3,)
-    )
+    strides: dict[str, int] = {}
+    for layer in model.layers:
+        inputs = []
+        for node in layer._inbound_nodes[:1]:
+            inputs = [t._keras_history.operation.name for t in node.input_tensors]
+        own = getattr(layer, "strides", None)
+        own = int(own[0]) if isinstance(own, tuple | list) else int(own or 1)
+        strides[layer.name] = max((strides.get(n, 1) for n in inputs), default=1) * own
+    return strides
+
+
+def _feature_layer_names(app: keras.Model, features: str = "expand") -> dict[str, str]:
+    """Name of the feature layer at each stride of an EfficientNet application.
+
+    ``features="expand"`` takes the last layer (in layer order) at each stride, padding layers
+    excepted (they only prepare the next strided convolution);
+    ``"blocks"`` only considers block outputs (``blockNx_add`` or ``blockNx_project_bn``), the
+    narrow features segmentation_models_pytorch uses.
+    """
     found: dict[str, str] = {}
-    for layer in probe.layers:
-        shape = layer.output.shape
-        if len(shape) != 4:
+    by_stride = {stride: level for level, stride in FEATURE_STRIDES.items()}
+    for name, stride in _layer_strides(app).items():
+        if stride not in by_stride or isinstance(app.get_layer(name), keras.layers.ZeroPadding2D):
             continue
-        if features == "blocks" and not _BLOCK_OUTPUT.match(layer.name):
+        if features == "blocks" and not _BLOCK_OUTPUT.match(name):
             continue
-        for level, stride in FEATURE_STRIDES.items():
-            if shape[1] == _PROBE_SIZE // stride and shape[2] == _PROBE_SIZE // stride:
-                found[level] = layer.name
+        found[by_stride[stride]] = name
     missing = [level for level in FEATURE_STRIDES if level not in found]
     if missing:
-        raise RuntimeError(f"{name}: no layer found at the stride of {missing}")
+        raise RuntimeError(f"{app.name}: no layer found at the stride of {missing}")
     return {level: found[level] for level in FEATURE_STRIDES}
 
 
@@ -176,7 +186,6 @@ def build_efficientnet_encoder(
             raise KerasnucError(f"{weights_path}: encoder weights must be a .h5 file")
         if not weights_path.is_file():
             raise KerasnucError(f"{weights_path}: encoder weights file not found")
-    layer_names = _feature_layer_names(name, features)
 
     inputs = keras.Input(shape=input_shape, name="image")
     # The application's stem divides by 255: undo that for inputs in [0, 1].
@@ -193,5 +202,6 @@ def build_efficientnet_encoder(
     _set_imagenet_normalization(app)
     if weights_path is not None:
         logger.info("%s: loaded encoder weights from %s", name, weights_path)
+    layer_names = _feature_layer_names(app, features)
     features = {level: app.get_layer(layer_names[level]).output for level in FEATURE_STRIDES}
     return keras.Model(inputs, features, name=model_name or name)

@@ -41,6 +41,10 @@ def _register() -> None:
     from kerasnuc.cli import predict
 
     main.add_command(predict.predict)
+    from kerasnuc.cli import train, tune
+
+    main.add_command(train.train)
+    main.add_command(tune.tune)
 
 
 _register()

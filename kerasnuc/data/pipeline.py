@@ -173,7 +173,7 @@ def _scale_for(ds: Dataset, target_mpp: float | None) -> float:
     return ds.mpp / target_mpp
 
 
-def _check_classes(datasets: Sequence[Dataset]) -> tuple[int, dict[int, str]]:
+def shared_classes(datasets: Sequence[Dataset]) -> tuple[int, dict[int, str]]:
     """Class count and names shared by ``datasets``.
 
     Datasets without cell types may be mixed with datasets that share one set of types: their
@@ -212,7 +212,7 @@ def load_items(
     datasets = [datasets] if isinstance(datasets, Dataset) else list(datasets)
     if not datasets:
         raise ValueError("`datasets` must name at least one dataset.")
-    num_classes, _ = _check_classes(datasets)
+    num_classes, _ = shared_classes(datasets)
     items = []
     for source, ds in enumerate(datasets):
         scale = _scale_for(ds, target_mpp)

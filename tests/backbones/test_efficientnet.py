@@ -133,3 +133,15 @@ def test_block_output_features_have_the_stage_widths_of_b0():
     }
     with pytest.raises(ValueError, match="`features` must be one of"):
         build_efficientnet_encoder("efficientnet_b0", features="wide")
+
+
+def test_same_seed_gives_same_weights_from_the_first_build():
+    """Building an encoder draws no random numbers besides its own weights."""
+    from kerasnuc.backbones.efficientnet import build_efficientnet_encoder
+
+    keras.utils.set_random_seed(5)
+    first = build_efficientnet_encoder("efficientnet_b1", features="blocks").get_weights()
+    keras.utils.set_random_seed(5)
+    second = build_efficientnet_encoder("efficientnet_b1", features="blocks").get_weights()
+    for a, b in zip(first, second, strict=True):
+        np.testing.assert_array_equal(a, b)

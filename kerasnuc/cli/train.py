@@ -1,0 +1,205 @@
+"""``kerasnuc train``: train a method on one or more datasets into a run folder."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import click
+
+from kerasnuc.cli.common import dataset_path
+from kerasnuc.fileutil import KerasnucError
+
+SECTIONS = ("model", "pipeline", "train", "data")
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """Read a ``--config`` JSON file: an object with any of the sections model/pipeline/train/data.
+
+    Raises:
+        KerasnucError: unreadable file, invalid JSON or unknown sections.
+    """
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise KerasnucError(f"{path}: cannot read config ({exc.strerror})") from exc
+    except json.JSONDecodeError as exc:
+        raise KerasnucError(f"{path}: invalid JSON ({exc})") from exc
+    if not isinstance(data, dict):
+        raise KerasnucError(f"{path}: the config must be a JSON object")
+    unknown = sorted(set(data) - set(SECTIONS) - {"method", "kerasnuc_version"})
+    if unknown:
+        raise KerasnucError(f"{path}: unknown config section(s) {unknown} (expected {SECTIONS})")
+    for name in SECTIONS:
+        if not isinstance(data.get(name, {}), dict):
+            raise KerasnucError(f"{path}: section {name!r} must be a JSON object")
+    return data
+
+
+def build_run_config(
+    method_name: str,
+    data_dirs: list[Path],
+    file_config: dict[str, Any],
+    overrides: dict[str, dict[str, Any]],
+):
+    """The :class:`~kerasnuc.config.RunConfig` of a new run: defaults < ``--config`` < flags.
+
+    Args:
+        method_name: registry name.
+        data_dirs: dataset folders.
+        file_config: sections read by :func:`read_config_file`.
+        overrides: flag values per section (None values are ignored).
+
+    Raises:
+        KerasnucError: bad values (one line).
+    """
+    from kerasnuc.config import DataConfig, RunConfig, TrainConfig
+    from kerasnuc.data.dataset import Dataset
+    from kerasnuc.data.pipeline import PipelineConfig, shared_classes
+    from kerasnuc.registry import get_method
+
+    method = get_method(method_name)
+    datasets = [Dataset(d) for d in data_dirs]
+
+    def section(name: str, base: dict[str, Any]) -> dict[str, Any]:
+        out = dict(base)
+        out.update(file_config.get(name, {}))
+        out.update({k: v for k, v in overrides.get(name, {}).items() if v is not None})
+        return out
+
+    num_classes, class_names = shared_classes(datasets)
+    try:
+        base_model = method.model_config(num_classes=max(1, num_classes)).to_dict()
+        model = method.model_config.from_dict(section("model", base_model)).to_dict()
+        pipeline_dict = section("pipeline", PipelineConfig(batch_size=4).to_dict())
+        pipeline = PipelineConfig.from_dict(pipeline_dict).to_dict()
+        train = TrainConfig.from_dict(section("train", TrainConfig().to_dict()))
+        mpps = {ds.mpp for ds in datasets}
+        data_base = {
+            "datasets": [str(d) for d in data_dirs],
+            "mpp": pipeline["target_mpp"]
+            if pipeline["target_mpp"] is not None
+            else (mpps.pop() if len(mpps) == 1 else None),
+            "class_names": class_names,
+        }
+        data = DataConfig.from_dict(section("data", data_base))
+    except (TypeError, ValueError) as exc:
+        raise KerasnucError(f"invalid configuration: {exc}") from exc
+    return RunConfig(method=method.name, model=model, data=data, pipeline=pipeline, train=train)
+
+
+@click.command("train")
+@click.option("--method", default="conic", show_default=True, help="Method to train.")
+@click.option("--data", "data_dirs", multiple=True, help="Dataset folder (repeatable).")
+@click.option(
+    "--out", "run_dir", required=True, type=click.Path(path_type=Path), help="Run folder."
+)
+@click.option("--config", "config_file", type=click.Path(path_type=Path), help="JSON config file.")
+@click.option("--epochs", type=click.IntRange(min=1), help="Number of epochs.")
+@click.option("--batch-size", type=click.IntRange(min=1), help="Global batch size.")
+@click.option("--crop", type=click.IntRange(min=32), help="Training crop size (pixels).")
+@click.option("--steps-per-epoch", type=click.IntRange(min=1), help="Steps per epoch.")
+@click.option("--encoder", help="Encoder, e.g. efficientnet_b0 .. efficientnet_b7.")
+@click.option(
+    "--encoder-weights", type=click.Path(path_type=Path), help="ImageNet *_notop.h5 file."
+)
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), help="Peak learning rate.")
+@click.option("--mpp", type=click.FloatRange(min=0, min_open=True), help="Resample to this um/px.")
+@click.option("--seed", type=int, help="Seed of weights, pipeline and dropout.")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its checkpoint.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing run folder.")
+@click.option(
+    "--strategy", type=click.Choice(["default", "mirrored", "multiworker"]), help="tf.distribute."
+)
+@click.option("--mixed-precision", is_flag=True, default=None, help="Train with mixed_float16.")
+@click.option(
+    "--no-importance-sampling", is_flag=True, help="Shuffle images instead of importance sampling."
+)
+@click.option("--val-max-images", type=click.IntRange(min=1), help="Cap on validation images.")
+@click.option("--val-every", type=click.IntRange(min=1), help="Validate every N epochs.")
+@click.option("-v", "--verbose", is_flag=True, help="Log progress details.")
+def train(
+    method: str,
+    data_dirs: tuple[str, ...],
+    run_dir: Path,
+    config_file: Path | None,
+    epochs: int | None,
+    batch_size: int | None,
+    crop: int | None,
+    steps_per_epoch: int | None,
+    encoder: str | None,
+    encoder_weights: Path | None,
+    lr: float | None,
+    mpp: float | None,
+    seed: int | None,
+    resume: bool,
+    overwrite: bool,
+    strategy: str | None,
+    mixed_precision: bool | None,
+    no_importance_sampling: bool,
+    val_max_images: int | None,
+    val_every: int | None,
+    verbose: bool,
+) -> None:
+    """Train METHOD on --data folders; write weights, config and history to --out.
+
+    The best checkpoint (validation mPQ+, or PQ without classes, computed with the real
+    post-processing) goes to OUT/model.weights.h5; OUT/checkpoint holds the state of the last
+    epoch for --resume (which reuses OUT/config.json and ignores the other options).
+    """
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s")
+    from kerasnuc.registry import get_method
+    from kerasnuc.training.trainer import train_run
+
+    get_method(method)
+    if resume and overwrite:
+        raise KerasnucError("--resume and --overwrite exclude each other")
+    if resume:
+        from kerasnuc.config import RunConfig
+
+        config = RunConfig.load(run_dir) if (run_dir / "config.json").is_file() else None
+        if config is None:
+            raise KerasnucError(f"{run_dir}: no run to resume (config.json missing)")
+    else:
+        if not data_dirs:
+            raise KerasnucError("--data is required (a dataset folder)")
+        dirs = [dataset_path(d) for d in data_dirs]
+        for d in dirs:
+            if not d.is_dir():
+                raise KerasnucError(f"{d}: not a dataset folder")
+        file_config = read_config_file(config_file) if config_file is not None else {}
+        if encoder_weights is not None and not encoder_weights.is_file():
+            raise KerasnucError(f"{encoder_weights}: encoder weights file not found")
+        overrides = {
+            "model": {
+                "encoder": encoder,
+                "encoder_weights": str(encoder_weights) if encoder_weights else None,
+            },
+            "pipeline": {
+                "batch_size": batch_size,
+                "crop_size": crop,
+                "target_mpp": mpp,
+                "seed": seed,
+                "importance_sampling": False if no_importance_sampling else None,
+            },
+            "train": {
+                "epochs": epochs,
+                "steps_per_epoch": steps_per_epoch,
+                "learning_rate": lr,
+                "seed": seed,
+                "strategy": strategy,
+                "mixed_precision": mixed_precision,
+                "val_max_images": val_max_images,
+                "val_every": val_every,
+            },
+        }
+        config = build_run_config(method, dirs, file_config, overrides)
+    result = train_run(config, run_dir, resume=resume, overwrite=overwrite, verbose=1)
+    best = (
+        f"best validation score {result.best_score:.4f} at epoch {result.best_epoch}"
+        if result.best_epoch
+        else "no validation"
+    )
+    click.echo(f"{run_dir}: {len(result.history)} epochs, {best}")

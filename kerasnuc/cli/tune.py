@@ -1,0 +1,107 @@
+"""``kerasnuc tune``: grid-search the post-processing thresholds of a run on validation data."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import click
+
+from kerasnuc.cli.common import dataset_path, format_table
+from kerasnuc.fileutil import KerasnucError
+
+#: Default grid (60 configurations): foreground / seed thresholds and the minimum size.
+DEFAULT_GRID: dict[str, list[Any]] = {
+    "fg_threshold": [0.3, 0.4, 0.5, 0.6],
+    "seed_threshold": [0.4, 0.5, 0.6, 0.7, 0.8],
+    "min_size": [0, 10, 30],
+}
+SHOWN = 10
+
+
+def read_grid(path: Path) -> dict[str, list[Any]]:
+    """Read a ``--grid`` JSON file ``{setting: [values]}`` (KerasnucError when malformed)."""
+    try:
+        grid = json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise KerasnucError(f"{path}: cannot read grid ({exc.strerror})") from exc
+    except json.JSONDecodeError as exc:
+        raise KerasnucError(f"{path}: invalid JSON ({exc})") from exc
+    if not isinstance(grid, dict) or not grid:
+        raise KerasnucError(f"{path}: the grid must be a JSON object {{setting: [values]}}")
+    return grid
+
+
+@click.command("tune")
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("--data", "data_dirs", multiple=True, required=True, help="Dataset folder.")
+@click.option("--split", default="val", show_default=True, help="Split to tune on.")
+@click.option("--grid", "grid_file", type=click.Path(path_type=Path), help="JSON grid file.")
+@click.option("--max-images", type=click.IntRange(min=1), help="Tune on the first N images.")
+def tune(
+    run_dir: Path,
+    data_dirs: tuple[str, ...],
+    split: str,
+    grid_file: Path | None,
+    max_images: int | None,
+) -> None:
+    """Tune the post-processing of RUN_DIR on a labelled split; write RUN_DIR/postproc.json.
+
+    Each image is predicted once; every grid configuration is scored with mPQ+ (PQ for data
+    without classes) over the whole split, and the best one is saved.
+    """
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    grid = read_grid(grid_file) if grid_file is not None else DEFAULT_GRID
+    dirs = [dataset_path(d) for d in data_dirs]
+    for d in dirs:
+        if not d.is_dir():
+            raise KerasnucError(f"{d}: not a dataset folder")
+    from kerasnuc.config import POSTPROC
+    from kerasnuc.data.dataset import Dataset
+    from kerasnuc.data.pipeline import PipelineConfig
+    from kerasnuc.registry import load_run
+    from kerasnuc.training.validation import predict_all, score_predictions, score_summary
+    from kerasnuc.training.validation import val_items as load_val_items
+
+    run = load_run(run_dir)
+    if run.config.method != "conic":
+        raise KerasnucError(f"tune supports the conic method only (run is {run.config.method})")
+    from kerasnuc.postprocess.conic import tune_postproc
+
+    target_mpp = PipelineConfig.from_dict(run.config.pipeline).target_mpp
+    items, num_classes = load_val_items([Dataset(d) for d in dirs], split, target_mpp, max_images)
+    if max(1, num_classes) != run.config.model.get("num_classes"):
+        raise KerasnucError(
+            f"the data has {num_classes} classes but the model was trained for "
+            f"{run.config.model.get('num_classes')}"
+        )
+    with click.progressbar(items, label=f"predicting {len(items)} images") as bar:
+        maps = predict_all(run.model, list(bar))
+    maps_list = [(m.get("semantic"), m["three_label"]) for m in maps]
+    gt_list = [(it.instances, it.classes) for it in items]
+
+    def score_fn(pred_inst, pred_cls, gt_inst, gt_cls) -> float:
+        summary = score_predictions(pred_inst, pred_cls, items, num_classes)
+        return score_summary(summary, num_classes)
+
+    try:
+        best, table = tune_postproc(
+            maps_list, gt_list, grid, score_fn, base_config=run.postproc, batched=True
+        )
+    except ValueError as exc:
+        raise KerasnucError(f"invalid grid: {exc}") from exc
+    best.save(run_dir / POSTPROC)
+    metric = "mPQ+" if num_classes else "PQ"
+    ranked = sorted(table, key=lambda r: -r["score"] if not math.isnan(r["score"]) else math.inf)
+    rows = [
+        {**{k: json.dumps(v) for k, v in r.items() if k != "score"}, metric: r["score"]}
+        for r in ranked[:SHOWN]
+    ]
+    click.echo(format_table(rows, list(grid) + [metric]))
+    click.echo(
+        f"\n{len(table)} configurations on {len(items)} images; best {metric} "
+        f"{ranked[0]['score']:.4f} saved to {run_dir / POSTPROC}"
+    )

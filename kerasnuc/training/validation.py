@@ -1,0 +1,190 @@
+"""Validation with the real post-processing: predict full images, post-process, score.
+
+Used by the training callback (checkpoint selection by mPQ+ / PQ) and by ``kerasnuc tune``
+(threshold grid search). Images are predicted whole (:func:`kerasnuc.inference.maps.predict_maps`
+pads them to a multiple of 32 and crops the maps back), never as training crops.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from kerasnuc.inference.maps import predict_maps
+from kerasnuc.metrics import MetricAccumulator
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ValItem:
+    """One validation image at the model's resolution.
+
+    Attributes:
+        id: ``dataset/id``.
+        image: ``(H, W, 3)`` uint8 RGB.
+        instances: ``(H, W)`` int32 ground-truth instance map.
+        classes: ``(H, W)`` int32 ground-truth class map, or None for class-agnostic data.
+    """
+
+    id: str
+    image: np.ndarray
+    instances: np.ndarray
+    classes: np.ndarray | None
+
+    @property
+    def group(self) -> str:
+        """The dataset the image comes from (scored on its own)."""
+        return self.id.split("/", 1)[0]
+
+
+def val_items(
+    datasets: Sequence[Any],
+    split: str,
+    target_mpp: float | None = None,
+    max_images: int | None = None,
+) -> tuple[list[ValItem], int]:
+    """The images of ``split`` decoded (and resampled to ``target_mpp``) like the pipeline does.
+
+    Args:
+        datasets: :class:`kerasnuc.data.dataset.Dataset` objects with the same classes.
+        split: split name.
+        target_mpp: pixel size of the model (None: the data's own).
+        max_images: keep the first this many images of each dataset.
+
+    Returns:
+        ``(items, num_classes)``; ``num_classes`` is 0 for class-agnostic data. Images of a
+        dataset without cell types have ``classes=None`` also when others have types.
+
+    Raises:
+        KerasnucError: no image in the split, or datasets with different classes.
+    """
+    from kerasnuc.data.pipeline import load_items
+
+    datasets = list(datasets)
+    items, num_classes = load_items(datasets, split, target_mpp)
+    if max_images is not None:
+        kept: dict[int, int] = {}
+        capped = []
+        for it in items:
+            kept[it.source] = kept.get(it.source, 0) + 1
+            if kept[it.source] <= max_images:
+                capped.append(it)
+        items = capped
+    out = [
+        ValItem(
+            it.id,
+            it.image,
+            it.labels[..., 0].astype(np.int32),
+            it.labels[..., 1].astype(np.int32)
+            if num_classes and datasets[it.source].has_classes
+            else None,
+        )
+        for it in items
+    ]
+    return out, num_classes
+
+
+def predict_all(model: Any, items: Sequence[ValItem]) -> list[dict[str, np.ndarray]]:
+    """Probability maps ``{output: (H, W, K) float32}`` of every item (one forward pass each)."""
+    return [predict_maps(model, it.image) for it in items]
+
+
+def score_summary(summary: Mapping[str, Any], num_classes: int) -> float:
+    """The checkpoint score of a metrics summary: mPQ+ with classes, else the mean PQ.
+
+    A summary of :func:`score_predictions` over several datasets carries its own ``"score"``:
+    the mean over the datasets of their mPQ+ (datasets with cell types) or PQ (without).
+    """
+    if "score" in summary:
+        return float(summary["score"])
+    return float(summary["mpq_plus"] if num_classes else summary["pq"])
+
+
+#: Scores averaged over the datasets of a multi-dataset validation.
+_MEAN_KEYS = ("pq", "dq", "sq", "aji", "pixel_f1")
+
+
+def score_predictions(
+    pred_instances: Sequence[np.ndarray],
+    pred_classes: Sequence[np.ndarray],
+    items: Sequence[ValItem],
+    num_classes: int,
+) -> dict[str, Any]:
+    """Dataset-level metrics (:func:`kerasnuc.metrics.aggregate`) of predictions on ``items``.
+
+    Each dataset is scored on its own (mPQ+ and the other class metrics only where it has cell
+    types). With one dataset the summary is that dataset's; with several, ``score`` and the
+    instance metrics (PQ, DQ, SQ, AJI, pixel F1) are means over the datasets, the class metrics
+    come from the datasets with types, and every dataset's metrics are added as
+    ``<dataset>_<metric>``. The object-level Hausdorff distance is skipped (it dominates the
+    cost and is not used to select checkpoints).
+    """
+    groups: dict[str, list[int]] = {}
+    for i, it in enumerate(items):
+        groups.setdefault(it.group, []).append(i)
+    summaries: dict[str, dict[str, Any]] = {}
+    for name, idx in groups.items():
+        typed = bool(num_classes) and items[idx[0]].classes is not None
+        acc = MetricAccumulator(num_classes=num_classes if typed else 0, hausdorff=False)
+        for i in idx:
+            it = items[i]
+            acc.add(
+                it.instances,
+                pred_instances[i],
+                it.classes if typed else None,
+                pred_classes[i] if typed else None,
+                id=it.id,
+            )
+        summary = acc.summary()
+        summary["score"] = float(summary["mpq_plus"] if typed else summary["pq"])
+        summaries[name] = summary
+    if len(summaries) == 1:
+        return next(iter(summaries.values()))
+    out: dict[str, Any] = {
+        "score": float(np.mean([s["score"] for s in summaries.values()])),
+    }
+    for key in _MEAN_KEYS:
+        out[key] = float(np.nanmean([s[key] for s in summaries.values()]))
+    for name, summary in summaries.items():
+        for key, value in summary.items():
+            if isinstance(value, int | float):
+                out[f"{name}_{key}"] = value
+        if "mpq_plus" in summary:
+            for key in ("mpq_plus", "r2", "miou_pooled"):
+                if key in summary:
+                    out.setdefault(key, summary[key])
+    return out
+
+
+def validate(
+    model: Any,
+    items: Sequence[ValItem],
+    num_classes: int,
+    postprocess: Any,
+    postproc_config: Any,
+) -> dict[str, Any]:
+    """Predict, post-process and score ``items``.
+
+    Args:
+        model: Keras model with a dict of named outputs.
+        items: validation images.
+        num_classes: C (0: score instances only).
+        postprocess: ``(maps, postproc_config) -> PostprocResult`` (the registry's).
+        postproc_config: post-processing settings.
+
+    Returns:
+        :func:`score_predictions` summary plus ``"score"`` (:func:`score_summary`).
+    """
+    insts, clss = [], []
+    for it in items:
+        result = postprocess(predict_maps(model, it.image), postproc_config)
+        insts.append(result.instances)
+        clss.append(result.classes)
+    summary = score_predictions(insts, clss, items, num_classes)
+    summary["score"] = score_summary(summary, num_classes)
+    return summary

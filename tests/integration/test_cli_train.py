@@ -1,0 +1,108 @@
+"""``kerasnuc train`` / ``kerasnuc tune`` end to end on tiny synthetic datasets."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from kerasnuc.cli import main
+from kerasnuc.config import RunConfig
+from kerasnuc.data.dataset import DatasetWriter
+from kerasnuc.postprocess.conic import PostprocConfig
+
+
+def write_discs(root, classes: bool, n_train=2, n_val=2, size=64, seed=0):
+    """Noisy images with 4 discs each (classes 1 / 2 alternating when ``classes``), seeded."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size]
+    meta = {"name": "discs", "mpp": 0.5, "classes": {"1": "a", "2": "b"} if classes else None}
+    with DatasetWriter(root, meta) as w:
+        for k in range(n_train + n_val):
+            img = np.full((size, size, 3), 230.0)
+            inst = np.zeros((size, size), np.int32)
+            for i in range(1, 5):
+                cy, cx = rng.integers(8, size - 8, 2)
+                m = ((yy - cy) ** 2 + (xx - cx) ** 2 <= 25) & (inst == 0)
+                inst[m] = i
+                img[m] = (90, 30, 140)
+            cls = np.where(inst > 0, 1 + inst % 2, 0).astype(np.int32) if classes else None
+            img = np.clip(img + rng.normal(0, 8, img.shape), 0, 255).astype(np.uint8)
+            w.add(f"im{k}", img, inst, cls, split="train" if k < n_train else "val")
+    return root
+
+
+TINY = {"model": {"decoder_filters": [8, 8, 8, 8, 8]}, "pipeline": {"deterministic": True}}
+
+
+@pytest.fixture
+def agnostic(tmp_path):
+    return write_discs(tmp_path / "discs", classes=False)
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def test_train_errors(tmp_path, agnostic):
+    out = tmp_path / "run"
+    res = invoke("train", "--data", tmp_path / "missing", "--out", out)
+    assert res.exit_code == 1 and "missing: no such folder" in res.output
+    res = invoke("train", "--method", "nope", "--data", agnostic, "--out", out)
+    assert res.exit_code == 1 and "unknown method 'nope'" in res.output
+    res = invoke("train", "--out", out)
+    assert res.exit_code == 1 and "--data is required" in res.output
+    res = invoke("train", "--resume", "--out", out)
+    assert res.exit_code == 1 and "no run to resume" in res.output
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"optimiser": {}}')
+    res = invoke("train", "--data", agnostic, "--out", out, "--config", bad)
+    assert res.exit_code == 1 and "unknown config section(s) ['optimiser']" in res.output
+    bad.write_text('{"train": {"epochz": 3}}')
+    res = invoke("train", "--data", agnostic, "--out", out, "--config", bad)
+    assert res.exit_code == 1 and "invalid configuration" in res.output
+    out.mkdir()
+    (out / "config.json").write_text("{}")
+    res = invoke("train", "--data", agnostic, "--out", out, "--epochs", "1")
+    assert res.exit_code == 1 and "already exists" in res.output
+    res = invoke("tune", tmp_path / "norun", "--data", agnostic)
+    assert res.exit_code == 1 and "config.json: missing" in res.output
+    for res in (invoke("train", "--help"), invoke("tune", "--help")):
+        assert res.exit_code == 0 and "Usage" in res.output
+
+
+@pytest.mark.slow
+def test_train_then_tune_class_agnostic(tmp_path, agnostic):
+    cfg = tmp_path / "tiny.json"
+    cfg.write_text(json.dumps({**TINY, "train": {"learning_rate": 0.002}}))
+    grid = tmp_path / "grid.json"
+    grid.write_text(json.dumps({"fg_threshold": [0.3, 0.5], "min_size": [0, 1000000]}))
+    out = tmp_path / "run"
+    res = invoke(
+        "train", "--data", agnostic, "--out", out, "--config", cfg, "--epochs", "1",
+        "--batch-size", "2", "--crop", "64", "--steps-per-epoch", "1", "--seed", "5",
+        "--no-importance-sampling", "--val-max-images", "1",
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    config = RunConfig.load(out)
+    # defaults < file < flags
+    assert config.model["num_classes"] == 1 and config.model["decoder_filters"] == [8] * 5
+    assert config.train.learning_rate == 0.002 and config.train.seed == 5
+    assert config.train.val_max_images == 1 and config.train.steps_per_epoch == 1
+    assert config.pipeline["importance_sampling"] is False and config.pipeline["seed"] == 5
+    assert config.pipeline["crop_size"] == 64 and config.pipeline["samples_per_epoch"] == 2
+    assert config.data.class_names == {} and config.data.mpp == 0.5
+    with open(out / "history.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 1 and "val_pq" in rows[0] and "val_mpq_plus" not in rows[0]
+
+    res = invoke("tune", out, "--data", agnostic, "--grid", grid)
+    assert res.exit_code == 0, res.output
+    assert "4 configurations on 2 images" in res.output
+    tuned = PostprocConfig.load(out / "postproc.json")
+    # min_size 10^6 removes every nucleus: PQ 0, never better than keeping them.
+    assert tuned.min_size == 0
+    assert tuned.fg_threshold in (0.3, 0.5)
