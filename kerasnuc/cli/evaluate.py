@@ -57,11 +57,36 @@ def _read_label_map(path: Path, shape: tuple[int, ...], what: str):
     arr = read_image(path)
     if arr.ndim != 2 or not np.issubdtype(arr.dtype, np.integer):
         raise KerasnucError(
-            f"{path}: {what} must be a single-channel integer PNG; got {arr.dtype} {arr.shape}"
+            f"{path}: {what} must be a single-channel integer image; got {arr.dtype} {arr.shape}"
         )
     if arr.shape != tuple(shape):
         raise KerasnucError(f"{path}: shape {arr.shape} does not match the ground truth {shape}")
     return arr.astype(np.int32)
+
+
+def _prediction_layout(pred_dir: Path):
+    """``(instance path of id, class path of id, has class maps)`` of a prediction folder.
+
+    Two layouts are read: the dataset layout (``instances/<id>.png``, ``classes/<id>.png``) and
+    the output of ``kerasnuc predict`` (``<id>/<id>.instances.ome.tif``,
+    ``<id>/<id>.classes.ome.tif``).
+    """
+    if (pred_dir / "instances").is_dir():
+        return (
+            lambda id: pred_dir / "instances" / f"{id}.png",
+            lambda id: pred_dir / "classes" / f"{id}.png",
+            (pred_dir / "classes").is_dir(),
+        )
+    if any(pred_dir.glob("*/*.instances.ome.tif")):
+        return (
+            lambda id: pred_dir / id / f"{id}.instances.ome.tif",
+            lambda id: pred_dir / id / f"{id}.classes.ome.tif",
+            any(pred_dir.glob("*/*.classes.ome.tif")),
+        )
+    raise KerasnucError(
+        f"{pred_dir}: no predictions found (expected instances/<id>.png, or the "
+        "<id>/<id>.instances.ome.tif folders of 'kerasnuc predict')"
+    )
 
 
 def _check_pred_meta(pred: Path, gt_classes: dict[int, str]) -> list[str]:
@@ -155,7 +180,8 @@ def evaluate(
 
     PRED is a folder with instances/<id>.png (integer instance maps, 0 = background, any ids)
     and, to score cell types, classes/<id>.png (meta.json optional; its class ids must match
-    GT's). GT is a dataset folder; either may be the name of a bundled example (e.g. 'demo').
+    GT's), or the output folder of 'kerasnuc predict' (<id>/<id>.instances.ome.tif, ...).
+    GT is a dataset folder; either may be the name of a bundled example (e.g. 'demo').
 
     Every GT image (of --split) with a prediction is scored: PQ/DQ/SQ, AJI, AJI+, pixel F1,
     object Dice and Hausdorff, detection F1 and, with classes, PanNuke mPQ, CoNIC mPQ+, R2 of
@@ -171,15 +197,12 @@ def evaluate(
     pred_dir = dataset_path(pred)
     if not pred_dir.is_dir():
         raise KerasnucError(f"{pred_dir}: not a folder")
-    inst_dir = pred_dir / "instances"
-    if not inst_dir.is_dir():
-        raise KerasnucError(f"{inst_dir}: missing (PRED must hold instances/<id>.png)")
+    inst_path_of, cls_path_of, has_cls = _prediction_layout(pred_dir)
     notes = _check_pred_meta(pred_dir, ds.class_names)
-    cls_dir = pred_dir / "classes"
-    score_classes = ds.has_classes and cls_dir.is_dir()
+    score_classes = ds.has_classes and has_cls
     if ds.has_classes and not score_classes:
-        notes.append(f"{cls_dir} not found: scoring instances only")
-    elif cls_dir.is_dir() and not ds.has_classes:
+        notes.append(f"no class maps in {pred_dir}: scoring instances only")
+    elif has_cls and not ds.has_classes:
         notes.append("the ground truth has no classes: scoring instances only")
     num_classes = ds.num_classes if score_classes else 0
 
@@ -188,7 +211,7 @@ def evaluate(
     skipped: list[dict[str, str]] = []
     with click.progressbar(ids, label="Scoring", file=click.get_text_stream("stderr")) as bar:
         for id in bar:
-            inst_path = inst_dir / f"{id}.png"
+            inst_path = inst_path_of(id)
             if not inst_path.is_file():
                 skipped.append({"id": id, "reason": f"no prediction ({inst_path} not found)"})
                 continue
@@ -198,7 +221,7 @@ def evaluate(
                 gt_cls = pred_cls = None
                 if score_classes:
                     gt_cls = ds.classes(id)
-                    path = cls_dir / f"{id}.png"
+                    path = cls_path_of(id)
                     pred_cls = _read_label_map(path, gt_inst.shape, "class map")
                     if int(pred_cls.max()) > num_classes:
                         raise KerasnucError(

@@ -192,3 +192,24 @@ def test_evaluate_does_not_import_tensorflow(tiny):
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_reads_the_output_folders_of_predict(tiny, tmp_path):
+    """PRED may be a 'kerasnuc predict' output: <id>/<id>.instances.ome.tif (+ classes)."""
+    from kerasnuc.io.masks import write_class_tiff, write_instance_tiff
+
+    gt_root, pred = tiny
+    out = tmp_path / "predict_out"
+    for id in GT_SQUARES:
+        inst = Dataset(pred.parent / "gt").instances(id)  # the ground truth itself
+        cls = Dataset(pred.parent / "gt").classes(id)
+        write_instance_tiff(out / id / f"{id}.instances.ome.tif", inst)
+        write_class_tiff(out / id / f"{id}.classes.ome.tif", cls)
+    res = run([out, gt_root, "--json"])
+    assert res.exit_code == 0, res.output
+    s = json.loads(res.stdout)["summary"]
+    assert s["pq"] == 1.0 and s["mpq_plus"] == 1.0
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    res = run([empty, gt_root])
+    assert res.exit_code == 1 and "no predictions found" in res.output
