@@ -37,7 +37,13 @@ def read_grid(path: Path) -> dict[str, list[Any]]:
 
 @click.command("tune")
 @click.argument("run_dir", type=click.Path(path_type=Path))
-@click.option("--data", "data_dirs", multiple=True, required=True, help="Dataset folder (repeatable; each scored on its own).")
+@click.option(
+    "--data",
+    "data_dirs",
+    multiple=True,
+    required=True,
+    help="Dataset folder (repeatable; each scored on its own).",
+)
 @click.option("--split", default="val", show_default=True, help="Split to tune on.")
 @click.option("--grid", "grid_file", type=click.Path(path_type=Path), help="JSON grid file.")
 @click.option("--max-images", type=click.IntRange(min=1), help="Tune on the first N images.")
