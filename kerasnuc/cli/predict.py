@@ -197,18 +197,18 @@ def predict(
         resolve_model,
     )
 
+    if server is not None and not model:
+        raise KerasnucError("--server needs --model NAME, the model's name on the server")
+    run_dir = resolve_model(model) if server is None else None
     paths = find_inputs(inputs, recursive=recursive, exclude=out)
     if not paths:
         raise KerasnucError(f"no images found in {', '.join(inputs)}")
     from kerasnuc.inference.predictor import Predictor
 
-    if server is not None:
-        if not model:
-            raise KerasnucError("--server needs --model NAME, the model's name on the server")
+    if run_dir is None:
         predictor = Predictor.from_server(server, model, tta=tta, batch_size=batch_size)
         model_id, source = f"{model} @ {server}", f"{model} on {server}"
     else:
-        run_dir = resolve_model(model)
         predictor = Predictor.from_run_dirs(run_dir, tta=tta, batch_size=batch_size)
         model_id, source = run_dir.resolve().name, str(run_dir)
     options = PredictOptions(
