@@ -18,7 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.spatial import cKDTree
 
-from kerasnuc.metrics.instance import check_label_map, compact_labels
+from kerasnuc.data.targets import instance_centroids as centroids_of
+from kerasnuc.metrics.instance import check_label_map
 from kerasnuc.metrics.matching import max_weight_matching
 
 
@@ -30,16 +31,10 @@ def instance_centroids(instances: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
     Returns:
         ``(ids, centroids)``: ``(K,)`` int64 ids in increasing order and ``(K, 2)`` float64
-        ``(row, col)`` centroids.
+        ``(row, col)`` centroids (computed by :func:`kerasnuc.data.targets.instance_centroids`;
+        boolean maps are accepted here too).
     """
-    instances = check_label_map("instances", instances)
-    ids, areas, index = compact_labels(instances)
-    flat = index.ravel()
-    n = ids.size + 1
-    rows, cols = np.indices(instances.shape)
-    r = np.bincount(flat, weights=rows.ravel(), minlength=n)[1:]
-    c = np.bincount(flat, weights=cols.ravel(), minlength=n)[1:]
-    return ids, np.stack([r / areas, c / areas], axis=1) if ids.size else np.zeros((0, 2))
+    return centroids_of(check_label_map("instances", instances))
 
 
 def _check_points(name: str, pts: np.ndarray) -> np.ndarray:
