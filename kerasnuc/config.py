@@ -65,6 +65,8 @@ class DataConfig:
             they are).
         class_names: cell types ``{id: name}`` (ids 1..C); empty for class-agnostic models.
         class_colours: ``{id: (r, g, b)}`` for overlays and QuPath.
+        dataset_mpp: assumed pixel size ``{dataset folder name: um/px}`` for datasets whose
+            ``meta.json`` states none (or states a wrong one); used when resampling to ``mpp``.
     """
 
     datasets: tuple[str, ...] = ()
@@ -73,6 +75,7 @@ class DataConfig:
     mpp: float | None = None
     class_names: dict[int, str] = field(default_factory=dict)
     class_colours: dict[int, tuple[int, int, int]] = field(default_factory=dict)
+    dataset_mpp: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "datasets", tuple(os.fspath(d) for d in self.datasets))
@@ -82,10 +85,19 @@ class DataConfig:
             colours.setdefault(k, DEFAULT_COLOURS[(k - 1) % len(DEFAULT_COLOURS)])
         object.__setattr__(self, "class_names", names)
         object.__setattr__(self, "class_colours", colours)
+        assumed = {str(k): float(v) for k, v in dict(self.dataset_mpp).items()}
+        bad = {k: v for k, v in assumed.items() if not v > 0}
+        if bad:
+            raise ValueError(f"`dataset_mpp` values must be > 0 um/px. Received: {bad}")
+        object.__setattr__(self, "dataset_mpp", assumed)
 
     @property
     def num_classes(self) -> int:
         return max(self.class_names) if self.class_names else 0
+
+    def assumed_mpp(self, dataset_dir: str | os.PathLike) -> float | None:
+        """The assumed pixel size of a dataset folder (:attr:`dataset_mpp`, by folder name)."""
+        return self.dataset_mpp.get(Path(dataset_dir).resolve().name)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -95,6 +107,7 @@ class DataConfig:
             "mpp": self.mpp,
             "class_names": {str(k): v for k, v in sorted(self.class_names.items())},
             "class_colours": {str(k): list(v) for k, v in sorted(self.class_colours.items())},
+            "dataset_mpp": dict(sorted(self.dataset_mpp.items())),
         }
 
     @classmethod
@@ -119,6 +132,8 @@ class TrainConfig:
         mixed_precision: train with ``mixed_float16``.
         strategy: ``"default"``, ``"mirrored"`` or ``"multiworker"`` (tf.distribute).
         jit_compile: XLA-compile the train step (slow to compile on CPU).
+        init_from: start from the weights of this run folder (or ``.weights.h5`` file) of the
+            same architecture instead of random/ImageNet init (fine-tuning); None: no.
     """
 
     epochs: int = 50
@@ -133,6 +148,7 @@ class TrainConfig:
     mixed_precision: bool = False
     strategy: str = "default"
     jit_compile: bool = False
+    init_from: str | None = None
 
     def __post_init__(self) -> None:
         if self.epochs < 1:

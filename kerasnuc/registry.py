@@ -40,6 +40,15 @@ class Method:
         outputs: names of the model outputs.
         postproc_config: post-processing config dataclass (``save``/``load``/``from_dict``).
         postprocess: ``(maps {output: (H, W, K) float32}, postproc config) -> PostprocResult``.
+        optimizer: ``(TrainConfig, total steps) -> keras optimizer``; None: AdamW with the
+            cosine schedule (:func:`kerasnuc.training.schedules.build_optimizer`).
+        callbacks: ``(RunConfig, model) -> [keras callbacks]`` run before kerasnuc's own ones in
+            training (e.g. a frozen-encoder phase); None: none.
+        prepare_config: ``(RunConfig, [Dataset]) -> RunConfig`` called once when a new run
+            starts, before ``config.json`` is written (e.g. to fit a stain reference that then
+            travels in the model config); None: the config is used as it is.
+
+    ``losses`` may return None for a model that computes its own loss (``compute_loss``).
     """
 
     name: str
@@ -51,6 +60,9 @@ class Method:
     outputs: tuple[str, ...]
     postproc_config: type
     postprocess: Callable[[Mapping[str, np.ndarray], Any], PostprocResult]
+    optimizer: Callable[[Any, int], Any] | None = None
+    callbacks: Callable[[RunConfig, keras.Model], list] | None = None
+    prepare_config: Callable[[RunConfig, list], RunConfig] | None = None
 
 
 def _conic_postprocess(maps: Mapping[str, np.ndarray], config: PostprocConfig) -> PostprocResult:

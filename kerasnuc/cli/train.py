@@ -90,6 +90,30 @@ def build_run_config(
     return RunConfig(method=method.name, model=model, data=data, pipeline=pipeline, train=train)
 
 
+def parse_dataset_mpp(values: tuple[str, ...], dirs: list[Path]) -> dict[str, float]:
+    """``("NAME=MPP", ...)`` of ``--dataset-mpp`` -> ``{NAME: MPP}`` (NAME: a --data folder's name).
+
+    Raises:
+        KerasnucError: malformed value, non-positive size, or a name that is no --data folder.
+    """
+    names = {d.resolve().name for d in dirs}
+    out: dict[str, float] = {}
+    for value in values:
+        name, sep, number = value.partition("=")
+        try:
+            mpp = float(number) if sep else float("nan")
+        except ValueError:
+            mpp = float("nan")
+        if not mpp > 0:
+            raise KerasnucError(f"--dataset-mpp {value!r}: expected NAME=MPP with MPP > 0 (um/px)")
+        if name not in names:
+            raise KerasnucError(
+                f"--dataset-mpp {value!r}: {name!r} is not one of the --data folders"
+            )
+        out[name] = mpp
+    return out
+
+
 @click.command("train")
 @click.option("--method", default="conic", show_default=True, help="Method to train.")
 @click.option("--data", "data_dirs", multiple=True, help="Dataset folder (repeatable).")
@@ -107,6 +131,18 @@ def build_run_config(
 )
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), help="Peak learning rate.")
 @click.option("--mpp", type=click.FloatRange(min=0, min_open=True), help="Resample to this um/px.")
+@click.option(
+    "--dataset-mpp",
+    "dataset_mpp",
+    multiple=True,
+    metavar="NAME=MPP",
+    help="Assumed um/px of a dataset folder NAME whose meta.json has none (repeatable).",
+)
+@click.option(
+    "--init-from",
+    type=click.Path(path_type=Path),
+    help="Start from the weights of this run folder (same architecture): fine-tuning.",
+)
 @click.option("--seed", type=int, help="Seed of weights, pipeline and dropout.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its checkpoint.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing run folder.")
@@ -133,6 +169,8 @@ def train(
     encoder_weights: Path | None,
     lr: float | None,
     mpp: float | None,
+    dataset_mpp: tuple[str, ...],
+    init_from: Path | None,
     seed: int | None,
     resume: bool,
     overwrite: bool,
@@ -170,6 +208,8 @@ def train(
             if not d.is_dir():
                 raise KerasnucError(f"{d}: not a dataset folder")
         file_config = read_config_file(config_file) if config_file is not None else {}
+        if init_from is not None and not init_from.exists():
+            raise KerasnucError(f"{init_from}: run folder or weights file to start from not found")
         if encoder_weights is not None and not encoder_weights.is_file():
             raise KerasnucError(f"{encoder_weights}: encoder weights file not found")
         overrides = {
@@ -193,7 +233,9 @@ def train(
                 "mixed_precision": mixed_precision,
                 "val_max_images": val_max_images,
                 "val_every": val_every,
+                "init_from": str(init_from) if init_from is not None else None,
             },
+            "data": {"dataset_mpp": parse_dataset_mpp(dataset_mpp, dirs) or None},
         }
         config = build_run_config(method, dirs, file_config, overrides)
     result = train_run(config, run_dir, resume=resume, overwrite=overwrite, verbose=1)

@@ -78,7 +78,12 @@ def tune(
     from kerasnuc.postprocess.conic import tune_postproc
 
     target_mpp = PipelineConfig.from_dict(run.config.pipeline).target_mpp
-    items, num_classes = load_val_items([Dataset(d) for d in dirs], split, target_mpp, max_images)
+    items, num_classes = load_val_items(
+        [Dataset(d, mpp=run.config.data.assumed_mpp(d)) for d in dirs],
+        split,
+        target_mpp,
+        max_images,
+    )
     if max(1, num_classes) != run.config.model.get("num_classes"):
         raise KerasnucError(
             f"the data has {num_classes} classes but the model was trained for "

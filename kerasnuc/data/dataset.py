@@ -132,13 +132,18 @@ class Dataset:
 
     Args:
         root: the dataset folder.
+        mpp: assumed pixel size in um/px, overriding ``meta.json`` (for datasets that do not
+            state one, e.g. DSB-2018; the value is a decision of whoever trains on them).
 
     Raises:
         KerasnucError: the folder, ``meta.json`` or ``splits.csv`` is missing or malformed.
     """
 
-    def __init__(self, root: str | os.PathLike):
+    def __init__(self, root: str | os.PathLike, mpp: float | None = None):
         self.root = Path(root)
+        if mpp is not None and not (isinstance(mpp, (int, float)) and mpp > 0):
+            raise KerasnucError(f"{self.root}: assumed pixel size must be > 0 um/px (got {mpp!r})")
+        self._assumed_mpp = None if mpp is None else float(mpp)
         if not self.root.is_dir():
             raise KerasnucError(f"{self.root}: dataset folder not found")
         meta_path = self.root / META_FILE
@@ -180,7 +185,10 @@ class Dataset:
 
     @property
     def mpp(self) -> float | None:
-        """Microns per pixel, or None when unknown."""
+        """Microns per pixel: the assumed value given to the constructor, else ``meta.json``'s
+        ``mpp``, else None (unknown)."""
+        if self._assumed_mpp is not None:
+            return self._assumed_mpp
         mpp = self.meta.get("mpp")
         return float(mpp) if mpp is not None else None
 

@@ -33,7 +33,7 @@ from typing import Any
 
 import keras
 
-from kerasnuc.config import CHECKPOINT_DIR, LOG_DIR, POSTPROC, RUN_CONFIG, RunConfig
+from kerasnuc.config import CHECKPOINT_DIR, LOG_DIR, POSTPROC, RUN_CONFIG, DataConfig, RunConfig
 from kerasnuc.data.dataset import Dataset
 from kerasnuc.fileutil import KerasnucError
 from kerasnuc.training.callbacks import BestCheckpoint, EpochScalars, TrainingState
@@ -68,16 +68,43 @@ class TrainResult:
     model: Any = None
 
 
-def open_datasets(paths: Sequence[str | os.PathLike]) -> list[Dataset]:
-    """Open the dataset folders of a run (KerasnucError naming a missing one)."""
+def open_datasets(
+    paths: Sequence[str | os.PathLike], data: DataConfig | None = None
+) -> list[Dataset]:
+    """Open the dataset folders of a run (KerasnucError naming a missing one).
+
+    Args:
+        paths: dataset folders.
+        data: the run's data config; its ``dataset_mpp`` gives assumed pixel sizes.
+    """
     if not paths:
         raise KerasnucError("no training dataset given (--data DIR)")
     out = []
     for p in paths:
         if not Path(p).is_dir():
             raise KerasnucError(f"{p}: dataset folder not found")
-        out.append(Dataset(p))
+        out.append(Dataset(p, mpp=data.assumed_mpp(p) if data is not None else None))
     return out
+
+
+def load_initial_weights(model: keras.Model, source: str | os.PathLike) -> Path:
+    """Load the weights of a run folder (its best weights) or a ``.weights.h5`` file into ``model``.
+
+    Raises:
+        KerasnucError: no such file, or weights of another architecture.
+    """
+    from kerasnuc.config import BEST_WEIGHTS
+
+    path = Path(source)
+    if path.is_dir():
+        path = path / BEST_WEIGHTS
+    if not path.is_file():
+        raise KerasnucError(f"{path}: weights to start from not found (train.init_from)")
+    try:
+        model.load_weights(path)
+    except (ValueError, OSError) as exc:
+        raise KerasnucError(f"{path}: cannot start from these weights ({exc})") from exc
+    return path
 
 
 def resolve_config(config: RunConfig, datasets: Sequence[Dataset]) -> RunConfig:
@@ -163,7 +190,7 @@ def train_run(
     if resume:
         config = RunConfig.load(run_dir)
     method = get_method(config.method)
-    datasets = open_datasets(config.data.datasets)
+    datasets = open_datasets(config.data.datasets, config.data)
     num_classes, _ = shared_classes(datasets)
     model_cfg = method.model_config.from_dict(config.model)
     if getattr(model_cfg, "num_classes", None) != max(1, num_classes):
@@ -173,6 +200,8 @@ def train_run(
         )
     if not resume:
         config = resolve_config(config, datasets)
+        if method.prepare_config is not None:
+            config = method.prepare_config(config, datasets)
         config.save(run_dir)
         if not (run_dir / POSTPROC).is_file():
             method.postproc_config().save(run_dir / POSTPROC)
@@ -192,14 +221,18 @@ def train_run(
         strategy = get_strategy(train_cfg.strategy)
         steps = int(train_cfg.steps_per_epoch)
         with strategy.scope():
-            model = method.build(model_cfg)
-            optimizer = build_optimizer(train_cfg, train_cfg.epochs * steps)
+            model = method.build(method.model_config.from_dict(config.model))
+            make_optimizer = method.optimizer or build_optimizer
+            optimizer = make_optimizer(train_cfg, train_cfg.epochs * steps)
             model.compile(
                 optimizer=optimizer,
                 loss=method.losses(max(1, num_classes)),
                 jit_compile=train_cfg.jit_compile,
             )
             state = {"epoch": 0, "best_score": math.nan, "best_epoch": 0, "history": []}
+            if train_cfg.init_from and not resume:
+                path = load_initial_weights(model, train_cfg.init_from)
+                logger.info("starting from the weights of %s", path)
             if resume:
                 model.optimizer.build(model.trainable_variables)
                 state = restore_training_state(run_dir / CHECKPOINT_DIR, model, model.optimizer)
@@ -234,7 +267,10 @@ def train_run(
             best_epoch=state["best_epoch"],
         )
         record = TrainingState(run_dir, best, state["history"])
-        all_callbacks: list[keras.callbacks.Callback] = [best, record]
+        all_callbacks: list[keras.callbacks.Callback] = []
+        if method.callbacks is not None:
+            all_callbacks.extend(method.callbacks(config, model))
+        all_callbacks.extend([best, record])
         if tensorboard:
             all_callbacks.append(EpochScalars(run_dir / LOG_DIR))
         all_callbacks.extend(callbacks)
