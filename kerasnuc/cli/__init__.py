@@ -38,6 +38,9 @@ def _register() -> None:
     from kerasnuc.cli import export
 
     main.add_command(export.export)
+    from kerasnuc.cli import models
+
+    main.add_command(models.models)
     from kerasnuc.cli import predict
 
     main.add_command(predict.predict)

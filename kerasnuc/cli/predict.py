@@ -79,6 +79,22 @@ def _set_device(device: str) -> None:
             raise KerasnucError("--device gpu: TensorFlow sees no GPU (use --device cpu or auto)")
 
 
+def example_inputs(values: tuple[str, ...]) -> list[str]:
+    """Inputs with the name of a bundled example dataset (e.g. 'demo') replaced by its images.
+
+    A path that exists always wins over an example name.
+    """
+    from kerasnuc.examples import EXAMPLE_DATASETS
+
+    out = []
+    for value in values:
+        if not Path(value).exists() and value in EXAMPLE_DATASETS:
+            out.append(str(EXAMPLE_DATASETS[value] / "images"))
+        else:
+            out.append(value)
+    return out
+
+
 @click.command("predict")
 @click.argument("inputs", nargs=-1, required=True)
 @click.option(
@@ -176,13 +192,13 @@ def predict(
 ) -> None:
     """Find, outline, classify and measure the nuclei of images and whole slides.
 
-    INPUT: image files (PNG, JPEG, TIFF, OME-TIFF) or slides (SVS, NDPI, MRXS, ...), or
-    folders of them. Each input gets a folder OUT/<name>/ with <name>.geojson (QuPath
-    detections with measurements), <name>.csv (one row per nucleus), <name>.instances.ome.tif
-    and <name>.classes.ome.tif (pyramidal label maps), <name>.overlay.png and
-    <name>.summary.json (counts and densities per class). A folder appears only once all of
-    its files are complete. Unreadable inputs are reported and skipped; the exit code is 1
-    when any input failed.
+    INPUT: image files (PNG, JPEG, TIFF, OME-TIFF) or slides (SVS, NDPI, MRXS, ...), or folders
+    of them, or 'demo' (the bundled example images). Each input gets a folder OUT/<name>/ with
+    <name>.geojson (QuPath detections with measurements), <name>.csv (one row per nucleus),
+    <name>.instances.ome.tif and <name>.classes.ome.tif (pyramidal label maps),
+    <name>.overlay.png and <name>.summary.json (counts and densities per class). A folder
+    appears only once all of its files are complete. Unreadable inputs are reported and skipped;
+    the exit code is 1 when any input failed.
     """
     format_set = _parse_formats(formats)
     if tile - 2 * margin < 1:
@@ -200,7 +216,7 @@ def predict(
     if server is not None and not model:
         raise KerasnucError("--server needs --model NAME, the model's name on the server")
     run_dir = resolve_model(model) if server is None else None
-    paths = find_inputs(inputs, recursive=recursive, exclude=out)
+    paths = find_inputs(example_inputs(inputs), recursive=recursive, exclude=out)
     if not paths:
         raise KerasnucError(f"no images found in {', '.join(inputs)}")
     from kerasnuc.inference.predictor import Predictor

@@ -132,3 +132,29 @@ def test_shared_datasets_read(shared_data):
     assert not kumar.has_classes and kumar.classes(kumar.ids[0]) is None
     assert kumar.mpp == 0.25 and len(kumar) == 30
     assert kumar.instances(kumar.ids[0]).shape == (1000, 1000)
+
+
+def test_assumed_mpp_overrides_meta_and_drives_resampling(shared_data):
+    from kerasnuc.config import DataConfig
+    from kerasnuc.data.pipeline import load_items
+
+    root = shared_data / "dsb2018_histology"
+    assert Dataset(root).mpp is None  # DSB-2018 states no pixel size
+    ds = Dataset(root, mpp=0.5)
+    assert ds.mpp == 0.5
+    # 0.5 um/px resampled to 0.25 um/px doubles each side: 256x320 -> 512x640.
+    items, _ = load_items([ds], "val", target_mpp=0.25)
+    assert len(items) == 16
+    assert {it.image.shape for it in items} == {(512, 640, 3)}
+    # Without an assumed size the resampling cannot be done and says why.
+    with pytest.raises(KerasnucError, match="no mpp"):
+        load_items([Dataset(root)], "val", target_mpp=0.25)
+    # The run config keeps the assumption by folder name.
+    data = DataConfig(dataset_mpp={"dsb2018_histology": 0.5})
+    assert DataConfig.from_dict(data.to_dict()) == data
+    assert data.assumed_mpp(root) == 0.5
+    assert data.assumed_mpp(shared_data / "consep") is None
+    with pytest.raises(ValueError, match="dataset_mpp"):
+        DataConfig(dataset_mpp={"x": 0})
+    with pytest.raises(KerasnucError, match="assumed pixel size"):
+        Dataset(root, mpp=-1)

@@ -201,3 +201,46 @@ def test_mirrored_strategy_matches_single_device(tmp_path):
     # in near-zero gradients of the all-reduce shows up at the 1e-4 level.
     assert mirrored[1] == pytest.approx(single[1], rel=2e-4)
     np.testing.assert_allclose(out["mirrored"]["prior"], out["default"]["prior"], rtol=1e-6)
+
+
+@pytest.mark.slow
+def test_init_from_starts_from_the_weights_of_another_run(discs, tmp_path):
+    # A source run folder: a model of the same architecture with other (seed 11) weights.
+    source = tmp_path / "source"
+    source.mkdir()
+    keras.utils.set_random_seed(11)
+    donor = build_conic(num_classes=2, decoder_filters=(8,) * 5)
+    donor.save_weights(source / BEST_WEIGHTS)
+    config = tiny_config(discs)
+    # A learning rate of 1e-12 keeps one AdamW step (and its decay) far below 1e-6.
+    train = TrainConfig(
+        epochs=1, steps_per_epoch=1, seed=3, learning_rate=1e-12, init_from=str(source)
+    )
+    config = RunConfig(config.method, config.model, config.data, config.pipeline, train)
+    result = train_run(config, tmp_path / "run", verbose=0, tensorboard=False)
+    keras.utils.set_random_seed(3)
+    fresh = build_conic(num_classes=2, decoder_filters=(8,) * 5)
+    kernels = [
+        (w.path, np.asarray(w), np.asarray(d), np.asarray(f))
+        for w, d, f in zip(result.model.weights, donor.weights, fresh.weights, strict=True)
+        if w.path.endswith("kernel")
+    ]
+    assert kernels
+    for path, got, want, _ in kernels:
+        np.testing.assert_allclose(got, want, atol=1e-6, err_msg=path)
+    assert max(np.abs(got - other).max() for _, got, _, other in kernels) > 1e-2
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["train"]["init_from"] == str(source)
+
+
+def test_init_from_a_missing_or_foreign_weights_file_fails_in_one_line(discs, tmp_path):
+    from kerasnuc.fileutil import KerasnucError
+    from kerasnuc.training.trainer import load_initial_weights
+
+    model = build_conic(num_classes=2, decoder_filters=(8,) * 5)
+    with pytest.raises(KerasnucError, match="not found"):
+        load_initial_weights(model, tmp_path / "nowhere")
+    other = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    other.save_weights(tmp_path / "other.weights.h5")
+    with pytest.raises(KerasnucError, match="cannot start from these weights"):
+        load_initial_weights(model, tmp_path / "other.weights.h5")

@@ -1,0 +1,96 @@
+"""``kerasnuc models``: list, show and pack named models."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from kerasnuc.cli.common import format_table, json_option
+from kerasnuc.fileutil import KerasnucError
+
+
+def _headline(card: dict) -> str:
+    """The main validation scores of a card as a short text, e.g. 'Kumar AJI 0.61, PQ 0.58'."""
+    parts = []
+    for dataset, scores in (card.get("scores") or {}).items():
+        if not isinstance(scores, dict):
+            continue
+        keys = [k for k in ("aji", "pq", "mpq_plus") if isinstance(scores.get(k), (int, float))]
+        if keys:
+            text = ", ".join(f"{k.upper().replace('_PLUS', '+')} {scores[k]:.3f}" for k in keys)
+            parts.append(f"{dataset}: {text}")
+    return "; ".join(parts)
+
+
+@click.group("models", invoke_without_command=True)
+@json_option
+@click.pass_context
+def models(ctx: click.Context, as_json: bool) -> None:
+    """List the named models (bundled with the package), or show / pack one.
+
+    A named model is used with 'kerasnuc predict --model NAME'; 'default' is used when --model
+    is omitted.
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    from kerasnuc.inference.bundle import read_card
+    from kerasnuc.inference.run import DEFAULT_MODEL, bundled_models
+
+    cards = {name: read_card(path) for name, path in bundled_models().items()}
+    if as_json:
+        click.echo(json.dumps(cards, indent=2))
+        return
+    if not cards:
+        click.echo("no named models installed")
+        return
+    rows = [
+        {
+            "name": name + (" (default)" if name == DEFAULT_MODEL else ""),
+            "method": card.get("method"),
+            "um/px": card.get("mpp"),
+            "classes": ", ".join((card.get("classes") or {}).values()) or "-",
+            "validation": _headline(card),
+        }
+        for name, card in cards.items()
+    ]
+    click.echo(format_table(rows, ["name", "method", "um/px", "classes", "validation"], "{:g}"))
+
+
+@models.command("show")
+@click.argument("name")
+def show(name: str) -> None:
+    """Print the model card of NAME (a named model or a run folder) as JSON."""
+    from kerasnuc.inference.bundle import read_card
+    from kerasnuc.inference.run import resolve_model
+
+    click.echo(json.dumps(read_card(resolve_model(name)), indent=2))
+
+
+@models.command("pack")
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("dst", type=click.Path(path_type=Path))
+@click.option(
+    "--card",
+    "card_file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="JSON object with model-card fields (description, licence, scores, ...).",
+)
+@click.option("--float32", is_flag=True, help="Keep float32 weights (default: float16).")
+@click.option("--overwrite", is_flag=True, help="Replace DST.")
+def pack(run_dir: Path, dst: Path, card_file: Path | None, float32: bool, overwrite: bool) -> None:
+    """Write RUN_DIR as a weights-only named model folder DST with a model card."""
+    from kerasnuc.inference.bundle import pack_run
+
+    card = None
+    if card_file is not None:
+        try:
+            card = json.loads(card_file.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise KerasnucError(f"{card_file}: invalid JSON ({exc})") from exc
+        if not isinstance(card, dict):
+            raise KerasnucError(f"{card_file}: the card must be a JSON object")
+    out = pack_run(run_dir, dst, card=card, float16=not float32, overwrite=overwrite)
+    size = (out / "model.weights.h5").stat().st_size / 2**20
+    click.echo(f"{out}: weights {size:.1f} MiB ({'float32' if float32 else 'float16'})")
