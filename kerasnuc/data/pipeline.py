@@ -469,8 +469,18 @@ def conic_dataset_from_items(
             [tf.int32, tf.float32],
             stateful=False,
         )
+        semantic = lab[..., 1]
+        # A crop holding a nucleus of unknown type (from a dataset without cell types) is left
+        # out of the semantic loss entirely, background included: otherwise the background of
+        # untyped datasets would dominate the loss's moving class prior (driving the background
+        # weight to ~0) and its label-smoothing terms would dwarf the typed nuclei.
+        semantic = tf.where(
+            tf.reduce_any(semantic == UNKNOWN_CLASS),
+            tf.fill(tf.shape(semantic), UNKNOWN_CLASS),
+            semantic,
+        )
         return image, {
-            "semantic": lab[..., 1],
+            "semantic": semantic,
             "three_label": tf.ensure_shape(three, (size, size)),
             "vectors": tf.ensure_shape(vec, (size, size, 3)),
         }

@@ -1,0 +1,57 @@
+"""The bundled default model: present, small, documented, and good on the bundled demo images."""
+
+from __future__ import annotations
+
+import h5py
+import numpy as np
+import pytest
+
+from kerasnuc.config import BEST_WEIGHTS
+from kerasnuc.data.dataset import Dataset
+from kerasnuc.examples import example_dataset
+from kerasnuc.inference.bundle import CARD_KEYS, read_card
+from kerasnuc.inference.run import BUNDLED_DIR, DEFAULT_MODEL, bundled_models, resolve_model
+from kerasnuc.metrics.evaluation import evaluate_pair
+
+
+def test_default_model_is_bundled_small_and_documented():
+    path = resolve_model(None)
+    assert path == BUNDLED_DIR / DEFAULT_MODEL
+    assert bundled_models()[DEFAULT_MODEL] == path
+    size = (path / BEST_WEIGHTS).stat().st_size
+    assert size <= 30 * 10**6  # the issue's limit: at most 30 MB on disk
+    with h5py.File(path / BEST_WEIGHTS, "r") as f:
+        kinds = set()
+        f.visititems(
+            lambda n, o: (
+                kinds.add(o.dtype.name)
+                if isinstance(o, h5py.Dataset) and o.dtype.kind == "f"
+                else None
+            )
+        )
+    assert kinds == {"float16"}
+    card = read_card(path)
+    assert set(CARD_KEYS) <= set(card)
+    assert card["method"] == "conic" and card["mpp"] == 0.25
+    assert set(card["classes"].values()) == {"other", "inflammatory", "epithelial", "spindle"}
+    assert {"monuseg_kumar", "consep", "dsb2018_histology"} <= set(card["scores"])
+    assert card["licence"] and card["training_command"].startswith("kerasnuc train")
+
+
+@pytest.mark.parametrize("image_id", ["5d75a63972ef", "2dd3356f2dcf"])
+def test_default_model_finds_the_demo_nuclei(image_id):
+    from kerasnuc.inference.predictor import Predictor
+
+    demo = Dataset(example_dataset("demo"))
+    sample = demo.sample(image_id)
+    predictor = Predictor.from_run_dirs(resolve_model(None))
+    h, w = sample.image.shape[:2]
+    result = predictor.predict_instances(sample.image)
+    assert result.instances.shape == (h, w)
+    scores = evaluate_pair(sample.instances, result.instances, hausdorff=False)
+    # Ground truth of the demo images: 88 and 117 nuclei. The model must find most of them
+    # with a good outline (these images were in the default model's training split).
+    assert scores["det_f1"] > 0.8
+    assert scores["pq"] > 0.55
+    assert abs(scores["n_pred"] - scores["n_gt"]) / scores["n_gt"] < 0.2
+    assert np.unique(result.classes[result.instances > 0]).min() >= 1
