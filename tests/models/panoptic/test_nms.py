@@ -103,3 +103,37 @@ def test_bad_args():
         non_max_suppression(np.zeros((3, 4)), np.zeros(3), 0)
     with pytest.raises(ValueError, match="iou_threshold"):
         non_max_suppression(np.zeros((3, 4)), np.zeros(3), 2, 1.5)
+
+
+def test_saved_model_dynamic_image_size(tmp_path):
+    """Anchors -> decode -> clip -> NMS exported as a SavedModel, reloaded at two image sizes."""
+    from kerasnuc.models.panoptic.anchors import AnchorConfig, generate_anchors
+    from kerasnuc.models.panoptic.boxes import clip_boxes, decode_boxes
+
+    cfg = AnchorConfig()
+
+    class Proposals(tf.Module):
+        @tf.function(
+            input_signature=[
+                tf.TensorSpec((None, None, None, 3), tf.float32),
+                tf.TensorSpec((None, None), tf.float32),
+            ]
+        )
+        def __call__(self, image, scores):
+            h, w = tf.shape(image)[1], tf.shape(image)[2]
+            anchors = generate_anchors(h, w, cfg)
+            boxes = clip_boxes(decode_boxes(anchors, tf.zeros_like(anchors)), h, w)
+            boxes = tf.broadcast_to(boxes[None], (tf.shape(scores)[0], tf.shape(boxes)[0], 4))
+            return batched_nms(boxes, scores, 16, 0.5, pre_nms_top_k=200)
+
+    tf.saved_model.save(Proposals(), str(tmp_path / "sm"))
+    loaded = tf.saved_model.load(str(tmp_path / "sm"))
+    rng = np.random.default_rng(0)
+    for h, w in [(64, 64), (96, 128)]:
+        anchors = ops.convert_to_numpy(generate_anchors(h, w, cfg))
+        scores = rng.permutation(len(anchors)).astype("float32")[None] / len(anchors)
+        idx, n = loaded(tf.zeros((1, h, w, 3)), scores)
+        clipped = np.clip(anchors, 0, [h, w, h, w])
+        order = np.argsort(-scores[0])[:200]
+        sub = nms_ref(clipped[order], scores[0, order], 16, 0.5)
+        np.testing.assert_array_equal(idx.numpy()[0, : n.numpy()[0]], order[sub])

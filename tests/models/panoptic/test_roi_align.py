@@ -217,9 +217,15 @@ def test_multilevel_layer_config_and_model(tmp_path):
     np.testing.assert_allclose(
         ops.convert_to_numpy(loaded(data)), ops.convert_to_numpy(model(data)), atol=1e-6
     )
-    # New image size.
+    # New image size, also through an exported SavedModel.
     data2 = {**_pyramid(2, size=128), "rois": data["rois"]}
-    assert ops.convert_to_numpy(model(data2)).shape == (2, 1)
+    expected2 = ops.convert_to_numpy(model(data2))
+    assert expected2.shape == (2, 1)
+    model.export(str(tmp_path / "sm"), format="tf_saved_model", verbose=False)
+    reloaded = tf.saved_model.load(str(tmp_path / "sm"))
+    for d in (data, data2):
+        got = reloaded.serve({k: tf.constant(v) for k, v in d.items()})
+        np.testing.assert_allclose(got.numpy(), ops.convert_to_numpy(model(d)), atol=1e-5)
 
 
 def test_bad_args():
