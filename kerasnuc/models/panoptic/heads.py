@@ -76,9 +76,11 @@ class DualModalMaskGenerator(keras.layers.Layer):
                   conv1x1(2)                                         # Conv5
         output = FC mode + up mode                                   # (N, 2S, 2S, 2)
 
-    The two output channels are the background / nucleus logits of every mask pixel (the
-    ``2 x 28 x 28`` output of Table 1; their softmax equals a sigmoid of their difference, so
-    the mask BCE of Eq. 4 is the two-class cross-entropy of these logits). The paper omits the
+    The two output channels (the ``2 x 28 x 28`` output of Table 1) are the per-class mask
+    logits of maskrcnn-benchmark's predictor, one per class including background: the mask BCE
+    of Eq. 4 trains the nucleus channel (1); both channels are pasted into the two-channel
+    (background, nucleus) semantic map of the feature fusion, whose CE trains them together.
+    The paper omits the
     ReLUs "after each convolutional block" from its figure; we apply them after every 3x3
     convolution, not after the FC and ``Conv5`` whose outputs are summed logits. The FC layer
     sees the flattened ``S x S x fc_filters`` features (row-major, channels last).
