@@ -113,7 +113,7 @@ def sample_balanced(
     negatives (Faster R-CNN). Entries not drawn become ``-1`` (ignored).
 
     Args:
-        labels: ``(B, N)`` or ``(N,)`` int labels in ``{1, 0, -1}``.
+        labels: ``(B, N)`` or ``(N,)`` int labels in ``{1, 0, -1}`` (``N`` may be dynamic).
         num_samples: samples per row.
         positive_fraction: maximum fraction of positives.
         seed: int or ``keras.random.SeedGenerator``.
@@ -130,8 +130,12 @@ def sample_balanced(
         )
     labels, unbatched = _batched(ops.cast(labels, "int32"), 2)
     n = labels.shape[1]
-    if n is None:
-        raise ValueError("`labels` must have a static number of entries per row.")
+    dynamic_n = None
+    if n is None:  # dynamic row length: pad with ignored entries so that top_k is defined
+        dynamic_n = ops.shape(labels)[1]
+        pad = -ops.ones((ops.shape(labels)[0], num_samples), "int32")
+        labels = ops.concatenate([labels, pad], axis=1)
+        n = num_samples
     shape = ops.shape(labels)
     batch = shape[0]
     rand = _random_uniform(shape, seed)
@@ -158,6 +162,8 @@ def sample_balanced(
     selected_neg = pick(neg_key, min(num_samples, n), num_samples - n_pos)
     out = ops.where(selected, 1, ops.where(selected_neg, 0, -1))
     out = ops.cast(out, "int32")
+    if dynamic_n is not None:
+        out = out[:, :dynamic_n]
     return out[0] if unbatched else out
 
 

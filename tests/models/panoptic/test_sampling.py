@@ -73,6 +73,22 @@ def test_sample_balanced_counts():
     np.testing.assert_array_equal(out, _np(sample_balanced(labels, 256, 0.5, seed=1)))
 
 
+def test_sample_balanced_dynamic_length():
+    @tf.function(input_signature=[tf.TensorSpec((None, None), tf.int32)])
+    def f(labels):
+        return sample_balanced(labels, 16, 0.25, seed=0)
+
+    for n in (10, 300):
+        labels = np.where(np.arange(n) % 3 == 0, 1, 0)[None].astype("int32")
+        out = f(labels).numpy()
+        assert out.shape == (1, n)
+        n_pos = min((labels == 1).sum(), 4)
+        assert (out == 1).sum() == n_pos
+        assert (out == 0).sum() == min(16 - n_pos, (labels == 0).sum())
+        kept = out >= 0
+        np.testing.assert_array_equal(out[kept], labels[kept])
+
+
 def test_sample_balanced_small():
     labels = np.array([1, 1, 1, 0, 0, -1, 0, 1], "int32")
     out = _np(sample_balanced(labels, 4, 0.5, seed=0))
