@@ -59,6 +59,7 @@ def match_boxes(
     pos_iou: float = 0.7,
     neg_iou: float = 0.3,
     allow_low_quality: bool = True,
+    chunk_size: int | None = 16384,
 ):
     """Label anchors by their IoU with the ground truth (RPN matching).
 
@@ -70,6 +71,10 @@ def match_boxes(
         neg_iou: anchors with best IoU ``< neg_iou`` are negative; in between ignored.
         allow_low_quality: also make positive every anchor whose IoU with some valid gt equals
             that gt's highest IoU over all anchors (``> 0``), so each gt has a positive anchor.
+        chunk_size: when the number of anchors is static, the ``(B, A, G)`` IoU matrix is
+            computed in chunks of this many anchors (two passes with low-quality matches), which
+            bounds memory (a single pass holds several ``(B, A, G)`` float32 arrays: about
+            2 GB for 2 x 512 x 512 crops with 300 gt boxes). ``None``: one pass.
 
     Returns:
         ``(labels, matched_gt_index)``: ``(B, A)`` int32 in ``{1, 0, -1}`` and ``(B, A)`` int32
@@ -81,15 +86,32 @@ def match_boxes(
     anchors = ops.convert_to_tensor(anchors, "float32")
     if len(anchors.shape) == 2:
         anchors = anchors[None]
-    iou = box_iou(anchors, gt_boxes)  # (B, A, G)
-    iou = ops.where(gt_valid[:, None, :], iou, -1.0)
-    best = ops.max(iou, axis=2)
-    matched = ops.cast(ops.argmax(iou, axis=2), "int32")
+    n = anchors.shape[1]
+    if chunk_size and n is not None and n > chunk_size:
+        chunks = [anchors[:, s : s + chunk_size] for s in range(0, n, chunk_size)]
+    else:
+        chunks = [anchors]
+
+    def masked_iou(chunk):
+        return ops.where(gt_valid[:, None, :], box_iou(chunk, gt_boxes), -1.0)  # (B, a, G)
+
+    best, matched, gt_best = [], [], None
+    for chunk in chunks:
+        iou = masked_iou(chunk)
+        best.append(ops.max(iou, axis=2))
+        matched.append(ops.cast(ops.argmax(iou, axis=2), "int32"))
+        chunk_best = ops.max(iou, axis=1, keepdims=True)  # (B, 1, G)
+        gt_best = chunk_best if gt_best is None else ops.maximum(gt_best, chunk_best)
+    best = ops.concatenate(best, axis=1)
+    matched = ops.concatenate(matched, axis=1)
     labels = ops.where(best >= pos_iou, 1, ops.where(best < neg_iou, 0, -1))
     if allow_low_quality:
-        gt_best = ops.max(iou, axis=1, keepdims=True)  # (B, 1, G)
-        low = ops.logical_and(ops.equal(iou, gt_best), gt_best > 0.0)
-        labels = ops.where(ops.any(low, axis=2), 1, labels)
+        # Second pass (same arithmetic, so equality with gt_best is exact).
+        low = [
+            ops.any(ops.logical_and(ops.equal(masked_iou(c), gt_best), gt_best > 0.0), axis=2)
+            for c in chunks
+        ]
+        labels = ops.where(ops.concatenate(low, axis=1), 1, labels)
     labels = ops.cast(labels, "int32")
     if unbatched:
         return labels[0], matched[0]

@@ -42,6 +42,10 @@ def test_match_boxes_hand_case():
     labels, matched = match_boxes(ANCHORS, GT, valid)
     np.testing.assert_array_equal(_np(labels), [[1, 1, -1, 0, 1, 0]])
     np.testing.assert_array_equal(_np(matched)[0, [0, 1, 4]], [0, 0, 1])
+    for chunk in (1, 2, 4):  # chunked IoU passes give the same labels
+        chunked, matched_c = match_boxes(ANCHORS, GT, valid, chunk_size=chunk)
+        np.testing.assert_array_equal(_np(chunked), [[1, 1, -1, 0, 1, 0]])
+        np.testing.assert_array_equal(_np(matched_c)[0, [0, 1, 4]], [0, 0, 1])
     labels, _ = match_boxes(ANCHORS, GT, valid, allow_low_quality=False)
     np.testing.assert_array_equal(_np(labels), [[1, 1, -1, 0, 0, 0]])
     # Unbatched inputs, and an image without valid gt: all negative.
