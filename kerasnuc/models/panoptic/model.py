@@ -348,25 +348,49 @@ class PanopticModel(keras.Model):
         return ops.reshape(logits, (batch, n, m, m, 2))
 
     def build(self, input_shape=None):
-        """Create every weight by running the network once on a ``64 x 64`` zero image."""
+        """Create every weight by running the network once on a ``64 x 64`` zero image (with
+        few proposals: the weights do not depend on the detection settings)."""
         if self.built:
             return
-        self.call(ops.zeros((1, 64, 64, 3)))
+        self._inference(ops.zeros((1, 64, 64, 3)), False, 16, 8, 4)
         self.fusion(ops.zeros((1, 16, 16, self.config.fpn_filters)))  # used in training only
         self.built = True
 
     # ------------------------------------------------------------------------ inference
 
     def call(self, images, training=False):
+        """Inference outputs (module docstring) of ``(B, H, W, 3)`` images in ``[0, 1]``.
+
+        Called eagerly on the TensorFlow backend (``predict_maps``, validation), the graph runs
+        as one ``tf.function`` with dynamic batch, height and width (the NMS loops would be
+        Python loops otherwise); inside a traced function (export, ``predict``) it is inlined.
+        """
+        c = self.config
+        if keras.backend.backend() == "tensorflow":
+            import tensorflow as tf
+
+            if tf.executing_eagerly():
+                if getattr(self, "_eager_inference", None) is None:
+                    self._eager_inference = tf.function(
+                        lambda x: self._inference(
+                            x, False, c.rpn_pre_nms_test, c.rpn_post_nms_test, c.max_detections
+                        ),
+                        input_signature=[tf.TensorSpec((None, None, None, 3), tf.float32)],
+                        autograph=False,
+                    )
+                return self._eager_inference(ops.cast(images, "float32"))
+        return self._inference(
+            images, training, c.rpn_pre_nms_test, c.rpn_post_nms_test, c.max_detections
+        )
+
+    def _inference(self, images, training, pre_nms, post_nms, max_detections):
         c = self.config
         images = ops.convert_to_tensor(images, "float32")
         feats, levels = self._features(images, training)
         shape = ops.shape(images)
         anchors = self._anchors(images, levels)
         logits, deltas = self.rpn(levels)
-        rois, roi_valid = self._proposals(
-            images, anchors, logits, deltas, c.rpn_pre_nms_test, c.rpn_post_nms_test
-        )
+        rois, roi_valid = self._proposals(images, anchors, logits, deltas, pre_nms, post_nms)
         cls_logits, box_deltas = self._box_outputs(levels, rois)
         probs = ops.softmax(ops.cast(cls_logits, "float32"), axis=-1)
         fg = probs[..., 1:]
@@ -380,10 +404,10 @@ class PanopticModel(keras.Model):
         idx, _ = batched_nms(
             boxes,
             scores,
-            c.max_detections,
+            max_detections,
             c.detection_nms_iou,
             score_threshold=c.detection_score_threshold,
-            pre_nms_top_k=c.rpn_post_nms_test,
+            pre_nms_top_k=post_nms,
         )
         valid = idx >= 0
         det_boxes = ops.where(valid[..., None], _gather_rows(boxes, idx), 0.0)
