@@ -99,6 +99,52 @@ def test_roi_align_matches_reference(seed, ratio, aligned, out):
     np.testing.assert_allclose(got, ref, atol=1e-5)
 
 
+def roi_align_grad_ref(features, boxes, idx, upstream, out, scale=0.25, ratio=2):
+    """d sum(roi_align * upstream) / d features, accumulated sample by sample (aligned)."""
+    grad = np.zeros_like(features, dtype="float64")
+    h, w = features.shape[1:3]
+    oh, ow = out
+    for r, (box, b) in enumerate(zip(boxes, idx, strict=True)):
+        y1, x1, y2, x2 = box * scale - 0.5
+        bh, bw = (y2 - y1) / oh, (x2 - x1) / ow
+        for i in range(oh):
+            for j in range(ow):
+                for iy in range(ratio):
+                    for ix in range(ratio):
+                        y = y1 + i * bh + (iy + 0.5) * bh / ratio
+                        x = x1 + j * bw + (ix + 0.5) * bw / ratio
+                        if y < -1 or y > h or x < -1 or x > w:
+                            continue
+                        y, x = min(max(y, 0.0), h - 1), min(max(x, 0.0), w - 1)
+                        y0, x0 = int(y), int(x)
+                        y_1, x_1 = min(y0 + 1, h - 1), min(x0 + 1, w - 1)
+                        ly, lx = y - y0, x - x0
+                        g = upstream[r, i, j] / ratio**2
+                        grad[b, y0, x0] += (1 - ly) * (1 - lx) * g
+                        grad[b, y0, x_1] += (1 - ly) * lx * g
+                        grad[b, y_1, x0] += ly * (1 - lx) * g
+                        grad[b, y_1, x_1] += ly * lx * g
+    return grad
+
+
+@pytest.mark.parametrize("multilevel", [False, True])
+def test_roi_align_gradient(multilevel):
+    feats, boxes, idx = _random_case(6)
+    up = np.random.default_rng(7).normal(size=(len(boxes), 3, 4, 3)).astype("float32")
+    x = tf.constant(feats)
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        if multilevel:
+            # All boxes forced to level 2 (stride 4) by a huge canonical size.
+            layer = MultiLevelROIAlign((3, 4), 2, canonical_size=1e6, min_level=2, max_level=2)
+            y = layer([x], boxes, idx)
+        else:
+            y = roi_align(x, boxes, idx, (3, 4), 0.25, 2)
+        loss = tf.reduce_sum(y * up)
+    got = tape.gradient(loss, x).numpy()
+    np.testing.assert_allclose(got, roi_align_grad_ref(feats, boxes, idx, up, (3, 4)), atol=1e-4)
+
+
 def test_roi_align_hand_value():
     # A linear ramp f(y, x) = 10 y + x is reproduced exactly inside the map.
     yy, xx = np.meshgrid(np.arange(8.0), np.arange(8.0), indexing="ij")
