@@ -539,6 +539,20 @@ class PanopticModel(keras.Model):
         return {m.name: m.result() for m in self.metrics}
 
     @property
+    def output(self):
+        """Symbolic inference outputs ``{name: KerasTensor}`` (batch, height, width unknown),
+        like a functional model's ``output`` (read by the export metadata and the Predictor)."""
+        n, m = self.config.max_detections, 2 * self.config.mask_roi_size
+        shapes = {
+            "boxes": (None, 1, 4, n),
+            "scores": (None, 1, 1, n),
+            "classes": (None, 1, 1, n),
+            "masks": (None, m, m, n),
+            "semantic": (None, None, None, 2),
+        }
+        return {k: keras.KerasTensor(shape, dtype="float32", name=k) for k, shape in shapes.items()}
+
+    @property
     def metrics(self):
         return [self.total_tracker, *self.loss_trackers.values()]
 
