@@ -17,13 +17,16 @@ import keras
 import numpy as np
 
 from kerasnuc.config import BEST_WEIGHTS, POSTPROC, RunConfig
-from kerasnuc.data.pipeline import conic_dataset
+from kerasnuc.data.pipeline import conic_dataset, panoptic_dataset
 from kerasnuc.fileutil import KerasnucError
 from kerasnuc.losses.conic import conic_losses
 from kerasnuc.models.conic import OUTPUT_NAMES as CONIC_OUTPUTS
 from kerasnuc.models.conic import ConicModelConfig, build_conic_from_config
+from kerasnuc.models.panoptic.model import OUTPUT_NAMES as PANOPTIC_OUTPUTS
+from kerasnuc.models.panoptic.model import PanopticModelConfig, build_panoptic_from_config
 from kerasnuc.postprocess.common import PostprocResult
 from kerasnuc.postprocess.conic import PostprocConfig, postprocess_conic
+from kerasnuc.postprocess.panoptic import PanopticPostprocConfig, postprocess_panoptic
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,9 @@ class Method:
         prepare_config: ``(RunConfig, [Dataset]) -> RunConfig`` called once when a new run
             starts, before ``config.json`` is written (e.g. to fit a stain reference that then
             travels in the model config); None: the config is used as it is.
+        dense_outputs: whether every output is a dense ``(B, H, W, K)`` map that test-time
+            augmentation may flip, rotate and average (False for detection outputs, e.g.
+            ``panoptic``: the Predictor then refuses TTA).
 
     ``losses`` may return None for a model that computes its own loss (``compute_loss``).
     """
@@ -63,10 +69,30 @@ class Method:
     optimizer: Callable[[Any, int], Any] | None = None
     callbacks: Callable[[RunConfig, keras.Model], list] | None = None
     prepare_config: Callable[[RunConfig, list], RunConfig] | None = None
+    dense_outputs: bool = True
 
 
 def _conic_postprocess(maps: Mapping[str, np.ndarray], config: PostprocConfig) -> PostprocResult:
     return postprocess_conic(maps.get("semantic"), maps["three_label"], config)
+
+
+def _panoptic_prepare(config: RunConfig, datasets: list) -> RunConfig:
+    """SGD in the config; the paper's augmentations unless the run chose its own."""
+    from kerasnuc.data.augment import AugmentConfig
+
+    pipeline = dict(config.pipeline)
+    if AugmentConfig.from_dict(pipeline.get("augment", {})) == AugmentConfig():
+        pipeline["augment"] = AugmentConfig.panoptic().to_dict()
+    train = config.train
+    if train.optimizer == "adamw":  # the generic default
+        train = dataclasses.replace(train, optimizer="sgd")
+    return dataclasses.replace(config, pipeline=pipeline, train=train)
+
+
+def _panoptic_optimizer(train_cfg, total_steps: int):
+    from kerasnuc.training.schedules import build_sgd_warmup_step
+
+    return build_sgd_warmup_step(train_cfg, total_steps)
 
 
 METHODS: dict[str, Method] = {
@@ -80,6 +106,20 @@ METHODS: dict[str, Method] = {
         outputs=CONIC_OUTPUTS,
         postproc_config=PostprocConfig,
         postprocess=_conic_postprocess,
+    ),
+    "panoptic": Method(
+        name="panoptic",
+        description="Mask R-CNN + GCN semantic branch + feature fusion (Liu et al. 2019)",
+        model_config=PanopticModelConfig,
+        build=build_panoptic_from_config,
+        losses=lambda num_classes: None,
+        dataset=panoptic_dataset,
+        outputs=PANOPTIC_OUTPUTS,
+        postproc_config=PanopticPostprocConfig,
+        postprocess=postprocess_panoptic,
+        optimizer=_panoptic_optimizer,
+        prepare_config=_panoptic_prepare,
+        dense_outputs=False,
     ),
 }
 

@@ -28,7 +28,9 @@ Design:
   Labels are never reflected: a mirrored copy of a nucleus would repeat its instance id.
 * Colour ops follow the geometry, so they also touch the filled border and the noise is not
   smoothed by the resampling: HED stain change, colour jitter (brightness, contrast, saturation,
-  hue in that order), Gaussian blur, Gaussian noise; the image is clipped to ``[0, 1]`` after each.
+  hue in that order), emboss, sharpen, channel shuffle (the ``panoptic`` augmentations of Liu et
+  al. 2019, off by default), Gaussian blur, Gaussian noise; the image is clipped to ``[0, 1]``
+  after each.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ from kerasnuc.data.stain import hed_augment
 from kerasnuc.fileutil import KerasnucError
 
 FILL_MODES = ("constant", "reflect")
-PRESETS = ("default", "none")
+PRESETS = ("default", "none", "panoptic")
 
 # Fixed fold-in index per random draw: adding an op never changes the draws of the others.
 _FLIP_LR, _FLIP_UD, _ROT90, _ROT90_K = 0, 1, 2, 3
@@ -53,6 +55,8 @@ _ELASTIC, _ELASTIC_V, _ELASTIC_FIELD = 12, 13, 14
 _HED, _HED_V = 15, 16
 _JITTER, _BRIGHTNESS, _CONTRAST, _SATURATION, _HUE = 17, 18, 19, 20, 21
 _BLUR, _BLUR_V, _NOISE, _NOISE_V, _NOISE_FIELD = 22, 23, 24, 25, 26
+_EMBOSS, _EMBOSS_ALPHA, _EMBOSS_V, _SHARPEN, _SHARPEN_ALPHA, _SHARPEN_V = 27, 28, 29, 30, 31, 32
+_SHUFFLE, _SHUFFLE_V = 33, 34
 
 _RANGE_FIELDS = (
     "translate",
@@ -66,6 +70,10 @@ _RANGE_FIELDS = (
     "hue",
     "blur_sigma",
     "noise_std",
+    "emboss_alpha",
+    "emboss_strength",
+    "sharpen_alpha",
+    "sharpen_lightness",
 )
 _PROB_FIELDS = (
     "flip_prob",
@@ -79,6 +87,9 @@ _PROB_FIELDS = (
     "jitter_prob",
     "blur_prob",
     "noise_prob",
+    "emboss_prob",
+    "sharpen_prob",
+    "channel_shuffle_prob",
 )
 
 
@@ -117,6 +128,14 @@ class AugmentConfig:
         hue: hue rotation as a fraction of the colour circle, within ``[-0.5, 0.5]``.
         blur_prob, blur_sigma: Gaussian blur with this standard deviation in pixels (> 0).
         noise_prob, noise_std: additive Gaussian noise with this standard deviation (>= 0).
+        emboss_prob, emboss_alpha, emboss_strength: emboss (Liu et al. 2019, ``panoptic``),
+            imgaug's 3x3 kernel ``[[-1-s, -s, 0], [-s, 1, s], [0, s, 1+s]]`` per channel,
+            blended as ``(1 - alpha) x + alpha emboss(x)``.
+        sharpen_prob, sharpen_alpha, sharpen_lightness: sharpening (``panoptic``), imgaug's
+            kernel ``(1 - alpha) I + alpha [[-1, -1, -1], [-1, 8 + L, -1], [-1, -1, -1]]``.
+        channel_shuffle_prob: random permutation of the RGB channels (``panoptic``).
+        The last three default to probability 0 (not part of the conic augmentations); see
+        :meth:`preset` ``"panoptic"``.
     """
 
     flip_prob: float = 0.5
@@ -146,6 +165,13 @@ class AugmentConfig:
     blur_sigma: tuple[float, float] = (0.5, 1.5)
     noise_prob: float = 0.2
     noise_std: tuple[float, float] = (0.01, 0.03)
+    emboss_prob: float = 0.0
+    emboss_alpha: tuple[float, float] = (0.0, 0.5)
+    emboss_strength: tuple[float, float] = (0.0, 1.0)
+    sharpen_prob: float = 0.0
+    sharpen_alpha: tuple[float, float] = (0.0, 0.5)
+    sharpen_lightness: tuple[float, float] = (0.75, 1.25)
+    channel_shuffle_prob: float = 0.0
 
     def __post_init__(self) -> None:
         for name in _PROB_FIELDS:
@@ -179,6 +205,8 @@ class AugmentConfig:
         self._check_range("hue", lo=-0.5, hi=0.5)
         self._check_range("blur_sigma", lo=0.0, open_lo=True)
         self._check_range("noise_std", lo=0.0)
+        self._check_range("emboss_alpha", lo=0.0, hi=1.0)
+        self._check_range("sharpen_alpha", lo=0.0, hi=1.0)
         if not (isinstance(self.elastic_sigma, int | float) and self.elastic_sigma > 0):
             raise ValueError(
                 f"`elastic_sigma` must be a float > 0. Received: elastic_sigma={self.elastic_sigma}"
@@ -231,12 +259,31 @@ class AugmentConfig:
         return cls(**{name: 0.0 for name in _PROB_FIELDS})
 
     @classmethod
+    def panoptic(cls) -> AugmentConfig:
+        """The augmentations of Liu et al. 2019 (TCGA-Kumar): flips, 90-degree rotations, blur,
+        Gaussian noise, emboss, sharpen and channel shuffle (probabilities and ranges ours:
+        0.5 for flips, all four orientations equally likely, 0.2 for each photometric op)."""
+        none = cls.none().to_dict()
+        none.update(
+            flip_prob=0.5,
+            rot90_prob=0.75,
+            blur_prob=0.2,
+            noise_prob=0.2,
+            emboss_prob=0.2,
+            sharpen_prob=0.2,
+            channel_shuffle_prob=0.2,
+        )
+        return cls.from_dict(none)
+
+    @classmethod
     def preset(cls, name: str) -> AugmentConfig:
-        """A named preset: ``"default"`` (the training defaults) or ``"none"``."""
+        """A named preset: ``"default"`` (the training defaults), ``"none"`` or ``"panoptic"``."""
         if name == "default":
             return cls()
         if name == "none":
             return cls.none()
+        if name == "panoptic":
+            return cls.panoptic()
         raise ValueError(f"`name` must be one of {PRESETS}. Received: name={name!r}")
 
     def to_dict(self) -> dict[str, Any]:
@@ -492,6 +539,14 @@ def _gaussian_blur(image: tf.Tensor, sigma: tf.Tensor, max_sigma: float) -> tf.T
     return _separable_conv(padded, _gaussian_kernel(sigma, radius), "VALID")[0]
 
 
+def _filter3x3(image: tf.Tensor, kernel: tf.Tensor) -> tf.Tensor:
+    """Correlate every channel of ``(H, W, C)`` with one ``(3, 3)`` kernel (symmetric padding)."""
+    padded = tf.pad(image[None], [[0, 0], [1, 1], [1, 1], [0, 0]], "SYMMETRIC")
+    channels = tf.shape(image)[-1]
+    depthwise = tf.tile(tf.reshape(kernel, (3, 3, 1, 1)), tf.stack([1, 1, channels, 1]))
+    return tf.nn.depthwise_conv2d(padded, depthwise, [1, 1, 1, 1], "VALID")[0]
+
+
 def _colour(image: tf.Tensor, seed: tf.Tensor, config: AugmentConfig) -> tf.Tensor:
     def maybe(index: int, prob: float, fn: Any, x: tf.Tensor) -> tf.Tensor:
         if prob <= 0:
@@ -522,8 +577,31 @@ def _colour(image: tf.Tensor, seed: tf.Tensor, config: AugmentConfig) -> tf.Tens
         field = tf.random.stateless_normal(tf.shape(x), _seed(seed, _NOISE_FIELD))
         return tf.clip_by_value(x + std * field, 0.0, 1.0)
 
+    def emboss(x: tf.Tensor) -> tf.Tensor:
+        a = tf.cast(_uniform(seed, _EMBOSS_ALPHA, config.emboss_alpha), tf.float32)
+        st = tf.cast(_uniform(seed, _EMBOSS_V, config.emboss_strength), tf.float32)
+        kernel = tf.stack(
+            [[-1.0 - st, -st, 0.0 * st], [-st, 1.0 + 0.0 * st, st], [0.0 * st, st, 1.0 + st]]
+        )
+        return tf.clip_by_value((1.0 - a) * x + a * _filter3x3(x, kernel), 0.0, 1.0)
+
+    def sharpen(x: tf.Tensor) -> tf.Tensor:
+        a = tf.cast(_uniform(seed, _SHARPEN_ALPHA, config.sharpen_alpha), tf.float32)
+        light = tf.cast(_uniform(seed, _SHARPEN_V, config.sharpen_lightness), tf.float32)
+        effect = -tf.ones((3, 3)) + tf.scatter_nd([[1, 1]], [9.0 + light], (3, 3))
+        identity = tf.scatter_nd([[1, 1]], [1.0], (3, 3))
+        kernel = (1.0 - a) * identity + a * effect
+        return tf.clip_by_value(_filter3x3(x, kernel), 0.0, 1.0)
+
+    def shuffle(x: tf.Tensor) -> tf.Tensor:
+        order = tf.argsort(tf.random.stateless_uniform([3], _seed(seed, _SHUFFLE_V)))
+        return tf.gather(x, order, axis=-1)
+
     image = maybe(_HED, config.hed_prob, hed, image)
     image = maybe(_JITTER, config.jitter_prob, jitter, image)
+    image = maybe(_EMBOSS, config.emboss_prob, emboss, image)
+    image = maybe(_SHARPEN, config.sharpen_prob, sharpen, image)
+    image = maybe(_SHUFFLE, config.channel_shuffle_prob, shuffle, image)
     image = maybe(_BLUR, config.blur_prob, blur, image)
     return maybe(_NOISE, config.noise_prob, noise, image)
 

@@ -23,8 +23,9 @@ target keys match the output names of that method's model:
 * :func:`weak_dataset`: ``voronoi`` (B, S, S) int32 in {0, 1, IGNORE}, ``cluster`` (B, S, S)
   int32 in {0, 1, IGNORE}, ``repel`` (B, S, S) float32 (the filtered repel code), all derived from
   point labels only;
-* :func:`panoptic_dataset`: ``instances`` (B, S, S) int32 and ``semantic`` (B, S, S) int32 (boxes
-  and mask targets are assigned inside the model's training step).
+* :func:`panoptic_dataset`: ``instances`` (B, S, S) int32, ``semantic`` (B, S, S) int32, padded
+  ground-truth ``boxes`` (B, N, 4) float32 and ``classes`` (B, N) int32 (anchor/ROI matching and
+  mask targets are computed inside the model's training step).
 
 Images are ``(B, S, S, 3)`` float32 in ``[0, 1]``.
 """
@@ -40,6 +41,7 @@ from typing import Any
 import cv2
 import numpy as np
 import tensorflow as tf
+from scipy import ndimage
 
 from kerasnuc.data.augment import AugmentConfig, augment
 from kerasnuc.data.dataset import Dataset
@@ -83,6 +85,8 @@ class PipelineConfig:
         seed: base seed of the whole pipeline.
         deterministic: fixed element order of the parallel maps (slower; tests).
         parallel_calls: parallelism of the maps; -1 = ``tf.data.AUTOTUNE``.
+        max_instances: ``panoptic``: ground-truth box slots per crop (a 512x512 MoNuSeg crop
+            holds up to ~450 nuclei).
     """
 
     crop_size: int = 256
@@ -99,12 +103,17 @@ class PipelineConfig:
     seed: int = 0
     deterministic: bool = False
     parallel_calls: int = -1
+    max_instances: int = 512
 
     def __post_init__(self) -> None:
         if self.crop_size < 8:
             raise ValueError(f"`crop_size` must be >= 8. Received: crop_size={self.crop_size}")
         if self.batch_size < 1:
             raise ValueError(f"`batch_size` must be >= 1. Received: batch_size={self.batch_size}")
+        if self.max_instances < 1:
+            raise ValueError(
+                f"`max_instances` must be >= 1. Received: max_instances={self.max_instances}"
+            )
         if not 0 <= self.context <= 1:
             raise ValueError(f"`context` must lie in [0, 1]. Received: context={self.context}")
         if self.dataset_weights is not None:
@@ -582,6 +591,49 @@ def weak_dataset(
     return _finish(ds, config, training)
 
 
+def panoptic_box_targets(
+    instances: np.ndarray, classes: np.ndarray, max_instances: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Ground-truth boxes of a crop for the ``panoptic`` detector (numpy).
+
+    Args:
+        instances: ``(S, S)`` int instance map of the crop.
+        classes: ``(S, S)`` int class map (``UNKNOWN_CLASS`` or 0 inside a nucleus: class 1).
+        max_instances: number of box slots; when the crop holds more nuclei, the largest
+            ``max_instances`` are kept (the others stay foreground in ``semantic``).
+
+    Returns:
+        ``(instances, boxes, box_classes)``: the instance map relabelled so that box ``k``
+        covers the nucleus with id ``k + 1`` (dropped nuclei become 0), ``(max_instances, 4)``
+        float32 boxes ``(y1, x1, y2, x2)`` (pixel edges: a nucleus on rows 3..5 has ``y1 = 3,
+        y2 = 6``; zeros for empty slots) and ``(max_instances,)`` int32 classes (0 = empty
+        slot), the most frequent class of each nucleus's pixels.
+    """
+    ids, inverse, areas = np.unique(instances, return_inverse=True, return_counts=True)
+    inverse = inverse.reshape(instances.shape)
+    fg = ids > 0
+    order = np.flatnonzero(fg)[np.argsort(-areas[fg], kind="stable")][:max_instances]
+    order = np.sort(order)  # keep id order among the kept nuclei
+    lookup = np.zeros(len(ids), np.int32)
+    lookup[order] = np.arange(1, len(order) + 1, dtype=np.int32)
+    relabelled = lookup[inverse]
+    boxes = np.zeros((max_instances, 4), np.float32)
+    box_classes = np.zeros(max_instances, np.int32)
+    n = len(order)
+    for k, sl in enumerate(ndimage.find_objects(relabelled, max_label=n)):
+        boxes[k] = (sl[0].start, sl[1].start, sl[0].stop, sl[1].stop)
+    if n:
+        # Most frequent class per nucleus: a (nucleus, class) histogram over the pixels.
+        cls = np.maximum(classes.astype(np.int64), 0)  # unknown (-1) -> 0 -> class 1 below
+        width = int(cls.max()) + 1
+        hist = np.bincount(
+            (relabelled.astype(np.int64) * width + cls).ravel(), minlength=(n + 1) * width
+        ).reshape(n + 1, width)[1:]
+        hist[:, 0] = 0  # no typed pixel at all: argmax 0 -> class 1
+        box_classes[:n] = np.maximum(np.argmax(hist, axis=1), 1)
+    return relabelled, boxes, box_classes
+
+
 def panoptic_dataset(
     datasets: Dataset | Sequence[Dataset],
     split: str | None = "train",
@@ -589,11 +641,34 @@ def panoptic_dataset(
     training: bool = True,
     start_epoch: int = 0,
 ) -> tf.data.Dataset:
-    """``(image, {"instances", "semantic"})`` batches for ``panoptic`` (default crops 512x512)."""
+    """``(image, {"instances", "semantic", "boxes", "classes"})`` batches for ``panoptic``.
+
+    ``instances`` (B, S, S) int32 relabelled so that ``boxes[:, k]`` belongs to id ``k + 1``,
+    ``semantic`` (B, S, S) int32 class map, ``boxes`` (B, N, 4) float32 and ``classes`` (B, N)
+    int32 (0 = empty slot) with ``N = config.max_instances``
+    (see :func:`panoptic_box_targets`). Default crops 512x512 (Liu et al. 2019).
+    """
     config = config or PipelineConfig(crop_size=512, batch_size=2)
     items, num_classes = load_items(datasets, split, config.target_mpp)
     ds = _crops(items, num_classes, config, training, start_epoch)
-    ds = ds.map(lambda image, lab: (image, {"instances": lab[..., 0], "semantic": lab[..., 1]}))
+    n, size = config.max_instances, config.crop_size
+
+    def targets(image, lab):
+        inst, boxes, classes = tf.numpy_function(
+            lambda i, c: panoptic_box_targets(i, c, n),
+            [lab[..., 0], lab[..., 1]],
+            [tf.int32, tf.float32, tf.int32],
+            stateful=False,
+        )
+        return image, {
+            "instances": tf.ensure_shape(inst, (size, size)),
+            "semantic": lab[..., 1],
+            "boxes": tf.ensure_shape(boxes, (n, 4)),
+            "classes": tf.ensure_shape(classes, (n,)),
+        }
+
+    par = tf.data.AUTOTUNE if config.parallel_calls < 0 else config.parallel_calls
+    ds = ds.map(targets, num_parallel_calls=par, deterministic=config.deterministic)
     return _finish(ds, config, training)
 
 

@@ -296,6 +296,12 @@ class Predictor:
         if isinstance(tta, bool):
             tta = DEFAULT_TTA_PASSES if tta else 0
         self.tta = _check_int("tta", tta, 0)
+        if self.tta > 1 and not getattr(method, "dense_outputs", True):
+            raise KerasnucError(
+                f"test-time augmentation (tta={self.tta}) is not available for the "
+                f"{method.name!r} method: its outputs are detections, not maps that can be "
+                "flipped back and averaged (use --tta 0)"
+            )
         self.batch_size = _check_int("batch_size", batch_size, 1)
         self.seed = _check_int("seed", seed, 0)
         if not isinstance(hed_intensity, int | float) or not 0 <= hed_intensity < 1:

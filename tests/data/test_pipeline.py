@@ -98,9 +98,10 @@ def test_epochs_differ_and_resume_continues(consep_small):
 def test_unet_sharp_and_panoptic_keys(consep_small):
     images, t = next(iter(unet_sharp_dataset(consep_small, "train", _cfg())))
     assert set(t) == {"semantic"} and t["semantic"].shape == (2, S, S)
-    images, t = next(iter(panoptic_dataset(consep_small, "train", _cfg())))
-    assert set(t) == {"instances", "semantic"}
+    images, t = next(iter(panoptic_dataset(consep_small, "train", _cfg(max_instances=300))))
+    assert set(t) == {"instances", "semantic", "boxes", "classes"}
     np.testing.assert_array_equal(t["instances"].numpy() > 0, t["semantic"].numpy() > 0)
+    assert t["boxes"].shape == (2, 300, 4) and t["classes"].shape == (2, 300)
 
 
 def test_weak_targets_from_points_only(consep_small):

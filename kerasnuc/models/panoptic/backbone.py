@@ -1,0 +1,268 @@
+"""Backbone + feature pyramid of the ``panoptic`` method (Liu et al., IJCAI 2019, Sec. 3.1).
+
+The paper uses a ResNet-101 backbone with a Feature Pyramid Network (Lin et al. 2017, "Feature
+Pyramid Networks for Object Detection") producing the five levels ``P2 .. P6`` (strides 4 .. 64).
+
+Encoders (:func:`build_panoptic_encoder`) return the STYLE feature dict ``{"P1": .., "P5": ..}``
+(stride ``2^n``); the FPN (:class:`FeaturePyramid`) turns ``P2 .. P5`` of that dict into
+``{"fpn2": .., "fpn6": ..}``, the paper's ``P2 .. P6`` (256 channels by default).
+
+Normalisation (the paper: "Due to the small mini-batch size during training, we had no batch
+normalization layers"). Our choice, so that no batch statistics are ever updated in training:
+
+* ``"resnet50"`` / ``"resnet101"``: ``keras.applications`` ResNets (He et al. 2016) whose
+  ``BatchNormalization`` layers are **frozen** (``trainable = False``, which in Keras 3 also runs
+  them in inference mode): they act as fixed per-channel affine maps, the "FrozenBN" of Detectron
+  / maskrcnn-benchmark, the code base the paper's Mask R-CNN baseline comes from. With ImageNet
+  weights (a local ``*_notop.h5`` file, ``weights=``) they hold the ImageNet statistics; without
+  weights they are the identity (``gamma = 1, beta = 0, mean = 0, var = 1``), i.e. a ResNet
+  without normalisation. Inputs get the ``keras.applications.resnet`` "caffe" preprocessing
+  (RGB -> BGR, 0..255 minus the ImageNet channel means) inside the model
+  (:class:`CaffePreprocess`).
+* ``"tiny"``: a small ResNet for tests and CPU training from scratch: a 3x3/2 stem and one
+  basic residual block per stage (strides 4, 8, 16, 32), every convolution followed by
+  ``GroupNormalization`` (Wu & He 2018), which has no batch statistics at all and is trainable
+  from scratch; widths ``tiny_widths``. Inputs are used as given (``[0, 1]`` RGB).
+
+The FPN and all heads have no normalisation, as in Mask R-CNN.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+
+import keras
+from keras import ops
+
+from kerasnuc.fileutil import KerasnucError
+
+logger = logging.getLogger(__name__)
+
+#: Encoder names of :func:`build_panoptic_encoder`.
+ENCODER_NAMES: tuple[str, ...] = ("resnet50", "resnet101", "tiny")
+
+#: Output layers of the keras.applications ResNets at strides 2, 4, 8, 16, 32.
+_RESNET_FEATURES: dict[str, tuple[str, ...]] = {
+    "resnet50": (
+        "conv1_relu",
+        "conv2_block3_out",
+        "conv3_block4_out",
+        "conv4_block6_out",
+        "conv5_block3_out",
+    ),
+    "resnet101": (
+        "conv1_relu",
+        "conv2_block3_out",
+        "conv3_block4_out",
+        "conv4_block23_out",
+        "conv5_block3_out",
+    ),
+}
+
+#: ImageNet BGR means of the keras.applications "caffe" preprocessing (0..255 scale).
+CAFFE_BGR_MEAN: tuple[float, float, float] = (103.939, 116.779, 123.68)
+
+
+@keras.saving.register_keras_serializable(package="kerasnuc")
+class CaffePreprocess(keras.layers.Layer):
+    """``keras.applications.resnet.preprocess_input`` for ``[0, 1]`` RGB inputs, in ``keras.ops``.
+
+    ``y = 255 * x[..., ::-1] - (103.939, 116.779, 123.68)`` (RGB -> BGR, then the ImageNet BGR
+    means are subtracted, no scaling).
+
+    Input shape: ``(B, H, W, 3)`` float RGB in ``[0, 1]``. Output shape: the same.
+    """
+
+    def call(self, inputs):
+        x = ops.flip(inputs, axis=-1) * 255.0
+        return x - ops.convert_to_tensor(CAFFE_BGR_MEAN, dtype=x.dtype)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+
+def _freeze_batch_norm(model: keras.Model) -> int:
+    """Freeze every ``BatchNormalization`` of ``model`` (inference mode, fixed affine)."""
+    count = 0
+    for layer in model._flatten_layers(include_self=False, recursive=True):
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.trainable = False
+            count += 1
+    return count
+
+
+def _check_widths(widths: Sequence[int]) -> tuple[int, ...]:
+    widths = tuple(widths)
+    if len(widths) != 4 or not all(
+        isinstance(w, int) and not isinstance(w, bool) and w > 0 for w in widths
+    ):
+        raise ValueError(f"`tiny_widths` must be 4 positive ints. Received: tiny_widths={widths!r}")
+    return widths
+
+
+def _groups(channels: int) -> int:
+    for g in (8, 4, 2):
+        if channels % g == 0:
+            return g
+    return 1
+
+
+def _conv_gn(x, filters: int, strides: int, name: str, relu: bool = True):
+    x = keras.layers.Conv2D(
+        filters, 3, strides=strides, padding="same", use_bias=False, name=f"{name}_conv"
+    )(x)
+    x = keras.layers.GroupNormalization(_groups(filters), epsilon=1e-5, name=f"{name}_gn")(x)
+    return keras.layers.ReLU(name=f"{name}_relu")(x) if relu else x
+
+
+def _basic_block(x, filters: int, strides: int, name: str):
+    shortcut = x
+    if strides != 1 or x.shape[-1] != filters:
+        shortcut = keras.layers.Conv2D(
+            filters, 1, strides=strides, use_bias=False, name=f"{name}_proj_conv"
+        )(x)
+        shortcut = keras.layers.GroupNormalization(
+            _groups(filters), epsilon=1e-5, name=f"{name}_proj_gn"
+        )(shortcut)
+    y = _conv_gn(x, filters, strides, f"{name}_1")
+    y = _conv_gn(y, filters, 1, f"{name}_2", relu=False)
+    y = keras.layers.Add(name=f"{name}_add")([shortcut, y])
+    return keras.layers.ReLU(name=f"{name}_out")(y)
+
+
+def build_panoptic_encoder(
+    name: str = "resnet101",
+    weights: str | os.PathLike | None = None,
+    tiny_widths: Sequence[int] = (16, 32, 64, 128),
+    input_shape: tuple[int | None, int | None, int] = (None, None, 3),
+    model_name: str = "encoder",
+) -> keras.Model:
+    """A ResNet encoder returning ``{"P1": .., "P5": ..}`` with no batch-norm updates.
+
+    Args:
+        name: ``"resnet101"`` (paper), ``"resnet50"`` or ``"tiny"`` (see the module docstring).
+        weights: None, or a local ``keras.applications`` ImageNet ``*_notop.h5`` weights file of
+            the chosen ResNet (never downloaded); must be None for ``"tiny"``.
+        tiny_widths: channels of the four stages of ``"tiny"`` (strides 4, 8, 16, 32); the stem
+            (stride 2) has ``tiny_widths[0]`` channels.
+        input_shape: ``(H, W, 3)``, ``None`` for any size (multiples of 32 at call time).
+        model_name: name of the returned model.
+
+    Returns:
+        A functional ``keras.Model`` mapping ``(B, H, W, 3)`` float32 RGB in ``[0, 1]`` to
+        ``{"P1": (B, H/2, W/2, c1), .., "P5": (B, H/32, W/32, c5)}``; for the ResNets
+        ``c2..c5 = 256, 512, 1024, 2048``.
+
+    Raises:
+        ValueError: unknown name or bad widths.
+        KerasnucError: a weights file that does not exist or does not fit.
+    """
+    if name not in ENCODER_NAMES:
+        raise ValueError(f"`name` must be one of {list(ENCODER_NAMES)}. Received: name={name!r}")
+    inputs = keras.Input(shape=tuple(input_shape), name="image")
+    if name == "tiny":
+        if weights is not None:
+            raise ValueError(f"`weights` must be None for the tiny encoder. Received: {weights!r}")
+        widths = _check_widths(tiny_widths)
+        x = _conv_gn(inputs, widths[0], 2, "stem")
+        features = {"P1": x}
+        for level, filters in enumerate(widths, start=2):
+            x = _basic_block(x, filters, 2, f"stage{level}")
+            features[f"P{level}"] = x
+        return keras.Model(inputs, features, name=model_name)
+
+    if weights is not None and not os.path.isfile(weights):
+        raise KerasnucError(f"{weights}: encoder weights file not found")
+    app_fn = keras.applications.ResNet50 if name == "resnet50" else keras.applications.ResNet101
+    x = CaffePreprocess(name="caffe_preprocess")(inputs)
+    try:
+        app = app_fn(include_top=False, weights=None, input_shape=tuple(input_shape))
+        if weights is not None:
+            app.load_weights(os.fspath(weights))
+    except (ValueError, OSError) as exc:
+        raise KerasnucError(f"{weights}: cannot load {name} weights ({exc})") from exc
+    frozen = _freeze_batch_norm(app)
+    logger.debug("%s: %d batch norms frozen", name, frozen)
+    probe = keras.Model(
+        app.input,
+        {f"P{i}": app.get_layer(layer).output for i, layer in enumerate(_RESNET_FEATURES[name], 1)},
+        name=f"{name}_features",
+    )
+    return keras.Model(inputs, probe(x), name=model_name)
+
+
+@keras.saving.register_keras_serializable(package="kerasnuc")
+class FeaturePyramid(keras.layers.Layer):
+    """Feature Pyramid Network (Lin et al. 2017) on ``P2 .. P5``, plus ``P6`` by subsampling.
+
+    ``L_i = conv1x1(P_i)`` (lateral, ``filters`` channels); top-down ``T_5 = L_5``,
+    ``T_i = L_i + up2(T_{i+1})`` (nearest neighbour); outputs ``fpn_i = conv3x3(T_i)``
+    (``i = 2..5``) and ``fpn6 = fpn5[:, ::2, ::2]`` (the 1x1 max pool with stride 2 of the
+    Mask R-CNN FPN). All convolutions have biases and no activation (as in Mask R-CNN).
+
+    Args:
+        filters: channels of every level (paper: 256).
+        **kwargs: base ``Layer`` arguments.
+
+    Call arguments:
+        features: dict with ``"P2" .. "P5"``, strides 4 .. 32 (extra keys are ignored); sizes
+            must halve exactly from level to level (inputs with sides divisible by 32).
+
+    Returns:
+        ``{"fpn2": (B, H/4, W/4, filters), .., "fpn6": (B, H/64, W/64, filters)}`` (``H/64``
+        rounded up).
+    """
+
+    LEVELS = (2, 3, 4, 5)
+
+    def __init__(self, filters: int = 256, **kwargs):
+        super().__init__(**kwargs)
+        if isinstance(filters, bool) or not isinstance(filters, int) or filters < 1:
+            raise ValueError(f"`filters` must be a positive int. Received: filters={filters!r}")
+        self.filters = filters
+        self.lateral = [keras.layers.Conv2D(filters, 1, name=f"lateral{i}") for i in self.LEVELS]
+        self.output_convs = [
+            keras.layers.Conv2D(filters, 3, padding="same", name=f"output{i}") for i in self.LEVELS
+        ]
+
+    def build(self, input_shape):
+        for k, i in enumerate(self.LEVELS):
+            shape = tuple(input_shape[f"P{i}"])
+            self.lateral[k].build(shape)
+            self.output_convs[k].build((*shape[:-1], self.filters))
+        self.built = True
+
+    def call(self, features):
+        top = None
+        out = {}
+        for k in reversed(range(len(self.LEVELS))):
+            i = self.LEVELS[k]
+            lateral = self.lateral[k](features[f"P{i}"])
+            if top is not None:
+                up = ops.repeat(ops.repeat(top, 2, axis=1), 2, axis=2)
+                lateral = lateral + up
+            top = lateral
+            out[f"fpn{i}"] = self.output_convs[k](lateral)
+        out["fpn6"] = out["fpn5"][:, ::2, ::2, :]
+        return {k: out[k] for k in ("fpn2", "fpn3", "fpn4", "fpn5", "fpn6")}
+
+    def compute_output_shape(self, input_shape):
+        out = {}
+        for i in self.LEVELS:
+            shape = tuple(input_shape[f"P{i}"])
+            out[f"fpn{i}"] = (*shape[:-1], self.filters)
+        b, h, w, _ = out["fpn5"]
+        out["fpn6"] = (
+            b,
+            None if h is None else (h + 1) // 2,
+            None if w is None else (w + 1) // 2,
+            self.filters,
+        )
+        return out
+
+    def get_config(self):
+        config = super().get_config()
+        config["filters"] = self.filters
+        return config

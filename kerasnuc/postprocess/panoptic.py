@@ -1,0 +1,242 @@
+"""Post-processing of the ``panoptic`` method: detections -> instance and class maps (numpy).
+
+The model (:class:`kerasnuc.models.panoptic.model.PanopticModel`) returns, per image, ``N``
+detection slots: boxes, nucleus probabilities, classes and ``28 x 28`` mask probabilities in the
+frame of each box, plus the GCN semantic map (which only gives the image size here; Liu et al.
+2019 use the instance branch alone at inference). :func:`postprocess_panoptic`:
+
+1. keeps the detections with ``score >= score_threshold``;
+2. optionally suppresses more with a greedy box NMS at ``nms_iou`` (the model already ran one at
+   its own ``detection_nms_iou``; a lower value here removes more, 1.0 none);
+3. pastes each mask into its box (bilinear resize with half-pixel centres, the same sampling as
+   the training-time feature fusion; pixels whose centre lies inside the box), thresholds it at
+   ``mask_threshold`` and paints it into the instance map **from the lowest to the highest
+   score**, so that a pixel claimed by several nuclei goes to the highest-scoring one;
+4. drops instances smaller than ``min_size`` pixels and renumbers them ``1 .. N``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from kerasnuc.fileutil import KerasnucError, write_json_atomic
+from kerasnuc.postprocess.common import (
+    PostprocResult,
+    instance_areas,
+    instance_centroids,
+    instance_solidity,
+    relabel_by_lut,
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class PanopticPostprocConfig:
+    """Settings of :func:`postprocess_panoptic` (saved as ``postproc.json`` with a run).
+
+    Attributes:
+        score_threshold: minimum nucleus probability of a detection.
+        mask_threshold: a pixel belongs to a nucleus where its mask probability is ``>=`` this.
+        nms_iou: extra greedy box NMS (suppress IoU ``>`` this); 1.0 disables it.
+        min_size: instances with fewer pixels (after overlaps are resolved) are dropped.
+    """
+
+    score_threshold: float = 0.5
+    mask_threshold: float = 0.5
+    nms_iou: float = 0.5
+    min_size: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("score_threshold", "mask_threshold", "nms_iou"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
+                raise ValueError(f"`{name}` must be a number in [0, 1]. Received: {name}={value!r}")
+        if (
+            isinstance(self.min_size, bool)
+            or not isinstance(self.min_size, int)
+            or self.min_size < 0
+        ):
+            raise ValueError(
+                f"`min_size` must be an int >= 0. Received: min_size={self.min_size!r}"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, config: Mapping[str, Any]) -> PanopticPostprocConfig:
+        """Inverse of :meth:`to_dict`; unknown keys are an error, missing keys take defaults."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(config) - names)
+        if unknown:
+            raise ValueError(
+                f"Unknown post-processing setting(s) {unknown}; "
+                f"expected a subset of {sorted(names)}"
+            )
+        return cls(**dict(config))
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the settings to a JSON file atomically (e.g. ``postproc.json``)."""
+        write_json_atomic(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> PanopticPostprocConfig:
+        """Read a file written by :meth:`save`.
+
+        Raises:
+            KerasnucError: missing file, not JSON, or invalid settings.
+        """
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+            if not isinstance(data, Mapping):
+                raise ValueError("the file must hold a JSON object")
+            return cls.from_dict(data)
+        except (OSError, ValueError, TypeError) as err:
+            raise KerasnucError(f"{path}: cannot read post-processing settings: {err}") from err
+
+
+def _axis_weights(lo: float, hi: float, start: int, stop: int, m: int) -> np.ndarray:
+    """``(stop - start, m)`` bilinear weights of pixel rows ``start..stop-1`` on mask rows."""
+    centres = np.arange(start, stop, dtype=np.float64) + 0.5
+    u = np.clip((centres - lo) / max(hi - lo, 1e-6) * m - 0.5, 0.0, m - 1.0)
+    return np.maximum(1.0 - np.abs(u[:, None] - np.arange(m)[None, :]), 0.0)
+
+
+def paste_mask(mask: np.ndarray, box: np.ndarray, height: int, width: int):
+    """Resize a square mask into its box on an ``height x width`` image.
+
+    Args:
+        mask: ``(M, M)`` float mask in the box frame.
+        box: ``(y1, x1, y2, x2)`` in pixels (edges; pixel ``i`` spans ``[i, i + 1)``).
+        height, width: image size.
+
+    Returns:
+        ``(rows, cols, values)``: the slices of the image covered by the box (pixel centres
+        inside ``[y1, y2) x [x1, x2)``) and the ``(len(rows), len(cols))`` resized values
+        (half-pixel-centre bilinear sampling with edge clamping).
+    """
+    y1, x1, y2, x2 = (float(v) for v in box)
+    r0, r1 = max(int(np.ceil(y1 - 0.5)), 0), min(int(np.ceil(y2 - 0.5)), height)
+    c0, c1 = max(int(np.ceil(x1 - 0.5)), 0), min(int(np.ceil(x2 - 0.5)), width)
+    if r1 <= r0 or c1 <= c0:
+        return slice(0, 0), slice(0, 0), np.zeros((0, 0))
+    m = mask.shape[0]
+    wy = _axis_weights(y1, y2, r0, r1, m)
+    wx = _axis_weights(x1, x2, c0, c1, m)
+    return slice(r0, r1), slice(c0, c1), wy @ mask.astype(np.float64) @ wx.T
+
+
+def _box_nms(boxes: np.ndarray, scores: np.ndarray, iou: float) -> np.ndarray:
+    """Indices kept by greedy NMS (suppress IoU ``> iou``), in decreasing score order."""
+    order = np.argsort(-scores, kind="stable")
+    area = np.maximum(boxes[:, 2] - boxes[:, 0], 0) * np.maximum(boxes[:, 3] - boxes[:, 1], 0)
+    keep: list[int] = []
+    for i in order:
+        if keep:
+            k = np.asarray(keep)
+            ih = np.minimum(boxes[k, 2], boxes[i, 2]) - np.maximum(boxes[k, 0], boxes[i, 0])
+            iw = np.minimum(boxes[k, 3], boxes[i, 3]) - np.maximum(boxes[k, 1], boxes[i, 1])
+            inter = np.maximum(ih, 0) * np.maximum(iw, 0)
+            union = area[k] + area[i] - inter
+            overlap = np.where(union > 0, inter / np.maximum(union, 1e-12), 0.0)
+            if np.any(overlap > iou):
+                continue
+        keep.append(int(i))
+    return np.asarray(keep, dtype=np.int64)
+
+
+def detections_from_maps(maps: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Unpack the model outputs of one image into ``(N, ...)`` detection arrays.
+
+    Args:
+        maps: ``{"boxes": (1, 4, N), "scores": (1, 1, N), "classes": (1, 1, N),
+            "masks": (M, M, N), "semantic": (H, W, 2)}`` (one image of
+            :func:`kerasnuc.inference.maps.predict_maps`).
+
+    Returns:
+        ``{"boxes": (N, 4), "scores": (N,), "classes": (N,) int, "masks": (N, M, M),
+        "size": (H, W)}``.
+
+    Raises:
+        KerasnucError: outputs of another method or shape.
+    """
+    missing = [k for k in ("boxes", "scores", "masks", "semantic") if k not in maps]
+    if missing:
+        raise KerasnucError(f"panoptic post-processing needs the outputs {missing} of the model")
+    boxes = np.asarray(maps["boxes"], np.float64)
+    scores = np.asarray(maps["scores"], np.float64).reshape(-1)
+    n = scores.shape[0]
+    if boxes.size != 4 * n:
+        raise KerasnucError(f"panoptic outputs disagree: boxes {boxes.shape}, scores {n} slots")
+    masks = np.asarray(maps["masks"], np.float64)
+    classes = np.asarray(maps.get("classes", np.ones_like(scores)), np.float64).reshape(-1)
+    return {
+        "boxes": boxes.reshape(4, n).T,
+        "scores": scores,
+        "classes": np.rint(classes).astype(np.int32),
+        "masks": np.moveaxis(masks.reshape(masks.shape[0], masks.shape[1], n), -1, 0),
+        "size": tuple(np.asarray(maps["semantic"]).shape[:2]),
+    }
+
+
+def postprocess_panoptic(
+    maps: Mapping[str, np.ndarray], config: PanopticPostprocConfig | None = None
+) -> PostprocResult:
+    """Instance and class maps from the panoptic model's detections (see the module docstring).
+
+    Args:
+        maps: one image's model outputs (:func:`detections_from_maps`).
+        config: thresholds (default :class:`PanopticPostprocConfig`).
+
+    Returns:
+        :class:`~kerasnuc.postprocess.common.PostprocResult`; ``table["probabilities"]`` holds
+        the detection score in the instance's class column and ``1 - score`` in column 0.
+    """
+    config = config or PanopticPostprocConfig()
+    det = detections_from_maps(maps)
+    height, width = det["size"]
+    keep = np.flatnonzero(det["scores"] >= config.score_threshold)
+    if config.nms_iou < 1.0 and keep.size:
+        keep = keep[_box_nms(det["boxes"][keep], det["scores"][keep], config.nms_iou)]
+    keep = keep[np.argsort(det["scores"][keep], kind="stable")]  # lowest score first
+    raw = np.zeros((height, width), np.int32)
+    for k, i in enumerate(keep, start=1):
+        rows, cols, values = paste_mask(det["masks"][i], det["boxes"][i], height, width)
+        if values.size:
+            region = raw[rows, cols]
+            region[values >= config.mask_threshold] = k
+    num_classes = max(1, int(det["classes"].max(initial=1)))
+    area_raw = instance_areas(raw)
+    ok = np.zeros(len(keep) + 1, bool)
+    ok[1 : len(area_raw)] = area_raw[1:] >= max(config.min_size, 1)
+    instances, n = relabel_by_lut(raw, ok[: max(len(area_raw), 1)])
+    kept = keep[ok[1 : len(area_raw)].nonzero()[0]] if n else np.zeros(0, np.int64)
+    classes = np.maximum(det["classes"][kept], 1).astype(np.int32)
+    scores = det["scores"][kept]
+    probabilities = np.zeros((n, num_classes + 1), np.float32)
+    probabilities[np.arange(n), classes] = scores
+    probabilities[:, 0] = 1.0 - scores
+    table = {
+        "id": np.arange(1, n + 1, dtype=np.int32),
+        "class": classes,
+        "probabilities": probabilities,
+        "area": instance_areas(instances)[1:].astype(np.int64),
+        "centroid": instance_centroids(instances)[1:].reshape(n, 2),
+        "solidity": instance_solidity(instances)[1:],
+    }
+    class_lut = np.concatenate([[0], classes]).astype(np.int32)
+    return PostprocResult(instances, class_lut[instances], table)
+
+
+__all__ = [
+    "PanopticPostprocConfig",
+    "detections_from_maps",
+    "paste_mask",
+    "postprocess_panoptic",
+]

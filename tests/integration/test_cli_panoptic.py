@@ -1,0 +1,110 @@
+"""``kerasnuc train/predict/evaluate/export`` end to end for the ``panoptic`` method (tiny)."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from kerasnuc.cli import main
+from kerasnuc.config import RunConfig
+from kerasnuc.models.panoptic.model import LOSS_NAMES
+from tests.integration.test_cli_train import write_discs
+
+TINY = {
+    "model": {
+        "encoder": "tiny",
+        "tiny_widths": [8, 8, 16, 16],
+        "fpn_filters": 8,
+        "box_fc_units": 16,
+        "mask_conv_filters": 8,
+        "mask_fc_filters": 4,
+        "mask_up_filters": 4,
+        "rpn_batch": 64,
+        "rpn_pre_nms": 200,
+        "rpn_post_nms": 50,
+        "rpn_pre_nms_test": 200,
+        "rpn_post_nms_test": 50,
+        "roi_batch": 32,
+        "max_mask_rois": 8,
+        "max_detections": 16,
+    },
+    "pipeline": {"deterministic": True, "max_instances": 8},
+}
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+@pytest.mark.slow
+def test_panoptic_train_predict_evaluate_export(tmp_path):
+    data = write_discs(tmp_path / "discs", classes=False)
+    cfg = tmp_path / "tiny.json"
+    cfg.write_text(json.dumps(TINY))
+    run = tmp_path / "run"
+    res = invoke(
+        "train", "--method", "panoptic", "--data", data, "--out", run, "--config", cfg,
+        "--epochs", "1", "--batch-size", "2", "--crop", "64", "--steps-per-epoch", "2",
+        "--val-max-images", "1", "--lr", "0.005",
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    config = RunConfig.load(run)
+    assert config.method == "panoptic" and config.model["encoder"] == "tiny"
+    assert config.train.optimizer == "sgd"  # the method's optimizer
+    assert config.pipeline["augment"]["emboss_prob"] > 0  # the paper's augmentations
+    assert config.pipeline["augment"]["elastic_prob"] == 0
+    assert json.loads((run / "postproc.json").read_text())["score_threshold"] == 0.5
+    with open(run / "history.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 1
+    for name in ("loss", *LOSS_NAMES, "val_aji", "val_pixel_f1", "lr"):
+        assert name in rows[0], name
+        assert np.isfinite(float(rows[0][name])), name
+
+    # predict, with tiling (32 px tiles + 8 px margins on the 64 px images)
+    out = tmp_path / "pred"
+    images = data / "images"
+    res = invoke("predict", images, "--model", run, "--out", out, "--tile", "32", "--margin", "8")
+    assert res.exit_code == 0, res.output
+    ids = sorted(p.stem for p in images.iterdir())
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ids
+    assert (out / ids[0] / f"{ids[0]}.instances.ome.tif").is_file()
+
+    # TTA is refused with one line
+    res = invoke("predict", images, "--model", run, "--out", tmp_path / "p2", "--tta", "4")
+    assert res.exit_code == 1 and "not available for the 'panoptic' method" in res.output
+
+    # evaluate the predictions against the dataset
+    res = invoke("evaluate", out, data, "--json")
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.stdout)["summary"]
+    assert "aji" in summary and "pixel_f1" in summary
+
+    # export with dynamic image sizes; the SavedModel agrees with the Keras model
+    base = tmp_path / "saved_models"
+    res = invoke("export", run, "--name", "pan", "--base", base, "--warmup", "none", "--json")
+    assert res.exit_code == 0, res.output
+    meta = json.loads(res.output)
+    assert meta["method"] == "panoptic"
+
+    import tensorflow as tf
+
+    from kerasnuc.inference.maps import predict_maps_batch
+    from kerasnuc.registry import load_run
+
+    loaded = tf.saved_model.load(str(base / "pan" / "1"))
+    serve = loaded.signatures["serving_float"]
+    model = load_run(run).model
+    rng = np.random.default_rng(0)
+    for shape in ((1, 64, 64, 3), (2, 50, 80, 3)):
+        x = rng.uniform(size=shape).astype("float32")
+        got = {k: v.numpy() for k, v in serve(images=tf.constant(x)).items()}
+        want = predict_maps_batch(model, x)
+        assert got["semantic"].shape == (*shape[:3], 2)
+        assert got["masks"].shape == (shape[0], 28, 28, 16)
+        for k in ("boxes", "scores", "masks", "semantic"):
+            np.testing.assert_allclose(got[k], want[k], atol=1e-4, err_msg=k)

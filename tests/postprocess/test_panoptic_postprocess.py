@@ -1,0 +1,101 @@
+"""Tests of kerasnuc.postprocess.panoptic (detections -> instance map)."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+
+from kerasnuc.fileutil import KerasnucError
+from kerasnuc.postprocess.panoptic import (
+    PanopticPostprocConfig,
+    detections_from_maps,
+    paste_mask,
+    postprocess_panoptic,
+)
+
+
+def _maps(boxes, scores, masks, size=(20, 24), classes=None):
+    """Model-layout outputs of one image: detection index in the last axis."""
+    boxes = np.asarray(boxes, np.float32)
+    n = len(scores)
+    return {
+        "boxes": boxes.T.reshape(1, 4, n),
+        "scores": np.asarray(scores, np.float32).reshape(1, 1, n),
+        "classes": np.asarray(classes if classes is not None else [1] * n, np.float32).reshape(
+            1, 1, n
+        ),
+        "masks": np.moveaxis(np.asarray(masks, np.float32), 0, -1),
+        "semantic": np.zeros((*size, 2), np.float32),
+    }
+
+
+def test_paste_mask_matches_cv2_on_integer_boxes(rng):
+    mask = rng.uniform(size=(28, 28))
+    rows, cols, values = paste_mask(mask, np.array([3, 5, 14, 12]), 20, 24)
+    assert (rows, cols) == (slice(3, 14), slice(5, 12))
+    expected = cv2.resize(mask.astype(np.float32), (7, 11), interpolation=cv2.INTER_LINEAR)
+    np.testing.assert_allclose(values, expected, atol=1e-5)
+
+
+def test_paste_mask_fractional_box_and_clipping():
+    # Pixel centres inside [2.4, 6.6): rows 2..6 (centres 2.5 .. 6.5); box leaving the image.
+    rows, cols, values = paste_mask(np.ones((4, 4)), np.array([2.4, -3.0, 6.6, 3.2]), 10, 10)
+    assert rows == slice(2, 7) and cols == slice(0, 3)
+    np.testing.assert_allclose(values, 1.0)
+
+
+def test_overlaps_go_to_the_higher_score():
+    full = np.ones((2, 28, 28))
+    maps = _maps([[2, 2, 10, 10], [6, 6, 14, 14]], [0.9, 0.6], full)
+    res = postprocess_panoptic(maps, PanopticPostprocConfig(nms_iou=1.0))
+    assert res.num_instances == 2
+    inst = res.instances
+    hi, lo = inst[3, 3], inst[12, 12]
+    assert hi != lo and hi > 0 and lo > 0
+    assert np.all(inst[6:10, 6:10] == hi)  # the overlap belongs to the 0.9 detection
+    assert (inst == hi).sum() == 64 and (inst == lo).sum() == 64 - 16
+    np.testing.assert_allclose(res.table["probabilities"][hi - 1], [0.1, 0.9], rtol=1e-6)
+    np.testing.assert_array_equal(res.classes > 0, inst > 0)
+
+
+def test_thresholds_and_nms():
+    masks = np.zeros((3, 28, 28))
+    masks[:, :14] = 0.8  # upper half of each box
+    maps = _maps([[0, 0, 8, 8], [0, 0, 8, 9], [10, 10, 18, 18]], [0.9, 0.8, 0.3], masks)
+    res = postprocess_panoptic(maps, PanopticPostprocConfig(score_threshold=0.5, nms_iou=0.5))
+    assert res.num_instances == 1  # 0.8 suppressed by NMS (IoU 8/9), 0.3 below threshold
+    assert (res.instances > 0).sum() == 4 * 8
+    res = postprocess_panoptic(maps, PanopticPostprocConfig(score_threshold=0.2, nms_iou=1.0))
+    # The 0.9 detection paints over the 0.8 one except its last column (rows 0..3 of col 8).
+    assert res.num_instances == 3
+    assert sorted(res.table["area"].tolist()) == [4, 32, 32]
+    res = postprocess_panoptic(maps, PanopticPostprocConfig(mask_threshold=0.9))
+    assert res.num_instances == 0
+    res = postprocess_panoptic(maps, PanopticPostprocConfig(score_threshold=0.2, min_size=40))
+    assert res.num_instances == 0
+
+
+def test_classes_and_empty():
+    maps = _maps([[0, 0, 4, 4], [5, 5, 9, 9]], [0.9, 0.7], np.ones((2, 28, 28)), classes=[2, 1])
+    res = postprocess_panoptic(maps)
+    assert sorted(res.table["class"].tolist()) == [1, 2]
+    assert res.table["probabilities"].shape == (2, 3)
+    assert res.classes[1, 1] == 2 and res.classes[6, 6] == 1
+    empty = postprocess_panoptic(_maps(np.zeros((3, 4)), [0.0] * 3, np.zeros((3, 28, 28))))
+    assert empty.num_instances == 0 and not empty.instances.any()
+
+
+def test_config_roundtrip_and_errors(tmp_path):
+    cfg = PanopticPostprocConfig(score_threshold=0.3, min_size=5)
+    cfg.save(tmp_path / "pp.json")
+    assert PanopticPostprocConfig.load(tmp_path / "pp.json") == cfg
+    with pytest.raises(ValueError, match="score_threshold"):
+        PanopticPostprocConfig(score_threshold=1.5)
+    with pytest.raises(ValueError, match="Unknown"):
+        PanopticPostprocConfig.from_dict({"fg_threshold": 0.5})
+    (tmp_path / "bad.json").write_text("[1]")
+    with pytest.raises(KerasnucError, match="bad.json"):
+        PanopticPostprocConfig.load(tmp_path / "bad.json")
+    with pytest.raises(KerasnucError, match="needs the outputs"):
+        detections_from_maps({"semantic": np.zeros((4, 4, 2))})

@@ -1,0 +1,50 @@
+"""The panoptic optimizer: SGD momentum 0.9, weight decay, linear warm-up, step decay."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+
+from kerasnuc.config import TrainConfig
+from kerasnuc.training.schedules import WarmupStepDecay, build_sgd_warmup_step
+
+
+def test_schedule_values():
+    s = WarmupStepDecay(0.3, warmup_steps=10, boundaries=(20, 30), factor=0.1, warmup_factor=0.5)
+    got = [float(s(i)) for i in (0, 4, 10, 19, 20, 29, 30, 1000)]
+    expected = [0.15, 0.3 * (0.5 + 0.5 * 0.4), 0.3, 0.3, 0.03, 0.03, 0.003, 0.003]
+    np.testing.assert_allclose(got, expected, rtol=1e-6)
+    clone = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(s))
+    assert float(clone(25)) == pytest.approx(0.03)
+
+
+def test_sgd_warmup_step_optimizer():
+    opt = build_sgd_warmup_step(TrainConfig(learning_rate=0.01, optimizer="sgd"), 2000)
+    assert isinstance(opt, keras.optimizers.SGD)
+    assert opt.momentum == 0.9 and opt.weight_decay == pytest.approx(1e-4)
+    sched = opt._learning_rate
+    assert sched.warmup_steps == 200 and sched.boundaries == (1000, 1500)
+    long = build_sgd_warmup_step(TrainConfig(learning_rate=0.01), 17280)._learning_rate
+    assert long.warmup_steps == 500 and long.boundaries == (8640, 12960)  # the paper's run
+    with pytest.raises(ValueError, match="'sgd'"):
+        build_sgd_warmup_step(TrainConfig(optimizer="radam"), 10)
+
+
+def test_registry_entry():
+    from kerasnuc.config import RunConfig
+    from kerasnuc.data.augment import AugmentConfig
+    from kerasnuc.data.pipeline import PipelineConfig
+    from kerasnuc.registry import get_method
+
+    method = get_method("panoptic")
+    assert method.losses(1) is None and not method.dense_outputs
+    config = RunConfig(
+        method="panoptic", model={}, pipeline=PipelineConfig().to_dict(), train=TrainConfig()
+    )
+    prepared = method.prepare_config(config, [])
+    assert prepared.train.optimizer == "sgd"
+    assert AugmentConfig.from_dict(prepared.pipeline["augment"]) == AugmentConfig.panoptic()
+    own = PipelineConfig(augment=AugmentConfig.none()).to_dict()
+    kept = method.prepare_config(RunConfig(method="panoptic", model={}, pipeline=own), [])
+    assert AugmentConfig.from_dict(kept.pipeline["augment"]) == AugmentConfig.none()
