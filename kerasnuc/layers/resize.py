@@ -6,6 +6,7 @@ and ``keras.ops.image.resize`` need static sizes with the TensorFlow backend).
 from __future__ import annotations
 
 import keras
+from keras import ops
 
 from kerasnuc.layers.attention_gate import resize_bilinear_like
 
@@ -19,11 +20,14 @@ class ResizeLike(keras.layers.Layer):
         reference: ``(B, H, W, ...)`` tensor; only its run-time spatial size is used.
 
     Returns:
-        ``(B, H, W, C)`` tensor of the dtype of ``x``.
+        ``(B, H, W, C)`` tensor of the dtype of ``x``. The sampling positions and weights are
+        computed in float32 also for float16 inputs (mixed precision): in float16 the positions
+        of a few hundred pixels lose their fractional part.
     """
 
     def call(self, x, reference):
-        return resize_bilinear_like(x, reference)
+        out = resize_bilinear_like(ops.cast(x, "float32"), reference)
+        return ops.cast(out, x.dtype)
 
     def compute_output_shape(self, x_shape, reference_shape):
         return (x_shape[0], reference_shape[1], reference_shape[2], x_shape[-1])

@@ -150,3 +150,12 @@ def test_resize_like_matches_image_resize(rng, size, target):
     assert ResizeLike.from_config(layer.get_config()).name == "r"
     a, b = keras.Input((None, None, 3)), keras.Input((None, None, 1))
     assert tuple(ResizeLike()(a, b).shape) == (None, None, None, 3)
+
+
+def test_resize_like_float16_positions_in_float32(rng):
+    x = rng.normal(size=(1, 150, 4, 2)).astype(np.float32)
+    ref = np.zeros((1, 600, 4, 1), np.float32)
+    expected = tf.image.resize(x, (600, 4), method="bilinear", antialias=False).numpy()
+    got = np.asarray(ResizeLike(dtype="mixed_float16")(x.astype(np.float16), ref))
+    assert got.dtype == np.float16
+    np.testing.assert_allclose(got.astype(np.float32), expected, atol=1e-2)
