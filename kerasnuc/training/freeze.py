@@ -16,6 +16,10 @@ How the switch takes effect in Keras 3:
 * a frozen batch normalisation layer (``trainable=False``) runs in inference mode in Keras 3: its
   moving statistics are no longer updated and its scale/offset get no gradient.
 
+Difference to PyTorch: optimizers there keep a step count per parameter, so encoder weights
+unfrozen after ``k`` steps start their bias correction (and AdaBound's bounds) afresh; Keras
+optimizers have one ``iterations`` counter, so they continue at step ``k``.
+
 The phase depends only on the epoch index, so resuming on either side of the boundary (or
 across it) applies the right phase in ``on_epoch_begin``.
 """
