@@ -17,16 +17,20 @@ import keras
 import numpy as np
 
 from kerasnuc.config import BEST_WEIGHTS, POSTPROC, RunConfig
-from kerasnuc.data.pipeline import conic_dataset, panoptic_dataset
+from kerasnuc.data.pipeline import conic_dataset, panoptic_dataset, unet_sharp_dataset
 from kerasnuc.fileutil import KerasnucError
 from kerasnuc.losses.conic import conic_losses
+from kerasnuc.losses.focal_tversky import FocalTversky
 from kerasnuc.models.conic import OUTPUT_NAMES as CONIC_OUTPUTS
 from kerasnuc.models.conic import ConicModelConfig, build_conic_from_config
 from kerasnuc.models.panoptic.model import OUTPUT_NAMES as PANOPTIC_OUTPUTS
 from kerasnuc.models.panoptic.model import PanopticModelConfig, build_panoptic_from_config
+from kerasnuc.models.unet_sharp import OUTPUT_NAMES as UNET_SHARP_OUTPUTS
+from kerasnuc.models.unet_sharp import UnetSharpModelConfig, build_unet_sharp_from_config
 from kerasnuc.postprocess.common import PostprocResult
 from kerasnuc.postprocess.conic import PostprocConfig, postprocess_conic
 from kerasnuc.postprocess.panoptic import PanopticPostprocConfig, postprocess_panoptic
+from kerasnuc.postprocess.unet_sharp import UnetSharpPostprocConfig, postprocess_unet_sharp
 
 
 @dataclass(frozen=True)
@@ -53,6 +57,8 @@ class Method:
         dense_outputs: whether every output is a dense ``(B, H, W, K)`` map that test-time
             augmentation may flip, rotate and average (False for detection outputs, e.g.
             ``panoptic``: the Predictor then refuses TTA).
+        train_defaults: ``TrainConfig`` fields that differ from the shared defaults for this
+            method (e.g. its optimizer and learning rate); ``kerasnuc train`` starts from them.
 
     ``losses`` may return None for a model that computes its own loss (``compute_loss``).
     """
@@ -70,6 +76,7 @@ class Method:
     callbacks: Callable[[RunConfig, keras.Model], list] | None = None
     prepare_config: Callable[[RunConfig, list], RunConfig] | None = None
     dense_outputs: bool = True
+    train_defaults: Mapping[str, Any] | None = None
 
 
 def _conic_postprocess(maps: Mapping[str, np.ndarray], config: PostprocConfig) -> PostprocResult:
@@ -93,6 +100,60 @@ def _panoptic_optimizer(train_cfg, total_steps: int):
     from kerasnuc.training.schedules import build_sgd_warmup_step
 
     return build_sgd_warmup_step(train_cfg, total_steps)
+
+
+#: AdaBound settings of U-Net# (Stagys et al., Table I) besides lr, betas, eps and weight decay.
+UNET_SHARP_FINAL_LR = 0.1
+UNET_SHARP_GAMMA = 1e-3
+
+
+def _unet_sharp_losses(num_classes: int) -> dict[str, Any]:
+    """Focal Tversky loss (beta 0.7, gamma 4/3, background included) on the class ids."""
+    return {"semantic": FocalTversky(beta=0.7, gamma=4.0 / 3.0, sparse=True)}
+
+
+def _unet_sharp_optimizer(train: Any, total_steps: int) -> keras.optimizers.Optimizer:
+    """AdaBound (lr ``train.learning_rate``, final lr 0.1, gamma 1e-3); ``"adamw"``: the default."""
+    from kerasnuc.optimizers.adabound import AdaBound
+    from kerasnuc.training.schedules import build_optimizer
+
+    if train.optimizer == "adamw":
+        return build_optimizer(train, total_steps)
+    if train.optimizer != "adabound":
+        raise KerasnucError(
+            f"unet_sharp trains with 'adabound' (or 'adamw'), not {train.optimizer!r}"
+        )
+    return AdaBound(
+        learning_rate=train.learning_rate,
+        final_lr=UNET_SHARP_FINAL_LR,
+        gamma=UNET_SHARP_GAMMA,
+        weight_decay=train.weight_decay,
+    )
+
+
+def _unet_sharp_callbacks(config: RunConfig, model: keras.Model) -> list:
+    from kerasnuc.training.freeze import EncoderFreezeSchedule
+
+    cfg = UnetSharpModelConfig.from_dict(config.model)
+    return [EncoderFreezeSchedule(cfg.freeze_encoder_epochs, cfg.freeze_encoder_batchnorm)]
+
+
+def _unet_sharp_prepare(config: RunConfig, datasets: list) -> RunConfig:
+    """Fit the Macenko reference on the training images and store it in the model config."""
+    from kerasnuc.data.stain import fit_macenko_reference
+
+    cfg = UnetSharpModelConfig.from_dict(config.model)
+    if not cfg.stain_normalization or cfg.stain_reference is not None:
+        return config
+    norm = fit_macenko_reference(datasets, config.data.train_split, seed=config.train.seed)
+    cfg = dataclasses.replace(cfg, stain_reference=norm.to_dict())
+    return dataclasses.replace(config, model=cfg.to_dict())
+
+
+def _unet_sharp_postprocess(
+    maps: Mapping[str, np.ndarray], config: UnetSharpPostprocConfig
+) -> PostprocResult:
+    return postprocess_unet_sharp(maps["semantic"], config)
 
 
 METHODS: dict[str, Method] = {
@@ -120,6 +181,27 @@ METHODS: dict[str, Method] = {
         optimizer=_panoptic_optimizer,
         prepare_config=_panoptic_prepare,
         dense_outputs=False,
+    ),
+    "unet_sharp": Method(
+        name="unet_sharp",
+        description="U-Net#: ResNeXt encoder, full-scale skips, attention, ASPP (Stagys et al.)",
+        model_config=UnetSharpModelConfig,
+        build=build_unet_sharp_from_config,
+        losses=_unet_sharp_losses,
+        dataset=unet_sharp_dataset,
+        outputs=UNET_SHARP_OUTPUTS,
+        postproc_config=UnetSharpPostprocConfig,
+        postprocess=_unet_sharp_postprocess,
+        optimizer=_unet_sharp_optimizer,
+        callbacks=_unet_sharp_callbacks,
+        prepare_config=_unet_sharp_prepare,
+        # Table I of the paper: lr 1e-4, no weight decay; 50 epochs.
+        train_defaults={
+            "optimizer": "adabound",
+            "learning_rate": 1e-4,
+            "weight_decay": 0.0,
+            "epochs": 50,
+        },
     ),
 }
 

@@ -132,6 +132,10 @@ def _print_tables(result: dict[str, Any]) -> None:
     )
     if classes:
         click.echo(f"mPQ+ {s['mpq_plus']:.4f}  R2 {s['r2']:.4f}  mPQ {s['mpq']:.4f}")
+        click.echo(
+            f"Semantic (pooled pixels, classes 1..C): mIoU {s['miou_pooled']:.4f}  "
+            f"mDice {s['mdice_pooled']:.4f}"
+        )
         class_rows = []
         for c, name in classes.items():
             class_rows.append(

@@ -75,7 +75,8 @@ def build_run_config(
         model = method.model_config.from_dict(section("model", base_model)).to_dict()
         pipeline_dict = section("pipeline", PipelineConfig(batch_size=4).to_dict())
         pipeline = PipelineConfig.from_dict(pipeline_dict).to_dict()
-        train = TrainConfig.from_dict(section("train", TrainConfig().to_dict()))
+        train_base = {**TrainConfig().to_dict(), **dict(method.train_defaults or {})}
+        train = TrainConfig.from_dict(section("train", train_base))
         mpps = {ds.mpp for ds in datasets}
         data_base = {
             "datasets": [str(d) for d in data_dirs],
@@ -125,7 +126,9 @@ def parse_dataset_mpp(values: tuple[str, ...], dirs: list[Path]) -> dict[str, fl
 @click.option("--batch-size", type=click.IntRange(min=1), help="Global batch size.")
 @click.option("--crop", type=click.IntRange(min=32), help="Training crop size (pixels).")
 @click.option("--steps-per-epoch", type=click.IntRange(min=1), help="Steps per epoch.")
-@click.option("--encoder", help="Encoder, e.g. efficientnet_b0 .. efficientnet_b7.")
+@click.option(
+    "--encoder", help="Encoder: efficientnet_b0 .. b7 (conic), resnext50 / resnext101 (unet_sharp)."
+)
 @click.option(
     "--encoder-weights", type=click.Path(path_type=Path), help="ImageNet *_notop.h5 file."
 )

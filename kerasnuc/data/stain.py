@@ -398,3 +398,49 @@ class MacenkoNormalizer:
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise KerasnucError(f"{path}: not valid JSON ({exc})") from exc
         return cls.from_dict(state)
+
+
+def fit_macenko_reference(
+    datasets: Any,
+    split: str | None = "train",
+    max_images: int = 64,
+    max_pixels: int = 2_000_000,
+    seed: int = 0,
+    normalizer: MacenkoNormalizer | None = None,
+) -> MacenkoNormalizer:
+    """Fit a Macenko reference on the pooled pixels of a sample of training images.
+
+    One image is a noisy reference (its stain vectors depend on the tissue it shows); pooling the
+    pixels of many images gives the typical stain appearance of the training data. Images are
+    drawn without replacement (seeded) from all datasets together; the pooled pixels are
+    subsampled to ``max_pixels`` (seeded) and fitted as one ``(N, 1, 3)`` "image".
+
+    Args:
+        datasets: :class:`kerasnuc.data.dataset.Dataset` objects.
+        split: split to draw from (None: all images).
+        max_images: largest number of images used.
+        max_pixels: largest number of pooled pixels used.
+        seed: seed of both draws.
+        normalizer: an unfitted normaliser with the parameters to use (default: defaults).
+
+    Returns:
+        The fitted normaliser.
+
+    Raises:
+        KerasnucError: no image in the split, or too little tissue in the pooled pixels.
+    """
+    if max_images < 1 or max_pixels < 2:
+        raise ValueError(
+            f"`max_images` must be >= 1 and `max_pixels` >= 2. Received: max_images={max_images}, "
+            f"max_pixels={max_pixels}"
+        )
+    refs = [(ds, id) for ds in datasets for id in ds.split(split)]
+    if not refs:
+        raise KerasnucError(f"no images in split {split!r} to fit a Macenko reference on")
+    rng = np.random.default_rng(seed)
+    chosen = rng.choice(len(refs), size=min(max_images, len(refs)), replace=False)
+    pixels = np.concatenate([refs[k][0].image(refs[k][1]).reshape(-1, 3) for k in sorted(chosen)])
+    if pixels.shape[0] > max_pixels:
+        pixels = pixels[np.sort(rng.choice(pixels.shape[0], size=max_pixels, replace=False))]
+    norm = normalizer if normalizer is not None else MacenkoNormalizer()
+    return norm.fit(pixels[:, None, :])

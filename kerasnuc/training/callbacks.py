@@ -33,7 +33,21 @@ from kerasnuc.training.validation import ValItem, validate
 logger = logging.getLogger(__name__)
 
 #: Keys of a validation summary that go into the logs / history (as ``val_<key>``).
-VAL_KEYS = ("score", "pq", "dq", "sq", "aji", "pixel_f1", "mpq_plus", "r2", "miou_pooled")
+VAL_KEYS = (
+    "score",
+    "pq",
+    "dq",
+    "sq",
+    "aji",
+    "pixel_f1",
+    "mpq_plus",
+    "r2",
+    "miou_pooled",
+    "mdice_pooled",
+)
+#: Prefixes of per-class validation entries that also go into the logs (semantic IoU / Dice of
+#: every cell type, pooled over the validation images).
+VAL_CLASS_PREFIXES = ("iou_pooled_c", "dice_pooled_c")
 
 
 def save_weights_atomic(model: keras.Model, path: str | os.PathLike) -> None:
@@ -122,6 +136,10 @@ class BestCheckpoint(keras.callbacks.Callback):
         for key in VAL_KEYS:
             if key in summary:
                 logs[f"val_{key}"] = float(summary[key])
+        for prefix in VAL_CLASS_PREFIXES:
+            for key, value in summary.items():
+                if key.startswith(prefix) and key[len(prefix) :].isdigit():
+                    logs[f"val_{key}"] = float(value)
         score = float(summary["score"])
         if _better(score, self.best_score) or not path.is_file():
             if _better(score, self.best_score):

@@ -155,7 +155,7 @@ def score_predictions(
             if isinstance(value, int | float):
                 out[f"{name}_{key}"] = value
         if "mpq_plus" in summary:
-            for key in ("mpq_plus", "r2", "miou_pooled"):
+            for key in ("mpq_plus", "r2", "miou_pooled", "mdice_pooled"):
                 if key in summary:
                     out.setdefault(key, summary[key])
     return out
