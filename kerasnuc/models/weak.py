@@ -173,13 +173,6 @@ class WeakModel(keras.Model):
         config["loss_mode"] = self.loss_mode
         return config
 
-    @classmethod
-    def from_config(cls, config, custom_objects=None):
-        config = dict(config)
-        mode = config.pop("loss_mode", "cyclic")
-        functional = keras.Model.from_config(config, custom_objects=custom_objects)
-        return cls(functional.inputs, functional.outputs, loss_mode=mode, name=functional.name)
-
 
 def _conv_bn_relu(x, filters: int, name: str):
     x = keras.layers.Conv2D(filters, 3, padding="same", use_bias=False, name=f"{name}_conv")(x)

@@ -236,3 +236,19 @@ def test_weights_round_trip(tmp_path):
     x = np.random.default_rng(0).random((1, 64, 64, 3)).astype(np.float32)
     np.testing.assert_allclose(np.asarray(other(x)["seg"]), np.asarray(model(x)["seg"]))
     np.testing.assert_allclose(other.multitask.log_variances.numpy(), [0.1, 0.2, 0.3])
+
+
+def test_keras_file_round_trip(tmp_path):
+    model = build_weak(
+        **TINY, input_mean=(0.5, 0.4, 0.3), input_std=(0.2, 0.2, 0.1), loss_mode="uncertainty"
+    )
+    model.multitask.log_variances.assign([0.1, 0.2, 0.3])
+    path = tmp_path / "m.keras"
+    model.save(path)
+    loaded = keras.saving.load_model(path)  # registered classes: no custom_objects needed
+    assert isinstance(loaded, WeakModel) and loaded.loss_mode == "uncertainty"
+    x = np.random.default_rng(0).random((2, 64, 96, 3)).astype(np.float32)
+    out = loaded(x)
+    assert sorted(out) == ["seg"]
+    np.testing.assert_allclose(np.asarray(out["seg"]), np.asarray(model(x)["seg"]), atol=1e-6)
+    np.testing.assert_allclose(loaded.multitask.log_variances.numpy(), [0.1, 0.2, 0.3])
