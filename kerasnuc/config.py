@@ -67,6 +67,10 @@ class DataConfig:
         class_colours: ``{id: (r, g, b)}`` for overlays and QuPath.
         dataset_mpp: assumed pixel size ``{dataset folder name: um/px}`` for datasets whose
             ``meta.json`` states none (or states a wrong one); used when resampling to ``mpp``.
+        points: point annotations used instead of the instance maps by point-supervised methods
+            (``weak``): a folder of ``<image id>.csv`` / ``.geojson`` files or one such file
+            (see ``kerasnuc.data.points.read_points_path``); None: points derived from the
+            instance maps.
     """
 
     datasets: tuple[str, ...] = ()
@@ -76,6 +80,7 @@ class DataConfig:
     class_names: dict[int, str] = field(default_factory=dict)
     class_colours: dict[int, tuple[int, int, int]] = field(default_factory=dict)
     dataset_mpp: dict[str, float] = field(default_factory=dict)
+    points: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "datasets", tuple(os.fspath(d) for d in self.datasets))
@@ -90,6 +95,8 @@ class DataConfig:
         if bad:
             raise ValueError(f"`dataset_mpp` values must be > 0 um/px. Received: {bad}")
         object.__setattr__(self, "dataset_mpp", assumed)
+        if self.points is not None:
+            object.__setattr__(self, "points", os.fspath(self.points))
 
     @property
     def num_classes(self) -> int:
@@ -108,6 +115,7 @@ class DataConfig:
             "class_names": {str(k): v for k, v in sorted(self.class_names.items())},
             "class_colours": {str(k): list(v) for k, v in sorted(self.class_colours.items())},
             "dataset_mpp": dict(sorted(self.dataset_mpp.items())),
+            "points": self.points,
         }
 
     @classmethod

@@ -17,7 +17,8 @@ import keras
 import numpy as np
 
 from kerasnuc.config import BEST_WEIGHTS, POSTPROC, RunConfig
-from kerasnuc.data.pipeline import conic_dataset, panoptic_dataset, unet_sharp_dataset
+from kerasnuc.data.pipeline import conic_dataset, panoptic_dataset, unet_sharp_dataset, weak_dataset
+from kerasnuc.data.points import read_points_path
 from kerasnuc.fileutil import KerasnucError
 from kerasnuc.losses.conic import conic_losses
 from kerasnuc.losses.focal_tversky import FocalTversky
@@ -27,10 +28,14 @@ from kerasnuc.models.panoptic.model import OUTPUT_NAMES as PANOPTIC_OUTPUTS
 from kerasnuc.models.panoptic.model import PanopticModelConfig, build_panoptic_from_config
 from kerasnuc.models.unet_sharp import OUTPUT_NAMES as UNET_SHARP_OUTPUTS
 from kerasnuc.models.unet_sharp import UnetSharpModelConfig, build_unet_sharp_from_config
+from kerasnuc.models.weak import OUTPUT_NAMES as WEAK_OUTPUTS
+from kerasnuc.models.weak import WeakModelConfig, build_weak_from_config, fit_input_normalisation
+from kerasnuc.optimizers.lookahead import ranger
 from kerasnuc.postprocess.common import PostprocResult
 from kerasnuc.postprocess.conic import PostprocConfig, postprocess_conic
 from kerasnuc.postprocess.panoptic import PanopticPostprocConfig, postprocess_panoptic
 from kerasnuc.postprocess.unet_sharp import UnetSharpPostprocConfig, postprocess_unet_sharp
+from kerasnuc.postprocess.weak import WeakPostprocConfig, postprocess_weak
 
 
 @dataclass(frozen=True)
@@ -59,6 +64,12 @@ class Method:
             ``panoptic``: the Predictor then refuses TTA).
         train_defaults: ``TrainConfig`` fields that differ from the shared defaults for this
             method (e.g. its optimizer and learning rate); ``kerasnuc train`` starts from them.
+        dataset_options: ``RunConfig -> {keyword: value}`` extra keyword arguments of
+            ``dataset`` taken from the run config (e.g. the point annotations of ``weak``);
+            None: none.
+        default_postproc: ``RunConfig -> postproc config`` written as ``postproc.json`` when a
+            run starts, and used by :func:`load_run` when a run folder has none (e.g. settings
+            in micrometres that need the run's pixel size); None: ``postproc_config()``.
 
     ``losses`` may return None for a model that computes its own loss (``compute_loss``).
     """
@@ -77,6 +88,14 @@ class Method:
     prepare_config: Callable[[RunConfig, list], RunConfig] | None = None
     dense_outputs: bool = True
     train_defaults: Mapping[str, Any] | None = None
+    dataset_options: Callable[[RunConfig], dict[str, Any]] | None = None
+    default_postproc: Callable[[RunConfig], Any] | None = None
+
+    def new_postproc(self, config: RunConfig) -> Any:
+        """The post-processing settings of a new run of ``config`` (see ``default_postproc``)."""
+        if self.default_postproc is not None:
+            return self.default_postproc(config)
+        return self.postproc_config()
 
 
 def _conic_postprocess(maps: Mapping[str, np.ndarray], config: PostprocConfig) -> PostprocResult:
@@ -156,6 +175,60 @@ def _unet_sharp_postprocess(
     return postprocess_unet_sharp(maps["semantic"], config)
 
 
+def _weak_postprocess(maps: Mapping[str, np.ndarray], config: WeakPostprocConfig) -> PostprocResult:
+    return postprocess_weak(maps["seg"], config)
+
+
+def _weak_losses(num_classes: int) -> None:
+    """The weak model computes its own scheduled multi-task loss (``WeakModel.compute_loss``)."""
+    return None
+
+
+def _weak_optimizer(train: Any, total_steps: int) -> keras.optimizers.Optimizer:
+    """Ranger = Lookahead(RAdam) at a constant ``train.learning_rate`` (paper: 1e-3).
+
+    The other settings are those of Ranger's 2019 release (:func:`kerasnuc.optimizers.lookahead.
+    ranger`: beta_1 0.95, epsilon 1e-5, k = 6, alpha = 0.5); the paper names no schedule and no
+    weight decay, so ``train.weight_decay`` is not used.
+    """
+    if train.optimizer != "ranger":
+        raise KerasnucError(
+            f"the weak method trains with 'ranger', not {train.optimizer!r} (train.optimizer)"
+        )
+    return ranger(learning_rate=train.learning_rate)
+
+
+def _weak_prepare_config(config: RunConfig, datasets: list) -> RunConfig:
+    """Ranger as the optimizer, and the input standardisation fitted on the training images.
+
+    The paper normalises "by mean subtraction and division by the standard deviation of the RGB
+    channels" of the training set: mean and std are computed once over every pixel of the
+    training split (at the data's own resolution) and travel in the model config.
+    """
+    model = WeakModelConfig.from_dict(config.model)
+    if model.input_mean is None:
+        split = config.data.train_split
+        images = (ds.image(id) for ds in datasets for id in ds.split(split))
+        mean, std = fit_input_normalisation(images)
+        model = dataclasses.replace(model, input_mean=mean, input_std=std)
+    train = config.train
+    if train.optimizer == "adamw":  # the package-wide default: weak's is Ranger
+        train = dataclasses.replace(train, optimizer="ranger")
+    return dataclasses.replace(config, model=model.to_dict(), train=train)
+
+
+def _weak_dataset_options(config: RunConfig) -> dict[str, Any]:
+    """``points`` for :func:`weak_dataset` from ``data.points`` (None: from the instance maps)."""
+    if config.data.points is None:
+        return {}
+    return {"points": read_points_path(config.data.points)}
+
+
+def _weak_default_postproc(config: RunConfig) -> WeakPostprocConfig:
+    """Default detection settings at the run's pixel size (2.5 um -> ``2.5 / mpp`` pixels)."""
+    return WeakPostprocConfig(mpp=config.data.mpp)
+
+
 METHODS: dict[str, Method] = {
     "conic": Method(
         name="conic",
@@ -202,6 +275,21 @@ METHODS: dict[str, Method] = {
             "weight_decay": 0.0,
             "epochs": 50,
         },
+    ),
+    "weak": Method(
+        name="weak",
+        description="point-supervised multi-task U-Net, ResNet-50 encoder (Chamanzar & Nie 2020)",
+        model_config=WeakModelConfig,
+        build=build_weak_from_config,
+        losses=_weak_losses,
+        dataset=weak_dataset,
+        outputs=WEAK_OUTPUTS,
+        postproc_config=WeakPostprocConfig,
+        postprocess=_weak_postprocess,
+        optimizer=_weak_optimizer,
+        prepare_config=_weak_prepare_config,
+        dataset_options=_weak_dataset_options,
+        default_postproc=_weak_default_postproc,
     ),
 }
 
@@ -267,6 +355,6 @@ def load_run(run_dir: str | os.PathLike, weights: str | os.PathLike | None = Non
         ) from exc
     pp_path = run_dir / POSTPROC
     postproc = (
-        method.postproc_config.load(pp_path) if pp_path.is_file() else method.postproc_config()
+        method.postproc_config.load(pp_path) if pp_path.is_file() else method.new_postproc(config)
     )
     return LoadedRun(run_dir, config, method, model, postproc)

@@ -128,7 +128,8 @@ def _print_tables(result: dict[str, Any]) -> None:
         f"\n{s['n_images']} images scored; ALL = mean over images (counts summed).\n"
         f"Dataset: CCC of counts {s['ccc']:.4f}, detection P/R/F1 (pooled) "
         f"{s['det_precision_pooled']:.4f}/{s['det_recall_pooled']:.4f}/"
-        f"{s['det_f1_pooled']:.4f}, pixel F1 (pooled) {s['pixel_f1_pooled']:.4f}"
+        f"{s['det_f1_pooled']:.4f}, pixel F1 (pooled) {s['pixel_f1_pooled']:.4f}, "
+        f"pixel accuracy (mean) {s['pixel_acc']:.4f}"
     )
     if classes:
         click.echo(f"mPQ+ {s['mpq_plus']:.4f}  R2 {s['r2']:.4f}  mPQ {s['mpq']:.4f}")

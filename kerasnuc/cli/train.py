@@ -146,6 +146,13 @@ def parse_dataset_mpp(values: tuple[str, ...], dirs: list[Path]) -> dict[str, fl
     type=click.Path(path_type=Path),
     help="Start from the weights of this run folder (same architecture): fine-tuning.",
 )
+@click.option(
+    "--points",
+    type=click.Path(path_type=Path),
+    help="weak: point annotations instead of points derived from the instance maps: a folder "
+    "with one file per training image named <image id>.csv (columns x,y or row,col, pixels of "
+    "the image as stored) or <image id>.geojson/.json (QuPath points), or one such file.",
+)
 @click.option("--seed", type=int, help="Seed of weights, pipeline and dropout.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its checkpoint.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing run folder.")
@@ -174,6 +181,7 @@ def train(
     mpp: float | None,
     dataset_mpp: tuple[str, ...],
     init_from: Path | None,
+    points: Path | None,
     seed: int | None,
     resume: bool,
     overwrite: bool,
@@ -215,6 +223,14 @@ def train(
             raise KerasnucError(f"{init_from}: run folder or weights file to start from not found")
         if encoder_weights is not None and not encoder_weights.is_file():
             raise KerasnucError(f"{encoder_weights}: encoder weights file not found")
+        if points is not None:
+            from kerasnuc.data.points import read_points_path
+
+            if method != "weak":
+                raise KerasnucError(
+                    f"--points is for point-supervised methods (weak), not {method}"
+                )
+            read_points_path(points)  # fail now on a bad file, not after the run has started
         overrides = {
             "model": {
                 "encoder": encoder,
@@ -238,7 +254,10 @@ def train(
                 "val_every": val_every,
                 "init_from": str(init_from) if init_from is not None else None,
             },
-            "data": {"dataset_mpp": parse_dataset_mpp(dataset_mpp, dirs) or None},
+            "data": {
+                "dataset_mpp": parse_dataset_mpp(dataset_mpp, dirs) or None,
+                "points": str(points) if points is not None else None,
+            },
         }
         config = build_run_config(method, dirs, file_config, overrides)
     result = train_run(config, run_dir, resume=resume, overwrite=overwrite, verbose=1)

@@ -57,10 +57,12 @@ def tune(
     """Tune the post-processing of RUN_DIR on a labelled split; write RUN_DIR/postproc.json.
 
     Each image is predicted once; every grid configuration is scored with mPQ+ (PQ for data
-    without classes) over the whole split, and the best one is saved.
+    without classes, and for weak runs) over the whole split, and the best one is saved.
+    Default grids: conic foreground/seed thresholds and minimum size; weak peak threshold,
+    minimum detection distance (um) and smoothing.
     """
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    grid = read_grid(grid_file) if grid_file is not None else DEFAULT_GRID
+    grid = read_grid(grid_file) if grid_file is not None else None
     dirs = [dataset_path(d) for d in data_dirs]
     for d in dirs:
         if not d.is_dir():
@@ -73,9 +75,17 @@ def tune(
     from kerasnuc.training.validation import val_items as load_val_items
 
     run = load_run(run_dir)
-    if run.config.method != "conic":
-        raise KerasnucError(f"tune supports the conic method only (run is {run.config.method})")
+    if run.config.method not in ("conic", "weak"):
+        raise KerasnucError(
+            f"tune supports the conic and weak methods only (run is {run.config.method})"
+        )
     from kerasnuc.postprocess.conic import tune_postproc
+    from kerasnuc.postprocess.weak import DEFAULT_GRID as WEAK_GRID
+    from kerasnuc.postprocess.weak import tune_weak_postproc
+
+    weak = run.config.method == "weak"
+    if grid is None:
+        grid = WEAK_GRID if weak else DEFAULT_GRID
 
     target_mpp = PipelineConfig.from_dict(run.config.pipeline).target_mpp
     items, num_classes = load_val_items(
@@ -84,14 +94,16 @@ def tune(
         target_mpp,
         max_images,
     )
-    if max(1, num_classes) != run.config.model.get("num_classes"):
+    if not weak and max(1, num_classes) != run.config.model.get("num_classes"):
         raise KerasnucError(
             f"the data has {num_classes} classes but the model was trained for "
             f"{run.config.model.get('num_classes')}"
         )
     with click.progressbar(items, label=f"predicting {len(items)} images") as bar:
         maps = predict_all(run.model, list(bar))
-    maps_list = [(m.get("semantic"), m["three_label"]) for m in maps]
+    if weak:  # class-agnostic: scored by PQ whatever the data's classes
+        num_classes = 0
+    maps_list = [] if weak else [(m.get("semantic"), m["three_label"]) for m in maps]
     gt_list = [(it.instances, it.classes) for it in items]
 
     def score_fn(pred_inst, pred_cls, gt_inst, gt_cls) -> float:
@@ -99,9 +111,17 @@ def tune(
         return score_summary(summary, num_classes)
 
     try:
-        best, table = tune_postproc(
-            maps_list, gt_list, grid, score_fn, base_config=run.postproc, batched=True
-        )
+        if weak:
+            best, table = tune_weak_postproc(
+                [m["seg"] for m in maps],
+                grid,
+                lambda inst, cls: score_fn(inst, cls, None, None),
+                base_config=run.postproc,
+            )
+        else:
+            best, table = tune_postproc(
+                maps_list, gt_list, grid, score_fn, base_config=run.postproc, batched=True
+            )
     except ValueError as exc:
         raise KerasnucError(f"invalid grid: {exc}") from exc
     best.save(run_dir / POSTPROC)

@@ -31,7 +31,7 @@ import json
 import logging
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -312,6 +312,78 @@ def read_points_geojson(
         pts -= 0.5
     cls_arr = np.asarray(classes, dtype=np.int32) if any(classes) else None
     return pts, cls_arr
+
+
+#: File suffixes of point annotation files: CSV and (QuPath) GeoJSON.
+POINT_SUFFIXES = (".csv", ".geojson", ".json")
+
+
+def read_points_file(
+    path: str | os.PathLike, class_names: Mapping[int, str] | None = None
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Read one point file by its suffix: ``.csv`` (:func:`read_points_csv`), ``.geojson`` /
+    ``.json`` (:func:`read_points_geojson`, QuPath's corner-origin convention).
+
+    Raises:
+        KerasnucError: another suffix, or a bad file.
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
+        return read_points_csv(path, class_names)
+    if suffix in (".geojson", ".json"):
+        return read_points_geojson(path, class_names)
+    raise KerasnucError(f"{path}: not a point file (expected one of {', '.join(POINT_SUFFIXES)})")
+
+
+def read_points_path(
+    path: str | os.PathLike,
+    ids: Sequence[str] | None = None,
+    class_names: Mapping[int, str] | None = None,
+) -> dict[str, np.ndarray]:
+    """Point annotations of several images, one file per image, named after the image id.
+
+    Convention: ``path`` is a folder holding ``<image id>.csv``, ``<image id>.geojson`` or
+    ``<image id>.json`` files (CSV: columns ``x,y`` or ``row,col`` in pixels of the image at its
+    own resolution; GeoJSON: QuPath point annotations), or a single such file whose stem is the
+    id of its image. Files of other types in the folder are ignored.
+
+    Args:
+        path: folder or file.
+        ids: read only these image ids (None: every file).
+        class_names: ``{id: name}`` to map class names (classes are read but not returned).
+
+    Returns:
+        ``{image id: (K, 2) float64 (row, col)}``.
+
+    Raises:
+        KerasnucError: no such path, no point file in it, two files for one id, or a bad file.
+    """
+    path = Path(path)
+    if path.is_file():
+        files = [path]
+    elif path.is_dir():
+        files = sorted(
+            p for p in path.iterdir() if p.is_file() and p.suffix.lower() in POINT_SUFFIXES
+        )
+        if not files:
+            raise KerasnucError(
+                f"{path}: no point files (<image id>{'/'.join(POINT_SUFFIXES)}) in this folder"
+            )
+    else:
+        raise KerasnucError(f"{path}: point annotations not found")
+    wanted = None if ids is None else set(ids)
+    out: dict[str, np.ndarray] = {}
+    seen: dict[str, Path] = {}
+    for file in files:
+        id = file.stem
+        if wanted is not None and id not in wanted:
+            continue
+        if id in seen:
+            raise KerasnucError(f"{file}: second point file for image {id!r} (also {seen[id]})")
+        seen[id] = file
+        out[id], _ = read_points_file(file, class_names)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------

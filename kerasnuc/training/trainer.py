@@ -204,7 +204,7 @@ def train_run(
             config = method.prepare_config(config, datasets)
         config.save(run_dir)
         if not (run_dir / POSTPROC).is_file():
-            method.postproc_config().save(run_dir / POSTPROC)
+            method.new_postproc(config).save(run_dir / POSTPROC)
     pipeline_cfg = _pipeline_config(config)
     train_cfg = config.train
     postproc = method.postproc_config.load(run_dir / POSTPROC)
@@ -244,8 +244,14 @@ def train_run(
             result.best_score, result.best_epoch = state["best_score"], state["best_epoch"]
             return result
 
+        options = method.dataset_options(config) if method.dataset_options is not None else {}
         data = method.dataset(
-            datasets, config.data.train_split, pipeline_cfg, training=True, start_epoch=start
+            datasets,
+            config.data.train_split,
+            pipeline_cfg,
+            training=True,
+            start_epoch=start,
+            **options,
         )
         if train_cfg.strategy == "multiworker":
             import tensorflow as tf
