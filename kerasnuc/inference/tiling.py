@@ -12,8 +12,8 @@ post-processing; nothing here imports TensorFlow.
 Tiling (the overlap-tile strategy of U-Net, Ronneberger et al. 2015, with the object ownership
 rule of StarDist's ``predict_instances_big``, Schmidt et al. 2018): the image is cut into a grid
 of *cores* of ``tile_size - 2 * margin`` model pixels; each tile the model sees is its core plus
-``margin`` pixels of context on every side (white padding outside the image, and for images
-smaller than one tile). Each tile's instances are kept only if their centroid falls inside that
+``margin`` pixels of context on every side (the image mirrored at its border outside the image,
+and for images smaller than one tile; nuclei whose centroid falls outside are dropped). Each tile's instances are kept only if their centroid falls inside that
 tile's core, so every nucleus is taken from exactly one tile, the one that sees it with at
 least ``margin`` pixels of context around its centre.
 
@@ -254,9 +254,26 @@ def make_grid(
 
 
 def read_tile(source: ImageSource, grid: TileGrid, index: int) -> np.ndarray:
-    """Tile ``index`` as the model sees it: ``(T, T, 3)`` uint8, white outside the image."""
+    """Tile ``index`` as the model sees it: ``(T, T, 3)`` uint8, mirrored outside the image.
+
+    The part of the tile beyond the image border is the image mirrored at that border
+    (``numpy.pad`` mode ``"symmetric"``, repeated for images smaller than the tile), like the
+    reflect padding of a whole-image prediction. A constant (white) fill would change the
+    prediction everywhere in the tile for models with global pooling (the squeeze-and-excitation
+    blocks of EfficientNet): measured with the default model, white padding cost 0.04 PQ on
+    MoNuSeg 1000x1000 images in 512 px tiles and 0.13 PQ on 256x320 DSB images.
+    """
     y, x = grid.origin(index)
-    region = source.read_region(y, x, grid.read_size, grid.read_size, grid.level)
+    size = grid.read_size
+    height, width = grid.level_shape
+    y0, x0, y1, x1 = max(y, 0), max(x, 0), min(y + size, height), min(x + size, width)
+    inside = (y0, x0, y1, x1) == (y, x, y + size, x + size)
+    if inside or y1 <= y0 or x1 <= x0:
+        region = source.read_region(y, x, size, size, grid.level)
+    else:
+        region = source.read_region(y0, x0, y1 - y0, x1 - x0, grid.level)
+        pads = ((y0 - y, y + size - y1), (x0 - x, x + size - x1), (0, 0))
+        region = np.pad(region, pads, mode="symmetric")
     if grid.resampled:
         size = (grid.tile_size, grid.tile_size)
         interp = cv2.INTER_AREA if grid.read_size > grid.tile_size else cv2.INTER_LINEAR
@@ -367,6 +384,16 @@ def tile_instances(
         top = ids.size - 1
     else:
         ids, labels = np.arange(top + 1), inst.astype(np.intp, copy=False)
+    # Only pixels inside the image count: outside, read_tile mirrors the image.
+    oy, ox = grid.origin(index)
+    centres = (np.arange(size) + 0.5) * (grid.read_size / size) - 0.5
+    ry, rx = oy + centres, ox + centres
+    rows_in = (ry > -0.5) & (ry < grid.level_shape[0] - 0.5)
+    cols_in = (rx > -0.5) & (rx < grid.level_shape[1] - 0.5)
+    listed = None  # ids of the whole tile, for tables without an "id" column
+    if not (rows_in.all() and cols_in.all()):
+        listed = ids[np.flatnonzero(np.bincount(labels.ravel(), minlength=top + 1)[1:]) + 1]
+        labels = np.where(rows_in[:, None] & cols_in[None, :], labels, 0)
     flat = labels.ravel()
     rows, cols = _pixel_coords(size)
     area = np.bincount(flat, minlength=top + 1)
@@ -376,7 +403,6 @@ def tile_instances(
     cy = sum_r[present] / area[present]
     cx = sum_c[present] / area[present]
     # Ownership: centroid inside this tile's core, in level pixels.
-    oy, ox = grid.origin(index)
     k = grid.read_size / size
     if grid.resampled:
         ly, lx = oy + (cy + 0.5) * k - 0.5, ox + (cx + 0.5) * k - 0.5
@@ -388,7 +414,7 @@ def tile_instances(
     if kept.size == 0:
         return []
     # Per-instance class and table rows.
-    table_rows = _table_rows(table, ids[present])
+    table_rows = _table_rows(table, ids[present], listed)
     if table is not None and "class" in table:
         inst_class = np.asarray(table["class"])[table_rows].astype(np.int64)
     elif classes is not None:
@@ -486,8 +512,14 @@ def _resample_mask(
     return int(ys[rows[0]]), int(xs[cols[0]]), mask
 
 
-def _table_rows(table: Any, present_ids: np.ndarray) -> np.ndarray | None:
-    """Row of ``table`` for each present id (None without a table)."""
+def _table_rows(
+    table: Any, present_ids: np.ndarray, listed_ids: np.ndarray | None = None
+) -> np.ndarray | None:
+    """Row of ``table`` for each present id (None without a table).
+
+    ``listed_ids``: the sorted ids the table's rows describe when it has no ``"id"`` column
+    (default ``present_ids``; differs when some instances lie wholly outside the image).
+    """
     if table is None:
         return None
     lengths = {key: len(np.asarray(col)) for key, col in table.items()}
@@ -501,13 +533,14 @@ def _table_rows(table: Any, present_ids: np.ndarray) -> np.ndarray | None:
         if table_ids.size == 0 or np.any(table_ids[order][pos] != present_ids):
             raise ValueError("`predict_fn` table has no row for some instance ids of its map.")
         return order[pos]
-    n_rows = next(iter(lengths.values()), present_ids.size)
-    if n_rows != present_ids.size:
+    listed = present_ids if listed_ids is None else np.asarray(listed_ids)
+    n_rows = next(iter(lengths.values()), listed.size)
+    if n_rows != listed.size:
         raise ValueError(
             "`predict_fn` table without an 'id' column must have one row per instance. "
-            f"Received: {n_rows} rows for {present_ids.size} instances"
+            f"Received: {n_rows} rows for {listed.size} instances"
         )
-    return np.arange(present_ids.size)
+    return np.searchsorted(listed, present_ids)
 
 
 def _majority_class(labels: np.ndarray, classes: Any, size: int, top: int) -> np.ndarray:

@@ -181,11 +181,16 @@ def test_tiled_matches_untiled_haematoxylin_threshold(shared_data):
     n_untiled = len(np.unique(untiled)) - 1
     n_tiled = int(tiled.max())
     assert n_untiled > 300
-    assert abs(n_tiled - n_untiled) <= 0.005 * n_untiled
-    assert panoptic_quality(untiled, tiled).pq >= 0.99
+    # Away from the image border the tiles agree with the whole image exactly; at the border the
+    # tiles see the image mirrored (read_tile), where this predictor's size filter drops some
+    # nuclei merged with their mirror image that the unpadded whole image keeps.
+    inner = (slice(64, -64), slice(64, -64))
+    assert panoptic_quality(untiled[inner], tiled[inner]).pq >= 0.999
+    assert abs(n_tiled - n_untiled) <= 0.01 * n_untiled
+    assert panoptic_quality(untiled, tiled).pq >= 0.98
 
 
-def test_image_smaller_than_tile_is_padded_white():
+def test_image_smaller_than_tile_is_mirrored():
     image, _ = disc_image((90, 70), radius=5, spacing=20, seed=1)
     seen = []
 
@@ -196,9 +201,17 @@ def test_image_smaller_than_tile_is_padded_white():
     result = predict_tiled(image, predict, tile_size=256, margin=64)
     assert result.instances.shape == (90, 70)
     assert len(seen) == 1 and seen[0].shape == (1, 256, 256, 3)
-    # The image sits at (64, 64) in the single tile; everything else is white.
-    np.testing.assert_array_equal(seen[0][0, 64:154, 64:134], image)
-    assert seen[0][0, :64].min() == 255 and seen[0][0, :, 134:].min() == 255
+    # The image sits at (64, 64) in the single tile; around it, the image mirrored at its
+    # borders (repeatedly where the tile is more than twice as large): row 63 = row 0,
+    # row 0 = row 63, row 154 = row 89 (the last), column 134 = column 69, column 204 = 0.
+    tile = seen[0][0]
+    np.testing.assert_array_equal(tile[64:154, 64:134], image)
+    np.testing.assert_array_equal(tile[63, 64:134], image[0])
+    np.testing.assert_array_equal(tile[0, 64:134], image[63])
+    np.testing.assert_array_equal(tile[154, 64:134], image[89])
+    np.testing.assert_array_equal(tile[64:154, 134], image[:, 69])
+    np.testing.assert_array_equal(tile[64:154, 204], image[:, 0])
+    # Mirrored nuclei outside the image are not part of the result.
     assert same_instances(dark_label(image[None])[0], result.instances)
 
 
