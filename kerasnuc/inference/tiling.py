@@ -9,13 +9,14 @@ integer (0 = background, any positive ids); ``classes`` is ``(T, T)`` integer or
 without an ``"id"`` column, the ``k``-th smallest id of the map). This is the model plus its
 post-processing; nothing here imports TensorFlow.
 
-Tiling (the overlap-tile strategy of U-Net, Ronneberger et al. 2015, with the object ownership
-rule of StarDist's ``predict_instances_big``, Schmidt et al. 2018): the image is cut into a grid
-of *cores* of ``tile_size - 2 * margin`` model pixels; each tile the model sees is its core plus
-``margin`` pixels of context on every side (the image mirrored at its border outside the image,
-and for images smaller than one tile; nuclei whose centroid falls outside are dropped). Each tile's instances are kept only if their centroid falls inside that
-tile's core, so every nucleus is taken from exactly one tile, the one that sees it with at
-least ``margin`` pixels of context around its centre.
+Tiling (the overlap-tile strategy of U-Net, Ronneberger et al. 2015, with the object ownership rule
+of StarDist's ``predict_instances_big``, Schmidt et al. 2018): the image is cut into a grid of
+*cores* of ``tile_size - 2 * margin`` model pixels; each tile the model sees is its core plus
+``margin`` pixels of context on every side (the image mirrored at its border outside the image, and
+for images smaller than one tile; nuclei whose centroid falls outside are dropped). Each tile's
+instances are kept only if their centroid falls inside that tile's core, so every nucleus is taken
+from exactly one tile, the one that sees it with at least ``margin`` pixels of context around its
+centre.
 
 **Assumption**: the largest object fits in the margin, i.e. every predicted instance's bounding
 box is at most ``margin`` model pixels high and wide. Then the tile owning a nucleus sees it
