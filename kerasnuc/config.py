@@ -32,6 +32,8 @@ POSTPROC = "postproc.json"
 HISTORY = "history.csv"
 CHECKPOINT_DIR = "checkpoint"
 LOG_DIR = "logs"
+#: Folder of the per-epoch weights (``TrainConfig.keep_epoch_weights``).
+EPOCH_WEIGHTS_DIR = "epochs"
 
 #: Default colours of cell types 1..6 (RGB), reused cyclically.
 DEFAULT_COLOURS = (
@@ -142,6 +144,8 @@ class TrainConfig:
         jit_compile: XLA-compile the train step (slow to compile on CPU).
         init_from: start from the weights of this run folder (or ``.weights.h5`` file) of the
             same architecture instead of random/ImageNet init (fine-tuning); None: no.
+        keep_epoch_weights: also save the weights after every epoch as
+            ``epochs/epoch_NNN.weights.h5`` (learning curves, picking an epoch by hand).
     """
 
     epochs: int = 50
@@ -157,6 +161,7 @@ class TrainConfig:
     strategy: str = "default"
     jit_compile: bool = False
     init_from: str | None = None
+    keep_epoch_weights: bool = False
 
     def __post_init__(self) -> None:
         if self.epochs < 1:

@@ -165,6 +165,12 @@ def parse_dataset_mpp(values: tuple[str, ...], dirs: list[Path]) -> dict[str, fl
 )
 @click.option("--val-max-images", type=click.IntRange(min=1), help="Cap on validation images.")
 @click.option("--val-every", type=click.IntRange(min=1), help="Validate every N epochs.")
+@click.option(
+    "--keep-epoch-weights",
+    is_flag=True,
+    default=None,
+    help="Also save the weights after every epoch (OUT/epochs/epoch_NNN.weights.h5).",
+)
 @click.option("-v", "--verbose", is_flag=True, help="Log progress details.")
 def train(
     method: str,
@@ -190,6 +196,7 @@ def train(
     no_importance_sampling: bool,
     val_max_images: int | None,
     val_every: int | None,
+    keep_epoch_weights: bool | None,
     verbose: bool,
 ) -> None:
     """Train METHOD on --data folders; write weights, config and history to --out.
@@ -252,6 +259,7 @@ def train(
                 "mixed_precision": mixed_precision,
                 "val_max_images": val_max_images,
                 "val_every": val_every,
+                "keep_epoch_weights": keep_epoch_weights,
                 "init_from": str(init_from) if init_from is not None else None,
             },
             "data": {

@@ -59,7 +59,8 @@ def tune(
     Each image is predicted once; every grid configuration is scored with mPQ+ (PQ for data
     without classes, and for weak runs) over the whole split, and the best one is saved.
     Default grids: conic foreground/seed thresholds and minimum size; weak peak threshold,
-    minimum detection distance (um) and smoothing.
+    minimum detection distance (um) and smoothing; panoptic detection score, mask threshold and
+    extra box NMS.
     """
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     grid = read_grid(grid_file) if grid_file is not None else None
@@ -75,17 +76,19 @@ def tune(
     from kerasnuc.training.validation import val_items as load_val_items
 
     run = load_run(run_dir)
-    if run.config.method not in ("conic", "weak"):
+    method = run.config.method
+    if method not in ("conic", "weak", "panoptic"):
         raise KerasnucError(
-            f"tune supports the conic and weak methods only (run is {run.config.method})"
+            f"tune supports the conic, weak and panoptic methods only (run is {method})"
         )
+    from kerasnuc.postprocess import panoptic as pan
     from kerasnuc.postprocess.conic import tune_postproc
     from kerasnuc.postprocess.weak import DEFAULT_GRID as WEAK_GRID
     from kerasnuc.postprocess.weak import tune_weak_postproc
 
-    weak = run.config.method == "weak"
+    weak = method == "weak"
     if grid is None:
-        grid = WEAK_GRID if weak else DEFAULT_GRID
+        grid = {"weak": WEAK_GRID, "panoptic": pan.DEFAULT_GRID}.get(method, DEFAULT_GRID)
 
     target_mpp = PipelineConfig.from_dict(run.config.pipeline).target_mpp
     items, num_classes = load_val_items(
@@ -103,7 +106,7 @@ def tune(
         maps = predict_all(run.model, list(bar))
     if weak:  # class-agnostic: scored by PQ whatever the data's classes
         num_classes = 0
-    maps_list = [] if weak else [(m.get("semantic"), m["three_label"]) for m in maps]
+    maps_list = [] if method != "conic" else [(m.get("semantic"), m["three_label"]) for m in maps]
     gt_list = [(it.instances, it.classes) for it in items]
 
     def score_fn(pred_inst, pred_cls, gt_inst, gt_cls) -> float:
@@ -117,6 +120,10 @@ def tune(
                 grid,
                 lambda inst, cls: score_fn(inst, cls, None, None),
                 base_config=run.postproc,
+            )
+        elif method == "panoptic":
+            best, table = pan.tune_panoptic_postproc(
+                maps, grid, lambda inst, cls: score_fn(inst, cls, None, None), run.postproc
             )
         else:
             best, table = tune_postproc(

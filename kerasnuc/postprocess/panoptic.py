@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -28,6 +28,7 @@ import numpy as np
 from kerasnuc.fileutil import KerasnucError, write_json_atomic
 from kerasnuc.postprocess.common import (
     PostprocResult,
+    grid_search,
     instance_areas,
     instance_centroids,
     instance_solidity,
@@ -234,9 +235,40 @@ def postprocess_panoptic(
     return PostprocResult(instances, class_lut[instances], table)
 
 
+#: Default ``kerasnuc tune`` grid (54 configurations): detection score, mask threshold, extra NMS.
+DEFAULT_GRID: dict[str, list[Any]] = {
+    "score_threshold": [0.3, 0.4, 0.5, 0.6, 0.7, 0.8],
+    "mask_threshold": [0.4, 0.5, 0.6],
+    "nms_iou": [0.3, 0.5, 1.0],
+}
+
+
+def tune_panoptic_postproc(
+    maps_list: Sequence[Mapping[str, np.ndarray]],
+    grid: Mapping[str, Sequence[Any]],
+    score_fn: Callable[[list[np.ndarray], list[np.ndarray]], float],
+    base_config: PanopticPostprocConfig | None = None,
+) -> tuple[PanopticPostprocConfig, list[dict[str, Any]]]:
+    """Grid search of :class:`PanopticPostprocConfig` settings on the model outputs of a set.
+
+    Args:
+        maps_list: per image the model outputs (:func:`detections_from_maps`).
+        grid: setting name -> candidate values (every combination, the last name fastest).
+        score_fn: ``score_fn(pred_instances, pred_classes) -> float`` over the whole set.
+        base_config: the settings not in ``grid`` (default :class:`PanopticPostprocConfig()`).
+
+    Returns:
+        ``(best_config, table)`` of :func:`~kerasnuc.postprocess.common.grid_search`.
+    """
+    base = PanopticPostprocConfig() if base_config is None else base_config
+    return grid_search(list(maps_list), grid, postprocess_panoptic, base, score_fn)
+
+
 __all__ = [
+    "DEFAULT_GRID",
     "PanopticPostprocConfig",
     "detections_from_maps",
     "paste_mask",
     "postprocess_panoptic",
+    "tune_panoptic_postproc",
 ]

@@ -26,7 +26,6 @@ Every nucleus gets class 1 (the method is class-agnostic).
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import json
 import logging
 import math
@@ -42,6 +41,7 @@ from skimage.segmentation import watershed
 from kerasnuc.fileutil import KerasnucError, write_json_atomic
 from kerasnuc.postprocess.common import (
     PostprocResult,
+    grid_search,
     instance_areas,
     instance_centroids,
     instance_solidity,
@@ -319,22 +319,7 @@ def tune_weak_postproc(
     if not seg_list:
         raise ValueError("`seg_list` must hold at least one image")
     base = WeakPostprocConfig() if base_config is None else base_config
-    names = list(grid)
-    unknown = sorted(set(names) - {f.name for f in dataclasses.fields(WeakPostprocConfig)})
-    if unknown:
-        raise ValueError(f"Unknown post-processing setting(s) {unknown} in the grid")
-    if any(not isinstance(grid[n], Sequence) or not len(grid[n]) for n in names):
-        raise ValueError("every grid entry must be a non-empty list of values")
     segs = [_check_seg(s) for s in seg_list]
-    table = []
-    configs = []
-    for values in itertools.product(*(grid[n] for n in names)):
-        config = dataclasses.replace(base, **dict(zip(names, values, strict=True)))
-        results = [postprocess_weak(seg, config) for seg in segs]
-        score = float(score_fn([r.instances for r in results], [r.classes for r in results]))
-        configs.append(config)
-        table.append({**dict(zip(names, values, strict=True)), "score": score})
-    finite = [i for i, row in enumerate(table) if not math.isnan(row["score"])]
-    best = max(finite, key=lambda i: table[i]["score"]) if finite else 0
-    logger.info("tune_weak_postproc: best score %.4f with %s", table[best]["score"], table[best])
-    return configs[best], table
+    best, table = grid_search(segs, grid, postprocess_weak, base, score_fn)
+    logger.info("tune_weak_postproc: best %s", best)
+    return best, table

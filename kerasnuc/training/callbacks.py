@@ -25,7 +25,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from kerasnuc.config import BEST_WEIGHTS, CHECKPOINT_DIR, HISTORY
+from kerasnuc.config import BEST_WEIGHTS, CHECKPOINT_DIR, EPOCH_WEIGHTS_DIR, HISTORY
 from kerasnuc.fileutil import atomic_path, write_text_atomic
 from kerasnuc.training.checkpoint import save_training_state
 from kerasnuc.training.validation import ValItem, validate
@@ -195,6 +195,24 @@ class TrainingState(keras.callbacks.Callback):
                 "history": self.history,
             },
         )
+
+
+def epoch_weights_path(run_dir: str | os.PathLike, epoch: int) -> Path:
+    """``run_dir/epochs/epoch_NNN.weights.h5`` of 1-based ``epoch``."""
+    return Path(run_dir) / EPOCH_WEIGHTS_DIR / f"epoch_{epoch:03d}.weights.h5"
+
+
+class EpochWeights(keras.callbacks.Callback):
+    """Save the weights after every epoch (:func:`epoch_weights_path`, written atomically)."""
+
+    def __init__(self, run_dir: str | os.PathLike):
+        super().__init__()
+        self.run_dir = Path(run_dir)
+
+    def on_epoch_end(self, epoch, logs=None):
+        path = epoch_weights_path(self.run_dir, epoch + 1)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_weights_atomic(self.model, path)
 
 
 class EpochScalars(keras.callbacks.Callback):

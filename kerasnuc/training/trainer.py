@@ -36,7 +36,12 @@ import keras
 from kerasnuc.config import CHECKPOINT_DIR, LOG_DIR, POSTPROC, RUN_CONFIG, DataConfig, RunConfig
 from kerasnuc.data.dataset import Dataset
 from kerasnuc.fileutil import KerasnucError
-from kerasnuc.training.callbacks import BestCheckpoint, EpochScalars, TrainingState
+from kerasnuc.training.callbacks import (
+    BestCheckpoint,
+    EpochScalars,
+    EpochWeights,
+    TrainingState,
+)
 from kerasnuc.training.checkpoint import has_checkpoint, restore_training_state
 from kerasnuc.training.schedules import build_optimizer
 from kerasnuc.training.strategy import get_strategy, precision_policy
@@ -277,6 +282,8 @@ def train_run(
         if method.callbacks is not None:
             all_callbacks.extend(method.callbacks(config, model))
         all_callbacks.extend([best, record])
+        if train_cfg.keep_epoch_weights:
+            all_callbacks.append(EpochWeights(run_dir))
         if tensorboard:
             all_callbacks.append(EpochScalars(run_dir / LOG_DIR))
         all_callbacks.extend(callbacks)

@@ -49,12 +49,28 @@ def test_panoptic_train_predict_evaluate_export(tmp_path):
     res = invoke(
         "train", "--method", "panoptic", "--data", data, "--out", run, "--config", cfg,
         "--epochs", "1", "--batch-size", "2", "--crop", "64", "--steps-per-epoch", "2",
-        "--val-max-images", "1", "--lr", "0.005",
+        "--val-max-images", "1", "--lr", "0.005", "--keep-epoch-weights",
     )  # fmt: skip
     assert res.exit_code == 0, res.output
     config = RunConfig.load(run)
     assert config.method == "panoptic" and config.model["encoder"] == "tiny"
     assert config.train.optimizer == "sgd"  # the method's optimizer
+    assert config.train.keep_epoch_weights
+    # the epoch-1 snapshot holds the weights of epoch 1, which is also the best (only) epoch
+    import h5py
+
+    with (
+        h5py.File(run / "epochs" / "epoch_001.weights.h5") as a,
+        h5py.File(run / "model.weights.h5") as b,
+    ):
+        names_a, names_b = [], []
+        a.visit(names_a.append)
+        b.visit(names_b.append)
+        assert names_a == names_b
+        arrays = [n for n in names_a if isinstance(a[n], h5py.Dataset)]
+        assert len(arrays) > 50
+        for n in arrays:
+            np.testing.assert_array_equal(a[n][()], b[n][()], err_msg=n)
     assert config.pipeline["augment"]["emboss_prob"] > 0  # the paper's augmentations
     assert config.pipeline["augment"]["elastic_prob"] == 0
     assert json.loads((run / "postproc.json").read_text())["score_threshold"] == 0.5
@@ -108,3 +124,18 @@ def test_panoptic_train_predict_evaluate_export(tmp_path):
         assert got["masks"].shape == (shape[0], 28, 28, 16)
         for k in ("boxes", "scores", "masks", "semantic"):
             np.testing.assert_allclose(got[k], want[k], atol=1e-4, err_msg=k)
+
+    # tune the post-processing on the labelled data: the default grid, then a grid file
+    res = invoke("tune", run, "--data", data, "--split", "val", "--max-images", "2")
+    assert res.exit_code == 0, res.output
+    assert "54 configurations on 2 images" in res.output
+    grid = tmp_path / "grid.json"
+    grid.write_text(json.dumps({"score_threshold": [0.05, 0.95], "min_size": [3]}))
+    res = invoke("tune", run, "--data", data, "--grid", grid)
+    assert res.exit_code == 0, res.output
+    assert "2 configurations" in res.output
+    tuned = json.loads((run / "postproc.json").read_text())
+    assert tuned["score_threshold"] in (0.05, 0.95) and tuned["min_size"] == 3
+    grid.write_text(json.dumps({"fg_threshold": [0.5]}))
+    res = invoke("tune", run, "--data", data, "--grid", grid)
+    assert res.exit_code == 1 and "Unknown post-processing setting" in res.output

@@ -95,6 +95,7 @@ def test_train_then_tune_class_agnostic(tmp_path, agnostic):
     assert config.pipeline["importance_sampling"] is False and config.pipeline["seed"] == 5
     assert config.pipeline["crop_size"] == 64 and config.pipeline["samples_per_epoch"] == 2
     assert config.data.class_names == {} and config.data.mpp == 0.5
+    assert not config.train.keep_epoch_weights and not (out / "epochs").exists()
     with open(out / "history.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 1 and "val_pq" in rows[0] and "val_mpq_plus" not in rows[0]

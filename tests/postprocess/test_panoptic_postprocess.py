@@ -12,6 +12,7 @@ from kerasnuc.postprocess.panoptic import (
     detections_from_maps,
     paste_mask,
     postprocess_panoptic,
+    tune_panoptic_postproc,
 )
 
 
@@ -99,3 +100,33 @@ def test_config_roundtrip_and_errors(tmp_path):
         PanopticPostprocConfig.load(tmp_path / "bad.json")
     with pytest.raises(KerasnucError, match="needs the outputs"):
         detections_from_maps({"semantic": np.zeros((4, 4, 2))})
+
+
+def test_tune_picks_the_grid_point_with_the_right_count():
+    """Three true nuclei; a duplicate of the first (IoU 8/9) scores 0.8, a false one 0.2."""
+    masks = np.ones((5, 28, 28))
+    boxes = [[0, 0, 8, 8], [0, 0, 8, 9], [10, 10, 18, 18], [10, 0, 18, 8], [0, 14, 4, 18]]
+    maps = _maps(boxes, [0.9, 0.8, 0.7, 0.6, 0.2], masks)
+    seen = []
+
+    def score(instances, classes):  # 0 is best: exactly the 3 true nuclei
+        seen.append([int(i.max()) for i in instances])
+        return -abs(int(instances[0].max()) - 3) - abs(int(instances[1].max()) - 3)
+
+    grid = {"score_threshold": [0.1, 0.5], "nms_iou": [1.0, 0.5]}
+    best, table = tune_panoptic_postproc([maps, maps], grid, score, PanopticPostprocConfig())
+    # 0.1 keeps all 5 (NMS off) or 4 (duplicate suppressed); 0.5 keeps 4 or 3.
+    assert seen == [[5, 5], [4, 4], [4, 4], [3, 3]]
+    assert [r["score"] for r in table] == [-4, -2, -2, 0]
+    assert best == PanopticPostprocConfig(score_threshold=0.5, nms_iou=0.5)
+    assert [(r["score_threshold"], r["nms_iou"]) for r in table] == [
+        (0.1, 1.0), (0.1, 0.5), (0.5, 1.0), (0.5, 0.5)
+    ]  # fmt: skip
+    with pytest.raises(ValueError, match="Unknown post-processing setting"):
+        tune_panoptic_postproc([maps], {"fg_threshold": [0.5]}, score)
+    with pytest.raises(ValueError, match="non-empty list"):
+        tune_panoptic_postproc([maps], {"nms_iou": []}, score)
+    with pytest.raises(ValueError, match="must be a number in"):
+        tune_panoptic_postproc([maps], {"nms_iou": [1.5]}, score)
+    with pytest.raises(ValueError, match="at least one image"):
+        tune_panoptic_postproc([], {"nms_iou": [0.5]}, score)

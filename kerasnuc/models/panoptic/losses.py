@@ -14,7 +14,13 @@ Normalisation (Detectron2's, where the paper is silent):
   when an image has few positives). ``beta = 1 / 9`` (py-faster-rcnn's ``sigma = 3``).
 * Detection class: softmax CE averaged over the valid sampled ROIs (class target ``>= 0``).
 * Detection box: smooth-L1 (``beta = 1``) summed over the 4 deltas of the positive ROIs, divided
-  by the number of valid sampled ROIs. Predictions may be class-agnostic ``(B, S, 4)`` or
+  by the number of **positive** ROIs (Detectron2 and torchvision divide by all sampled ROIs, which
+  makes the term grow with the share of positives as the RPN learns, and mixes that share into
+  the number). Per positive, the term reads as the mean box error of a matched ROI. It still
+  rises early in a run: the ground-truth boxes join the proposals, so at first most positives are
+  ground-truth copies with zero targets, and later they are real proposals. To compare
+  checkpoints on fixed ROIs use :meth:`~kerasnuc.models.panoptic.model.PanopticModel.probe_losses`
+  (``benchmarks/panoptic_loss_probe.py``). Predictions may be class-agnostic ``(B, S, 4)`` or
   class-specific ``(B, S, K, 4)`` (the slice of the target class ``c`` is ``c - 1``); with the one
   class "nucleus" the two coincide, so the panoptic model uses the agnostic form.
 * Detection mask: per-pixel binary CE on the mask channel of the target class, averaged over the
@@ -106,7 +112,7 @@ def roi_class_loss(class_targets, logits):
 
 
 def roi_box_loss(class_targets, pred_deltas, target_deltas, beta: float = 1.0):
-    """``L_det-reg``: smooth-L1 of the positive ROIs' deltas / number of valid sampled ROIs.
+    """``L_det-reg``: smooth-L1 of the positive ROIs' deltas / number of positive ROIs.
 
     Args:
         class_targets: ``(B, S)`` int (``> 0`` = positive, ``0`` background, ``-1`` padding).
@@ -122,7 +128,7 @@ def roi_box_loss(class_targets, pred_deltas, target_deltas, beta: float = 1.0):
         pred = ops.take_along_axis(pred, idx, axis=2)[:, :, 0]
     pos = ops.cast(class_targets > 0, "float32")[..., None]
     loss = smooth_l1(pred - _f32(target_deltas), beta) * pos
-    return _safe_mean(ops.sum(loss), ops.sum(ops.cast(class_targets >= 0, "float32")))
+    return _safe_mean(ops.sum(loss), ops.sum(pos))
 
 
 def mask_loss(class_targets, mask_logits, mask_targets):

@@ -77,6 +77,11 @@ LOSS_NAMES: tuple[str, ...] = (
     "semseg2_loss",
 )
 
+#: Sampling statistics logged beside the losses (mean per image over the epoch): positive anchors
+#: of the RPN batch and positive ROIs of the box-head batch. The ROI losses depend on them (more
+#: positives = harder negatives and more box targets), so they explain the loss curves.
+STAT_NAMES: tuple[str, ...] = ("rpn_positives", "roi_positives")
+
 #: Inference output names.
 OUTPUT_NAMES: tuple[str, ...] = ("boxes", "scores", "classes", "masks", "semantic")
 
@@ -295,6 +300,7 @@ class PanopticModel(keras.Model):
         self.gcn = GCNDecoder(2, c.gcn_kernel_size, name="gcn")
         self.sample_seed = keras.random.SeedGenerator(c.seed, name="sample_seed")
         self.loss_trackers = {n: keras.metrics.Mean(name=n) for n in LOSS_NAMES}
+        self.stat_trackers = {n: keras.metrics.Mean(name=n) for n in STAT_NAMES}
         self.total_tracker = keras.metrics.Mean(name="loss")
 
     # ------------------------------------------------------------------------ shared parts
@@ -426,9 +432,22 @@ class PanopticModel(keras.Model):
 
     # ------------------------------------------------------------------------ training
 
-    def _loss_terms(self, images, targets, training):
-        """The seven loss terms of Eq. 4 (dict of scalars)."""
+    def _loss_terms(
+        self, images, targets, training, proposals=None, seed=None, proposal_valid=None
+    ):
+        """The seven loss terms of Eq. 4 and the :data:`STAT_NAMES` statistics (dict of scalars).
+
+        Args:
+            images, targets: a batch of the panoptic pipeline.
+            training: training mode of the layers.
+            proposals: ``None`` (training: the RPN's proposals) or fixed ``(B, P, 4)`` boxes for
+                the box and mask heads (:meth:`probe_losses`).
+            seed: ``None`` (a new anchor/ROI sample per call) or an int (the same sample at
+                every call).
+            proposal_valid: with ``proposals``, optional ``(B, P)`` bool (``False``: padding).
+        """
         c = self.config
+        sample_seed = self.sample_seed if seed is None else seed
         images = ops.convert_to_tensor(images, "float32")
         shape = ops.shape(images)
         gt_boxes = ops.cast(targets["boxes"], "float32")
@@ -454,7 +473,7 @@ class PanopticModel(keras.Model):
             c.rpn_positive_fraction,
             c.rpn_pos_iou,
             c.rpn_neg_iou,
-            seed=self.sample_seed,
+            seed=sample_seed,
         )
         out = {
             "rpn_obj_loss": panoptic_losses.rpn_objectness_loss(rpn_labels, rpn_logits),
@@ -462,9 +481,12 @@ class PanopticModel(keras.Model):
         }
 
         # Box head on sampled proposals
-        proposals, proposal_valid = self._proposals(
-            images, anchors, rpn_logits, rpn_deltas, c.rpn_pre_nms, c.rpn_post_nms
-        )
+        if proposals is None:
+            proposals, proposal_valid = self._proposals(
+                images, anchors, rpn_logits, rpn_deltas, c.rpn_pre_nms, c.rpn_post_nms
+            )
+        else:
+            proposals = ops.convert_to_tensor(proposals, "float32")
         samples = sample_proposals(
             proposals,
             gt_boxes,
@@ -473,7 +495,7 @@ class PanopticModel(keras.Model):
             c.roi_batch,
             c.roi_positive_fraction,
             c.roi_fg_iou,
-            seed=self.sample_seed,
+            seed=sample_seed,
             proposal_valid=proposal_valid,
         )
         rois = samples["rois"]
@@ -503,14 +525,68 @@ class PanopticModel(keras.Model):
         order = 1.0 - order[..., 0]
         fused = self.fusion(levels[0], mask_logits, pred_boxes, order, positive)
         out["semseg2_loss"] = panoptic_losses.semantic_loss(foreground, fused)
-        return {name: ops.cast(out[name], "float32") for name in LOSS_NAMES}
+        terms = {name: ops.cast(out[name], "float32") for name in LOSS_NAMES}
+        per_image = ops.cast(ops.shape(images)[0], "float32")
+        terms["rpn_positives"] = ops.sum(ops.cast(rpn_labels == 1, "float32")) / per_image
+        terms["roi_positives"] = ops.sum(ops.cast(samples["positive"], "float32")) / per_image
+        return terms
+
+    def propose(self, images, training_settings: bool = True):
+        """The RPN's proposals of ``images``: ``(boxes (B, P, 4), valid (B, P))``.
+
+        ``training_settings``: the pre/post-NMS counts used in training (else those of
+        inference).
+        """
+        c = self.config
+        images = ops.convert_to_tensor(images, "float32")
+        _, levels = self._features(images, False)
+        anchors = self._anchors(images, levels)
+        logits, deltas = self.rpn(levels)
+        pre, post = (
+            (c.rpn_pre_nms, c.rpn_post_nms)
+            if training_settings
+            else (c.rpn_pre_nms_test, c.rpn_post_nms_test)
+        )
+        return self._proposals(images, anchors, logits, deltas, pre, post)
+
+    def probe_losses(
+        self, images, targets, proposals, seed: int = 0, proposal_valid=None
+    ) -> dict[str, float]:
+        """The seven loss terms on a fixed sample, to compare checkpoints of a run.
+
+        During training the box and mask heads see the RPN's current proposals, so their losses
+        are measured on a distribution that changes as the RPN learns (more positives, harder
+        negatives). Here the heads see fixed ``proposals`` and the anchor/ROI samples are drawn
+        with a fixed ``seed``, so that every checkpoint is scored on the same examples.
+
+        Args:
+            images: ``(B, H, W, 3)`` float images.
+            targets: the panoptic pipeline's targets of ``images``.
+            proposals: ``(B, P, 4)`` candidate ROIs ``(y1, x1, y2, x2)`` in pixels.
+            seed: sampling seed.
+            proposal_valid: optional ``(B, P)`` bool, ``False`` for padded proposals.
+
+        Returns:
+            ``{name: float}`` of :data:`LOSS_NAMES` and :data:`STAT_NAMES` (inference mode).
+        """
+        terms = self._loss_terms(
+            images,
+            targets,
+            False,
+            proposals=proposals,
+            seed=int(seed),
+            proposal_valid=proposal_valid,
+        )
+        return {k: float(ops.convert_to_numpy(v)) for k, v in terms.items()}
 
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
         """Sum of the seven terms of Eq. 4 (unweighted); updates the per-term trackers."""
         terms = self._loss_terms(x, y, training)
-        total = sum(terms.values())
-        for name, value in terms.items():
-            self.loss_trackers[name].update_state(value)
+        total = sum(terms[name] for name in LOSS_NAMES)
+        for name in LOSS_NAMES:
+            self.loss_trackers[name].update_state(terms[name])
+        for name in STAT_NAMES:
+            self.stat_trackers[name].update_state(terms[name])
         self.total_tracker.update_state(total)
         if self.losses:
             total = total + ops.sum(self.losses)
@@ -554,7 +630,7 @@ class PanopticModel(keras.Model):
 
     @property
     def metrics(self):
-        return [self.total_tracker, *self.loss_trackers.values()]
+        return [self.total_tracker, *self.loss_trackers.values(), *self.stat_trackers.values()]
 
     def get_config(self):
         return {"config": self.config.to_dict(), "name": self.name}
@@ -590,6 +666,7 @@ def build_panoptic_from_config(config: PanopticModelConfig) -> PanopticModel:
 
 __all__ = [
     "LOSS_NAMES",
+    "STAT_NAMES",
     "OUTPUT_NAMES",
     "PanopticModel",
     "PanopticModelConfig",

@@ -79,7 +79,7 @@ def test_roi_box_agnostic_and_specific():
     tgt[0, 2] = [0, 0, 0, 3.0]
     agn = np.zeros((1, 4, 4), "float32")
     agn[0, 1] = [7, 7, 7, 7]  # background: ignored
-    expected = (0.125 + 2.5) / 3  # 3 valid ROIs
+    expected = (0.125 + 2.5) / 2  # 2 positive ROIs (the background ROI does not count)
     assert math.isclose(_f(roi_box_loss(targets, agn, tgt)), expected, rel_tol=1e-6)
     spec = np.full((1, 4, 2, 4), 100.0, "float32")  # wrong-class slices are huge
     spec[0, 0, 1] = 0.0  # class 2 -> slice 1

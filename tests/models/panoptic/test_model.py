@@ -11,6 +11,7 @@ import pytest
 from kerasnuc.data.pipeline import panoptic_box_targets
 from kerasnuc.models.panoptic.model import (
     LOSS_NAMES,
+    STAT_NAMES,
     PanopticModel,
     PanopticModelConfig,
     build_panoptic,
@@ -99,7 +100,7 @@ def test_fit_step_reports_all_seven_finite_losses(rng):
         for name, layer in parts.items()
     }
     hist = model.fit(images, targets, batch_size=2, epochs=1, verbose=0)
-    assert set(hist.history) == {"loss", *LOSS_NAMES}
+    assert set(hist.history) == {"loss", *LOSS_NAMES, *STAT_NAMES}
     for name in LOSS_NAMES:
         assert np.isfinite(hist.history[name][0]) and hist.history[name][0] > 0, name
     total = sum(hist.history[n][0] for n in LOSS_NAMES)
@@ -108,6 +109,36 @@ def test_fit_step_reports_all_seven_finite_losses(rng):
     for name, layer in parts.items():
         after = [keras.ops.convert_to_numpy(v) for v in layer.trainable_variables]
         assert any(not np.allclose(a, b) for a, b in zip(before[name], after, strict=True)), name
+
+
+def test_positive_counts_follow_the_sampling_rules(rng):
+    """Every gt box gets a positive anchor (low-quality matches) and joins the ROIs (IoU 1), so
+    both counts are >= the number of nuclei; the ROI count is capped at 25 % of ``roi_batch``."""
+    model = build_panoptic(TINY)
+    images, targets = _batch(rng)
+    terms = model._loss_terms(images, targets, training=False)
+    n_gt = (targets["classes"] > 0).sum() / len(images)  # boxes per image
+    assert n_gt >= 3
+    assert float(terms["rpn_positives"]) >= n_gt
+    assert n_gt <= float(terms["roi_positives"]) <= 0.25 * TINY.roi_batch
+
+
+def test_probe_losses_fixed_sample(rng):
+    """The probe uses the given proposals and a fixed sample: repeatable, and with proposals equal
+    to the gt boxes and a box head that predicts zero deltas, ``L_det-reg`` is exactly 0."""
+    model = build_panoptic(TINY)
+    images, targets = _batch(rng)
+    proposals = targets["boxes"].astype("float32")  # (B, G, 4), padded slots are empty boxes
+    first = model.probe_losses(images, targets, proposals, seed=3)
+    assert model.probe_losses(images, targets, proposals, seed=3) == first
+    assert set(first) == {*LOSS_NAMES, *STAT_NAMES}
+    assert first["det_reg_loss"] > 0  # random box head
+    # every gt box twice (proposal + added gt), capped at 25 % of 32 ROIs
+    n_gt = (targets["classes"] > 0).sum(axis=1)
+    assert first["roi_positives"] == np.mean(np.minimum(2 * n_gt, 8))
+    for v in model.box_head.box.weights:
+        v.assign(np.zeros(v.shape, "float32"))
+    assert model.probe_losses(images, targets, proposals, seed=3)["det_reg_loss"] == 0.0
 
 
 def test_semantic_losses_match_definition(rng):
