@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 import math
+import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +22,8 @@ import cv2
 import numpy as np
 from scipy import ndimage as ndi
 from skimage.measure import label as _sk_label
+
+from kerasnuc.fileutil import KerasnucError, write_json_atomic
 
 PerClass = float | int | Mapping[int, float | int | None] | None
 
@@ -51,6 +55,62 @@ class PostprocResult:
     def num_instances(self) -> int:
         """Number of instances N."""
         return int(self.table["id"].shape[0])
+
+
+class SettingsFile:
+    """Mixin of the post-processing settings dataclasses: dict round trip and ``postproc.json``.
+
+    ``to_dict`` writes per-class mappings with string keys (JSON); ``from_dict`` refuses unknown
+    keys (missing keys take the defaults); ``save`` / ``load`` write and read the JSON file
+    atomically, ``load`` failing with one :class:`~kerasnuc.fileutil.KerasnucError` line.
+    """
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (per-class mappings get string keys)."""
+        out: dict[str, Any] = {}
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if isinstance(value, Mapping):
+                value = {str(k): v for k, v in value.items()}
+            out[field.name] = value
+        return out
+
+    @classmethod
+    def checked_dict(cls, config: Mapping[str, Any]) -> dict[str, Any]:
+        """``dict(config)`` after checking that every key is a field (ValueError if not)."""
+        names = {field.name for field in dataclasses.fields(cls)}
+        unknown = sorted(set(config) - names)
+        if unknown:
+            raise ValueError(
+                f"Unknown post-processing setting(s) {unknown}; "
+                f"expected a subset of {sorted(names)}"
+            )
+        return dict(config)
+
+    @classmethod
+    def from_dict(cls, config: Mapping[str, Any]):
+        """Inverse of :meth:`to_dict`; unknown keys are an error, missing keys take defaults."""
+        return cls(**cls.checked_dict(config))
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the settings to a JSON file atomically (e.g. ``postproc.json``)."""
+        write_json_atomic(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike):
+        """Read a file written by :meth:`save`.
+
+        Raises:
+            KerasnucError: the file is missing, not JSON, or holds invalid settings.
+        """
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+            if not isinstance(data, Mapping):
+                raise ValueError("the file must hold a JSON object")
+            return cls.from_dict(data)
+        except (OSError, ValueError, TypeError) as err:
+            raise KerasnucError(f"{path}: cannot read post-processing settings ({err})") from err
 
 
 def per_class_table(value: PerClass, num_classes: int, default: float, name: str) -> np.ndarray:

@@ -39,7 +39,6 @@ import itertools
 import json
 import logging
 import math
-import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -50,10 +49,10 @@ from scipy import ndimage as ndi
 from skimage.morphology import disk
 from skimage.segmentation import watershed
 
-from kerasnuc.fileutil import KerasnucError, write_json_atomic
 from kerasnuc.postprocess.common import (
     PerClass,
     PostprocResult,
+    SettingsFile,
     fill_instance_holes,
     instance_areas,
     instance_centroids,
@@ -121,7 +120,7 @@ def _check_values(name: str, value: PerClass, check: Callable[[Any], bool], expe
 
 
 @dataclass(frozen=True)
-class PostprocConfig:
+class PostprocConfig(SettingsFile):
     """Thresholds of the ``conic`` post-processing (Rumberger et al. 2022, Section II.G).
 
     Per-class fields (``fg_threshold``, ``seed_threshold``, ``min_size``, ``max_size``,
@@ -224,28 +223,6 @@ class PostprocConfig:
     def __hash__(self) -> int:
         return hash(self.to_json())
 
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict (per-class mappings get string keys)."""
-        out: dict[str, Any] = {}
-        for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
-            if isinstance(value, Mapping):
-                value = {str(k): v for k, v in value.items()}
-            out[field.name] = value
-        return out
-
-    @classmethod
-    def from_dict(cls, config: Mapping[str, Any]) -> PostprocConfig:
-        """Inverse of :meth:`to_dict`; unknown keys are an error, missing keys take defaults."""
-        names = {field.name for field in dataclasses.fields(cls)}
-        unknown = sorted(set(config) - names)
-        if unknown:
-            raise ValueError(
-                f"Unknown post-processing setting(s) {unknown}; "
-                f"expected a subset of {sorted(names)}"
-            )
-        return cls(**dict(config))
-
     def to_json(self) -> str:
         """Canonical JSON text (sorted keys)."""
         return json.dumps(self.to_dict(), sort_keys=True)
@@ -254,26 +231,6 @@ class PostprocConfig:
     def from_json(cls, text: str) -> PostprocConfig:
         """Parse :meth:`to_json` output."""
         return cls.from_dict(json.loads(text))
-
-    def save(self, path: str | os.PathLike) -> None:
-        """Write the settings to a JSON file atomically (e.g. ``postproc.json``)."""
-        write_json_atomic(path, self.to_dict())
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> PostprocConfig:
-        """Read a file written by :meth:`save`.
-
-        Raises:
-            KerasnucError: the file is missing, not JSON, or holds invalid settings.
-        """
-        try:
-            with open(path, encoding="utf-8") as f:
-                data = json.load(f)
-            if not isinstance(data, Mapping):
-                raise ValueError("the file must hold a JSON object")
-            return cls.from_dict(data)
-        except (OSError, ValueError) as err:
-            raise KerasnucError(f"{path}: cannot read post-processing settings: {err}") from err
 
     def stage_key(self, stage: str) -> str:
         """JSON text of the fields one pipeline stage depends on (``pixel|refine|select``)."""

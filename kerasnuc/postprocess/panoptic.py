@@ -18,16 +18,15 @@ frame of each box, plus the GCN semantic map (which only gives the image size he
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-from kerasnuc.fileutil import KerasnucError, write_json_atomic
+from kerasnuc.fileutil import KerasnucError
 from kerasnuc.postprocess.common import (
     PostprocResult,
+    SettingsFile,
     grid_search,
     instance_areas,
     instance_centroids,
@@ -37,7 +36,7 @@ from kerasnuc.postprocess.common import (
 
 
 @dataclasses.dataclass(frozen=True)
-class PanopticPostprocConfig:
+class PanopticPostprocConfig(SettingsFile):
     """Settings of :func:`postprocess_panoptic` (saved as ``postproc.json`` with a run).
 
     Attributes:
@@ -65,41 +64,6 @@ class PanopticPostprocConfig:
             raise ValueError(
                 f"`min_size` must be an int >= 0. Received: min_size={self.min_size!r}"
             )
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, config: Mapping[str, Any]) -> PanopticPostprocConfig:
-        """Inverse of :meth:`to_dict`; unknown keys are an error, missing keys take defaults."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(config) - names)
-        if unknown:
-            raise ValueError(
-                f"Unknown post-processing setting(s) {unknown}; "
-                f"expected a subset of {sorted(names)}"
-            )
-        return cls(**dict(config))
-
-    def save(self, path: str | os.PathLike) -> None:
-        """Write the settings to a JSON file atomically (e.g. ``postproc.json``)."""
-        write_json_atomic(path, self.to_dict())
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> PanopticPostprocConfig:
-        """Read a file written by :meth:`save`.
-
-        Raises:
-            KerasnucError: missing file, not JSON, or invalid settings.
-        """
-        try:
-            with open(path, encoding="utf-8") as f:
-                data = json.load(f)
-            if not isinstance(data, Mapping):
-                raise ValueError("the file must hold a JSON object")
-            return cls.from_dict(data)
-        except (OSError, ValueError, TypeError) as err:
-            raise KerasnucError(f"{path}: cannot read post-processing settings: {err}") from err
 
 
 def _axis_weights(lo: float, hi: float, start: int, stop: int, m: int) -> np.ndarray:

@@ -16,9 +16,7 @@ into instances:
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -28,8 +26,7 @@ from scipy import ndimage as ndi
 from skimage.feature import peak_local_max
 from skimage.segmentation import watershed
 
-from kerasnuc.fileutil import KerasnucError, write_json_atomic
-from kerasnuc.postprocess.common import PerClass, PostprocResult
+from kerasnuc.postprocess.common import PerClass, PostprocResult, SettingsFile
 
 # The refine / select stages are shared with the conic post-processing.
 from kerasnuc.postprocess.conic import PostprocConfig as _ConicConfig
@@ -37,7 +34,7 @@ from kerasnuc.postprocess.conic import _refine_stage, _select_stage
 
 
 @dataclass(frozen=True)
-class UnetSharpPostprocConfig:
+class UnetSharpPostprocConfig(SettingsFile):
     """Settings of :func:`postprocess_unet_sharp` (``postproc.json`` of a unet_sharp run).
 
     Attributes:
@@ -103,51 +100,14 @@ class UnetSharpPostprocConfig:
     def __hash__(self) -> int:
         return hash(json.dumps(self.to_dict(), sort_keys=True))
 
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict (per-class mappings get string keys)."""
-        out: dict[str, Any] = {}
-        for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
-            if isinstance(value, Mapping):
-                value = {str(k): v for k, v in value.items()}
-            out[field.name] = value
-        return out
-
     @classmethod
     def from_dict(cls, config: Mapping[str, Any]) -> UnetSharpPostprocConfig:
         """Inverse of :meth:`to_dict`; unknown keys are an error, missing keys take defaults."""
-        names = {field.name for field in dataclasses.fields(cls)}
-        unknown = sorted(set(config) - names)
-        if unknown:
-            raise ValueError(
-                f"Unknown post-processing setting(s) {unknown}; "
-                f"expected a subset of {sorted(names)}"
-            )
-        data = dict(config)
+        data = cls.checked_dict(config)
         for key in ("min_size", "max_size", "min_solidity"):
             if isinstance(data.get(key), Mapping):
                 data[key] = {int(k): v for k, v in data[key].items()}
         return cls(**data)
-
-    def save(self, path: str | os.PathLike) -> None:
-        """Write the settings to a JSON file atomically (e.g. ``postproc.json``)."""
-        write_json_atomic(path, self.to_dict())
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> UnetSharpPostprocConfig:
-        """Read a file written by :meth:`save`.
-
-        Raises:
-            KerasnucError: the file is missing, not JSON, or holds invalid settings.
-        """
-        try:
-            with open(path, encoding="utf-8") as f:
-                data = json.load(f)
-            if not isinstance(data, Mapping):
-                raise ValueError("the file must hold a JSON object")
-            return cls.from_dict(data)
-        except (OSError, ValueError) as err:
-            raise KerasnucError(f"{path}: invalid post-processing settings ({err})") from err
 
 
 def split_touching_nuclei(

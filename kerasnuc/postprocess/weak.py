@@ -26,10 +26,8 @@ Every nucleus gets class 1 (the method is class-agnostic).
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
-import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -38,9 +36,9 @@ from scipy import ndimage as ndi
 from skimage.feature import peak_local_max
 from skimage.segmentation import watershed
 
-from kerasnuc.fileutil import KerasnucError, write_json_atomic
 from kerasnuc.postprocess.common import (
     PostprocResult,
+    SettingsFile,
     grid_search,
     instance_areas,
     instance_centroids,
@@ -61,7 +59,7 @@ def _is_number(value: Any) -> bool:
 
 
 @dataclasses.dataclass(frozen=True)
-class WeakPostprocConfig:
+class WeakPostprocConfig(SettingsFile):
     """Settings of :func:`postprocess_weak` (``postproc.json`` of a weak run).
 
     Attributes:
@@ -113,42 +111,6 @@ class WeakPostprocConfig:
         """``min_distance_um / mpp`` rounded to whole pixels (at least 1)."""
         mpp = DEFAULT_MPP if self.mpp is None else float(self.mpp)
         return max(1, int(math.floor(self.min_distance_um / mpp + 0.5)))
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict."""
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, config: Mapping[str, Any]) -> WeakPostprocConfig:
-        """Inverse of :meth:`to_dict`; unknown keys are an error, missing keys take defaults."""
-        names = {field.name for field in dataclasses.fields(cls)}
-        unknown = sorted(set(config) - names)
-        if unknown:
-            raise ValueError(
-                f"Unknown post-processing setting(s) {unknown}; "
-                f"expected a subset of {sorted(names)}"
-            )
-        return cls(**dict(config))
-
-    def save(self, path: str | os.PathLike) -> None:
-        """Write the settings to a JSON file atomically (e.g. ``postproc.json``)."""
-        write_json_atomic(path, self.to_dict())
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> WeakPostprocConfig:
-        """Read a file written by :meth:`save`.
-
-        Raises:
-            KerasnucError: the file is missing, not JSON, or holds invalid settings.
-        """
-        try:
-            with open(path, encoding="utf-8") as f:
-                data = json.load(f)
-            if not isinstance(data, Mapping):
-                raise ValueError("the file must hold a JSON object")
-            return cls.from_dict(data)
-        except (OSError, ValueError, TypeError) as err:
-            raise KerasnucError(f"{path}: cannot read post-processing settings: {err}") from err
 
 
 def _check_seg(seg: Any) -> np.ndarray:

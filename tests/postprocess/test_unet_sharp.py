@@ -89,7 +89,7 @@ def test_config_round_trip(tmp_path):
     with pytest.raises(ValueError, match="connectivity"):
         UnetSharpPostprocConfig(connectivity=3)
     (tmp_path / "bad.json").write_text("[1]")
-    with pytest.raises(KerasnucError, match="bad.json: invalid post-processing settings"):
+    with pytest.raises(KerasnucError, match="bad.json: cannot read post-processing settings"):
         UnetSharpPostprocConfig.load(tmp_path / "bad.json")
     with pytest.raises(ValueError, match="`semantic` must have shape"):
         postprocess_unet_sharp(np.zeros((8, 8, 1), np.float32))
