@@ -144,6 +144,8 @@ class TrainConfig:
         jit_compile: XLA-compile the train step (slow to compile on CPU).
         init_from: start from the weights of this run folder (or ``.weights.h5`` file) of the
             same architecture instead of random/ImageNet init (fine-tuning); None: no.
+        clip_norm: clip the gradient of every variable to this L2 norm (Keras ``clipnorm``; on the
+            inner optimizer of a Lookahead); None: no clipping.
         keep_epoch_weights: also save the weights after every epoch as
             ``epochs/epoch_NNN.weights.h5`` (learning curves, picking an epoch by hand).
     """
@@ -161,11 +163,16 @@ class TrainConfig:
     strategy: str = "default"
     jit_compile: bool = False
     init_from: str | None = None
+    clip_norm: float | None = None
     keep_epoch_weights: bool = False
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
             raise ValueError(f"`epochs` must be >= 1. Received: epochs={self.epochs}")
+        if self.clip_norm is not None and not self.clip_norm > 0:
+            raise ValueError(
+                f"`clip_norm` must be None or > 0. Received: clip_norm={self.clip_norm}"
+            )
         if self.strategy not in ("default", "mirrored", "multiworker"):
             raise ValueError(
                 "`strategy` must be one of 'default', 'mirrored', 'multiworker'. "

@@ -7,6 +7,7 @@ Every entry refers to real functions, so renaming one breaks at import time, not
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -36,6 +37,8 @@ from kerasnuc.postprocess.conic import PostprocConfig, postprocess_conic
 from kerasnuc.postprocess.panoptic import PanopticPostprocConfig, postprocess_panoptic
 from kerasnuc.postprocess.unet_sharp import UnetSharpPostprocConfig, postprocess_unet_sharp
 from kerasnuc.postprocess.weak import WeakPostprocConfig, postprocess_weak
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -70,6 +73,10 @@ class Method:
         default_postproc: ``RunConfig -> postproc config`` written as ``postproc.json`` when a
             run starts, and used by :func:`load_run` when a run folder has none (e.g. settings
             in micrometres that need the run's pixel size); None: ``postproc_config()``.
+        initialize: ``(model, RunConfig, training tf.data.Dataset) -> None`` called once before
+            the first step of a run that starts from scratch (not resumed, no ``init_from``),
+            for data-dependent initialisation (e.g. the frozen batch-norm statistics of a
+            ``panoptic`` ResNet without ImageNet weights); None: nothing.
 
     ``losses`` may return None for a model that computes its own loss (``compute_loss``).
     """
@@ -90,6 +97,7 @@ class Method:
     train_defaults: Mapping[str, Any] | None = None
     dataset_options: Callable[[RunConfig], dict[str, Any]] | None = None
     default_postproc: Callable[[RunConfig], Any] | None = None
+    initialize: Callable[[keras.Model, RunConfig, Any], None] | None = None
 
     def new_postproc(self, config: RunConfig) -> Any:
         """The post-processing settings of a new run of ``config`` (see ``default_postproc``)."""
@@ -113,6 +121,25 @@ def _panoptic_prepare(config: RunConfig, datasets: list) -> RunConfig:
     if train.optimizer == "adamw":  # the generic default
         train = dataclasses.replace(train, optimizer="sgd")
     return dataclasses.replace(config, pipeline=pipeline, train=train)
+
+
+#: Training batches whose images calibrate the frozen batch norms of a ResNet from scratch.
+PANOPTIC_CALIBRATION_BATCHES = 4
+
+
+def _panoptic_initialize(model: keras.Model, config: RunConfig, data: Any) -> None:
+    """ResNet encoders without ImageNet weights: batch-norm statistics from the first training
+    batches (:func:`kerasnuc.models.panoptic.backbone.calibrate_frozen_batch_norm`)."""
+    from kerasnuc.models.panoptic.backbone import calibrate_frozen_batch_norm
+
+    cfg = PanopticModelConfig.from_dict(config.model)
+    if cfg.encoder == "tiny" or cfg.encoder_weights is not None:
+        return
+    images = np.concatenate(
+        [np.asarray(x) for x, _ in data.take(PANOPTIC_CALIBRATION_BATCHES).as_numpy_iterator()]
+    )
+    n = calibrate_frozen_batch_norm(model.encoder, images)
+    logger.info("%s: %d batch norms calibrated on %d training crops", cfg.encoder, n, len(images))
 
 
 def _panoptic_optimizer(train_cfg, total_steps: int):
@@ -254,6 +281,10 @@ METHODS: dict[str, Method] = {
         optimizer=_panoptic_optimizer,
         prepare_config=_panoptic_prepare,
         dense_outputs=False,
+        initialize=_panoptic_initialize,
+        # A ResNet from scratch diverges within a few SGD steps without clipping (Kumar, lr
+        # 0.005 and 0.001); matterport's Mask R-CNN clips at 5.
+        train_defaults={"clip_norm": 10.0},
     ),
     "unet_sharp": Method(
         name="unet_sharp",

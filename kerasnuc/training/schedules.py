@@ -140,3 +140,16 @@ def build_sgd_warmup_step(train: TrainConfig, total_steps: int) -> keras.optimiz
     return keras.optimizers.SGD(
         learning_rate=schedule, momentum=0.9, weight_decay=train.weight_decay
     )
+
+
+def set_clip_norm(optimizer: keras.optimizers.Optimizer, clip_norm: float | None) -> None:
+    """Clip every variable's gradient to L2 norm ``clip_norm`` (Keras ``clipnorm``).
+
+    A :class:`~kerasnuc.optimizers.lookahead.Lookahead` gets it on its inner optimizer (the one
+    that applies the gradients). None leaves the optimizer as it is.
+    """
+    if clip_norm is None:
+        return
+    if not clip_norm > 0:
+        raise ValueError(f"`clip_norm` must be > 0. Received: clip_norm={clip_norm}")
+    getattr(optimizer, "inner_optimizer", optimizer).clipnorm = float(clip_norm)

@@ -43,7 +43,7 @@ from kerasnuc.training.callbacks import (
     TrainingState,
 )
 from kerasnuc.training.checkpoint import has_checkpoint, restore_training_state
-from kerasnuc.training.schedules import build_optimizer
+from kerasnuc.training.schedules import build_optimizer, set_clip_norm
 from kerasnuc.training.strategy import get_strategy, precision_policy
 from kerasnuc.training.validation import val_items
 
@@ -229,6 +229,7 @@ def train_run(
             model = method.build(method.model_config.from_dict(config.model))
             make_optimizer = method.optimizer or build_optimizer
             optimizer = make_optimizer(train_cfg, train_cfg.epochs * steps)
+            set_clip_norm(optimizer, train_cfg.clip_norm)
             model.compile(
                 optimizer=optimizer,
                 loss=method.losses(max(1, num_classes)),
@@ -258,6 +259,9 @@ def train_run(
             start_epoch=start,
             **options,
         )
+        if method.initialize is not None and start == 0 and not train_cfg.init_from:
+            with strategy.scope():
+                method.initialize(model, config, data)
         if train_cfg.strategy == "multiworker":
             import tensorflow as tf
 

@@ -48,3 +48,29 @@ def test_registry_entry():
     own = PipelineConfig(augment=AugmentConfig.none()).to_dict()
     kept = method.prepare_config(RunConfig(method="panoptic", model={}, pipeline=own), [])
     assert AugmentConfig.from_dict(kept.pipeline["augment"]) == AugmentConfig.none()
+
+
+def test_set_clip_norm_bounds_each_gradient():
+    """SGD lr 1: a gradient (30, 40) (norm 50) clipped to norm 1 moves the weights by (0.6, 0.8);
+    a small gradient passes unchanged; on Ranger the inner optimizer clips."""
+    from kerasnuc.optimizers.lookahead import ranger
+    from kerasnuc.training.schedules import set_clip_norm
+
+    big = keras.Variable(np.zeros(2, "float32"))
+    small = keras.Variable(np.zeros(2, "float32"))
+    opt = keras.optimizers.SGD(1.0)
+    set_clip_norm(opt, 1.0)
+    grads = [np.array([30.0, 40.0], "float32"), np.array([0.3, 0.4], "float32")]
+    opt.apply_gradients(zip(grads, [big, small], strict=True))
+    np.testing.assert_allclose(np.asarray(big), [-0.6, -0.8], rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(small), [-0.3, -0.4], rtol=1e-6)
+    r = ranger(1e-3)
+    set_clip_norm(r, 2.0)
+    assert r.inner_optimizer.clipnorm == 2.0
+    plain = keras.optimizers.SGD(1.0)
+    set_clip_norm(plain, None)
+    assert not plain.clipnorm
+    with pytest.raises(ValueError, match="clip_norm"):
+        set_clip_norm(plain, 0.0)
+    with pytest.raises(ValueError, match="clip_norm"):
+        TrainConfig(clip_norm=-1.0)

@@ -93,6 +93,40 @@ def _freeze_batch_norm(model: keras.Model) -> int:
     return count
 
 
+def calibrate_frozen_batch_norm(encoder: keras.Model, images) -> int:
+    """Set the statistics of the frozen batch norms of ``encoder`` from a batch of images.
+
+    One forward pass in training mode with ``momentum = 0``: every ``BatchNormalization`` stores
+    the per-channel mean and variance of its input on ``images`` (each layer seeing the outputs of
+    the already-normalised layers before it), then all are frozen again. ``gamma`` and ``beta``
+    are kept. Use it for ResNets trained from scratch (no ImageNet weights), before training.
+
+    Args:
+        encoder: a model built by :func:`build_panoptic_encoder` (or any model with frozen BNs).
+        images: ``(B, H, W, 3)`` float RGB in ``[0, 1]`` (several images: the deepest level of a
+            256 px crop has 8 x 8 positions per image).
+
+    Returns:
+        The number of batch norms calibrated (0 for the GroupNorm ``"tiny"`` encoder).
+    """
+    layers = [
+        layer
+        for layer in encoder._flatten_layers(include_self=False, recursive=True)
+        if isinstance(layer, keras.layers.BatchNormalization)
+    ]
+    saved = [(layer.trainable, layer.momentum) for layer in layers]
+    try:
+        for layer in layers:
+            layer.trainable = True
+            layer.momentum = 0.0
+        encoder(ops.convert_to_tensor(images, "float32"), training=True)
+    finally:
+        for layer, (trainable, momentum) in zip(layers, saved, strict=True):
+            layer.trainable = trainable
+            layer.momentum = momentum
+    return len(layers)
+
+
 def _check_widths(widths: Sequence[int]) -> tuple[int, ...]:
     widths = tuple(widths)
     if len(widths) != 4 or not all(
