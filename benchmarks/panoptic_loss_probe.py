@@ -38,7 +38,8 @@ from kerasnuc.config import EPOCH_WEIGHTS_DIR, RunConfig
 from kerasnuc.data.dataset import Dataset
 from kerasnuc.data.pipeline import PipelineConfig, panoptic_box_targets
 from kerasnuc.models.panoptic.model import LOSS_NAMES, STAT_NAMES
-from kerasnuc.registry import build_model
+from kerasnuc.registry import build_model, get_method
+from kerasnuc.training.trainer import open_datasets
 from kerasnuc.training.validation import val_items
 
 
@@ -90,6 +91,19 @@ def probe_proposals(boxes, classes, size: int, jitter: int, background: int, see
     return np.stack([np.concatenate([p, np.zeros((n - len(p), 4), np.float32)]) for p in out])
 
 
+def initialize_like_train(model, config: RunConfig) -> None:
+    """What ``kerasnuc train`` does before its first step of a run from scratch (the method's
+    ``initialize`` hook on the run's training pipeline, e.g. the frozen-BN calibration of a
+    ResNet without ImageNet weights), so that epoch 0 is the run's real starting point."""
+    method = get_method(config.method)
+    if method.initialize is None or config.train.init_from:
+        return
+    datasets = open_datasets(config.data.datasets, config.data)
+    pipe = PipelineConfig.from_dict(config.pipeline)
+    data = method.dataset(datasets, config.data.train_split, pipe, training=True, start_epoch=0)
+    method.initialize(model, config, data)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run", type=Path, help="run folder trained with --keep-epoch-weights")
@@ -134,6 +148,7 @@ def main() -> None:
         valid = np.concatenate([keras.ops.convert_to_numpy(p[1]) for p in parts])
         keras.utils.set_random_seed(config.train.seed)
         model = build_model(config)  # epoch 0: the run's random initialisation (same seed)
+    initialize_like_train(model, config)
     names = [*LOSS_NAMES, *STAT_NAMES]
     rows = []
     header = ["epoch", *[n.replace("_loss", "") for n in names[:7]], "total", "rpn_pos", "roi_pos"]
