@@ -47,12 +47,19 @@ def read_grid(path: Path) -> dict[str, list[Any]]:
 @click.option("--split", default="val", show_default=True, help="Split to tune on.")
 @click.option("--grid", "grid_file", type=click.Path(path_type=Path), help="JSON grid file.")
 @click.option("--max-images", type=click.IntRange(min=1), help="Tune on the first N images.")
+@click.option(
+    "--tile",
+    type=click.IntRange(min=32),
+    help="Predict and score non-overlapping tiles of at most N px instead of whole images (for "
+    "dense images with panoptic, whose forward pass has max_detections slots; or big images).",
+)
 def tune(
     run_dir: Path,
     data_dirs: tuple[str, ...],
     split: str,
     grid_file: Path | None,
     max_images: int | None,
+    tile: int | None,
 ) -> None:
     """Tune the post-processing of RUN_DIR on a labelled split; write RUN_DIR/postproc.json.
 
@@ -72,7 +79,12 @@ def tune(
     from kerasnuc.data.dataset import Dataset
     from kerasnuc.data.pipeline import PipelineConfig
     from kerasnuc.registry import load_run
-    from kerasnuc.training.validation import predict_all, score_predictions, score_summary
+    from kerasnuc.training.validation import (
+        predict_all,
+        score_predictions,
+        score_summary,
+        tile_items,
+    )
     from kerasnuc.training.validation import val_items as load_val_items
 
     run = load_run(run_dir)
@@ -97,6 +109,8 @@ def tune(
         target_mpp,
         max_images,
     )
+    if tile is not None:
+        items = tile_items(items, tile)
     if not weak and max(1, num_classes) != run.config.model.get("num_classes"):
         raise KerasnucError(
             f"the data has {num_classes} classes but the model was trained for "
@@ -139,7 +153,8 @@ def tune(
         for r in ranked[:SHOWN]
     ]
     click.echo(format_table(rows, list(grid) + [metric]))
+    unit = "tiles" if tile else "images"
     click.echo(
-        f"\n{len(table)} configurations on {len(items)} images; best {metric} "
+        f"\n{len(table)} configurations on {len(items)} {unit}; best {metric} "
         f"{ranked[0]['score']:.4f} saved to {run_dir / POSTPROC}"
     )

@@ -89,6 +89,33 @@ def val_items(
     return out, num_classes
 
 
+def tile_items(items: Sequence[ValItem], size: int) -> list[ValItem]:
+    """Split every item into a grid of non-overlapping tiles of at most ``size`` px a side.
+
+    An image of height ``H`` gets ``ceil(H / size)`` rows of tiles of (nearly) equal height, the
+    same for the width; nuclei on a tile border are cut in the ground truth as in the prediction.
+    Tile ids are ``<item id>@<row>,<col>`` (top-left pixel), in the same dataset group.
+    """
+    if size < 1:
+        raise ValueError(f"`size` must be >= 1. Received: size={size}")
+    out = []
+    for it in items:
+        h, w = it.instances.shape
+        rows = np.round(np.linspace(0, h, -(-h // size) + 1)).astype(int)
+        cols = np.round(np.linspace(0, w, -(-w // size) + 1)).astype(int)
+        for y0, y1 in zip(rows[:-1], rows[1:], strict=True):
+            for x0, x1 in zip(cols[:-1], cols[1:], strict=True):
+                out.append(
+                    ValItem(
+                        f"{it.id}@{y0},{x0}",
+                        it.image[y0:y1, x0:x1],
+                        it.instances[y0:y1, x0:x1],
+                        None if it.classes is None else it.classes[y0:y1, x0:x1],
+                    )
+                )
+    return out
+
+
 def predict_all(model: Any, items: Sequence[ValItem]) -> list[dict[str, np.ndarray]]:
     """Probability maps ``{output: (H, W, K) float32}`` of every item (one forward pass each)."""
     return [predict_maps(model, it.image) for it in items]

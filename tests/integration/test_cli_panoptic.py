@@ -131,9 +131,9 @@ def test_panoptic_train_predict_evaluate_export(tmp_path):
     assert "54 configurations on 2 images" in res.output
     grid = tmp_path / "grid.json"
     grid.write_text(json.dumps({"score_threshold": [0.05, 0.95], "min_size": [3]}))
-    res = invoke("tune", run, "--data", data, "--grid", grid)
+    res = invoke("tune", run, "--data", data, "--grid", grid, "--tile", "32")
     assert res.exit_code == 0, res.output
-    assert "2 configurations" in res.output
+    assert "2 configurations on 8 tiles" in res.output  # 2 val images of 64 px, 4 tiles each
     tuned = json.loads((run / "postproc.json").read_text())
     assert tuned["score_threshold"] in (0.05, 0.95) and tuned["min_size"] == 3
     grid.write_text(json.dumps({"fg_threshold": [0.5]}))

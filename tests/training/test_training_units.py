@@ -187,3 +187,23 @@ def test_validation_scores_each_dataset_on_its_own():
     assert summary["pq"] == pytest.approx((1.0 + 1 / 1.5) / 2)
     assert summary["mpq_plus"] == pytest.approx(1.0)
     assert score_summary(summary, 2) == summary["score"]
+
+
+def test_tile_items_grid_by_hand():
+    from kerasnuc.training.validation import tile_items
+
+    image = np.arange(10 * 7 * 3, dtype=np.uint8).reshape(10, 7, 3)
+    inst = np.arange(70, dtype=np.int32).reshape(10, 7)
+    items = [ValItem("kumar/a", image, inst, None), ValItem("kumar/b", image, inst, inst % 3)]
+    tiles = tile_items(items, 4)
+    # 10 rows -> 3 tiles at rows 0, 3, 7 (round(10/3), round(20/3)); 7 cols -> 2 at cols 0, 4
+    starts = [(0, 0), (0, 4), (3, 0), (3, 4), (7, 0), (7, 4)]
+    assert [t.id for t in tiles[:6]] == [f"kumar/a@{y},{x}" for y, x in starts]
+    assert all(t.group == "kumar" for t in tiles) and len(tiles) == 12
+    np.testing.assert_array_equal(tiles[3].instances, inst[3:7, 4:7])
+    np.testing.assert_array_equal(tiles[3].image, image[3:7, 4:7])
+    assert tiles[3].classes is None
+    np.testing.assert_array_equal(tiles[10].classes, (inst % 3)[7:10, 0:4])
+    # the tiles cover every pixel exactly once
+    assert sum(t.instances.size for t in tiles[:6]) == 70
+    assert len(tile_items(items, 64)) == 2
