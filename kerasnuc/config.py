@@ -46,7 +46,9 @@ DEFAULT_COLOURS = (
 )
 
 
-def _from_dict(cls, data: dict[str, Any]):
+def strict_from_dict(cls, data: dict[str, Any]):
+    """``cls(**data)`` for a config dataclass, refusing keys that are not fields (ValueError
+    naming them); missing keys take the defaults."""
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - known)
     if unknown:
@@ -122,7 +124,7 @@ class DataConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> DataConfig:
-        return _from_dict(cls, data)
+        return strict_from_dict(cls, data)
 
 
 @dataclass(frozen=True)
@@ -184,7 +186,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        return _from_dict(cls, data)
+        return strict_from_dict(cls, data)
 
 
 @dataclass(frozen=True)
@@ -222,7 +224,7 @@ class RunConfig:
         data = dict(data)
         data["data"] = DataConfig.from_dict(data.get("data", {}))
         data["train"] = TrainConfig.from_dict(data.get("train", {}))
-        return _from_dict(cls, data)
+        return strict_from_dict(cls, data)
 
     def save(self, run_dir: str | os.PathLike) -> None:
         """Write ``RUN_DIR/config.json`` atomically."""

@@ -34,6 +34,7 @@ from typing import Any
 import keras
 
 from kerasnuc.backbones.efficientnet import EFFICIENTNET_NAMES, build_efficientnet_encoder
+from kerasnuc.config import strict_from_dict
 from kerasnuc.layers.dropout import MCDropout
 
 logger = logging.getLogger(__name__)
@@ -276,13 +277,7 @@ class ConicModelConfig:
         Raises:
             ValueError: unknown keys or bad values.
         """
-        known = {field.name for field in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(
-                f"Unknown ConicModelConfig keys {unknown}. Expected a subset of {sorted(known)}"
-            )
-        return cls(**data)
+        return strict_from_dict(cls, data)
 
 
 def build_conic_from_config(config: ConicModelConfig) -> ConicModel:

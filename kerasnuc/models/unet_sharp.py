@@ -52,6 +52,7 @@ from typing import Any
 import keras
 
 from kerasnuc.backbones.resnext import build_resnext_encoder
+from kerasnuc.config import strict_from_dict
 from kerasnuc.layers.aspp import ASPP
 from kerasnuc.layers.attention_gate import AttentionGate
 from kerasnuc.layers.macenko import MacenkoNormalization
@@ -389,13 +390,7 @@ class UnetSharpModelConfig:
         Raises:
             ValueError: unknown keys or bad values.
         """
-        known = {field.name for field in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(
-                f"Unknown UnetSharpModelConfig keys {unknown}. Expected a subset of {sorted(known)}"
-            )
-        return cls(**data)
+        return strict_from_dict(cls, data)
 
 
 def build_unet_sharp_from_config(config: UnetSharpModelConfig) -> keras.Model:

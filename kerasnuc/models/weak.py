@@ -47,6 +47,7 @@ import numpy as np
 from keras import ops
 
 from kerasnuc.backbones.resnet import build_resnet50_encoder
+from kerasnuc.config import strict_from_dict
 from kerasnuc.losses.scheduler import MODES, WEAK_TASKS, MultiTaskLoss
 from kerasnuc.losses.weak import ClusterLoss, RepelLoss, VoronoiLoss
 
@@ -321,13 +322,7 @@ class WeakModelConfig:
         Raises:
             ValueError: unknown keys or bad values.
         """
-        known = {field.name for field in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(
-                f"Unknown WeakModelConfig keys {unknown}. Expected a subset of {sorted(known)}"
-            )
-        return cls(**data)
+        return strict_from_dict(cls, data)
 
 
 def build_weak_from_config(config: WeakModelConfig) -> WeakModel:

@@ -44,6 +44,7 @@ from typing import Any
 import keras
 from keras import ops
 
+from kerasnuc.config import strict_from_dict
 from kerasnuc.models.panoptic import losses as panoptic_losses
 from kerasnuc.models.panoptic.anchors import AnchorConfig, anchors_per_location, generate_anchors
 from kerasnuc.models.panoptic.backbone import (
@@ -232,13 +233,7 @@ class PanopticModelConfig:
         Raises:
             ValueError: unknown keys or bad values.
         """
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(
-                f"Unknown PanopticModelConfig keys {unknown}. Expected a subset of {sorted(known)}"
-            )
-        return cls(**data)
+        return strict_from_dict(cls, data)
 
 
 def _gather_rows(x, index):
