@@ -36,6 +36,7 @@ import keras
 from kerasnuc.backbones.efficientnet import EFFICIENTNET_NAMES, build_efficientnet_encoder
 from kerasnuc.config import strict_from_dict
 from kerasnuc.layers.dropout import MCDropout
+from kerasnuc.models.common import check_input_shape
 
 logger = logging.getLogger(__name__)
 
@@ -70,17 +71,7 @@ def _check_conic_args(
         )
     if not isinstance(dropout, int | float) or not 0 <= dropout < 1:
         raise ValueError(f"`dropout` must be a float in [0, 1). Received: dropout={dropout!r}")
-    shape = tuple(input_shape)
-    if len(shape) != 3 or shape[2] != 3:
-        raise ValueError(
-            f"`input_shape` must be (height, width, 3). Received: input_shape={input_shape!r}"
-        )
-    for size in shape[:2]:
-        if size is not None and (not isinstance(size, int) or size < 32 or size % 32):
-            raise ValueError(
-                "`input_shape` height and width must be None or positive multiples of 32 (the "
-                f"encoder's output stride). Received: input_shape={input_shape!r}"
-            )
+    check_input_shape(input_shape)
 
 
 @keras.saving.register_keras_serializable(package="kerasnuc")

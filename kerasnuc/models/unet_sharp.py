@@ -57,6 +57,7 @@ from kerasnuc.layers.aspp import ASPP
 from kerasnuc.layers.attention_gate import AttentionGate
 from kerasnuc.layers.macenko import MacenkoNormalization
 from kerasnuc.layers.resize import ResizeLike
+from kerasnuc.models.common import check_input_shape, is_int
 
 logger = logging.getLogger(__name__)
 
@@ -68,10 +69,6 @@ ENCODERS: dict[str, int] = {"resnext50": 50, "resnext101": 101}
 
 #: Number of encoder levels (P1..P5).
 LEVELS = 5
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _check_args(
@@ -99,9 +96,9 @@ def _check_args(
         ("head_filters", head_filters),
         ("aspp_filters", aspp_filters),
     ):
-        if not _is_int(value) or value < 1:
+        if not is_int(value) or value < 1:
             raise ValueError(f"`{name}` must be a positive int. Received: {name}={value!r}")
-    if not aspp_rates or not all(_is_int(r) and r > 0 for r in aspp_rates):
+    if not aspp_rates or not all(is_int(r) and r > 0 for r in aspp_rates):
         raise ValueError(
             f"`aspp_rates` must be a list of positive ints. Received: aspp_rates={aspp_rates!r}"
         )
@@ -115,23 +112,13 @@ def _check_args(
             f"Received: encoder_width_scale={encoder_width_scale!r}"
         )
     if encoder_blocks is not None and (
-        len(encoder_blocks) != 4 or not all(_is_int(b) and b > 0 for b in encoder_blocks)
+        len(encoder_blocks) != 4 or not all(is_int(b) and b > 0 for b in encoder_blocks)
     ):
         raise ValueError(
             "`encoder_blocks` must be None or a list of 4 positive ints. "
             f"Received: encoder_blocks={encoder_blocks!r}"
         )
-    shape = tuple(input_shape)
-    if len(shape) != 3 or shape[2] != 3:
-        raise ValueError(
-            f"`input_shape` must be (height, width, 3). Received: input_shape={input_shape!r}"
-        )
-    for size in shape[:2]:
-        if size is not None and (not _is_int(size) or size < 32 or size % 32):
-            raise ValueError(
-                "`input_shape` height and width must be None or positive multiples of 32 (the "
-                f"encoder's output stride). Received: input_shape={input_shape!r}"
-            )
+    check_input_shape(input_shape)
     if stain_reference is not None:
         if not isinstance(stain_reference, Mapping) or stain_reference.get("method") != "macenko":
             raise ValueError(
@@ -366,7 +353,7 @@ class UnetSharpModelConfig:
                 raise ValueError(
                     f"`{name}` must be a bool. Received: {name}={getattr(self, name)!r}"
                 )
-        if not _is_int(self.freeze_encoder_epochs) or self.freeze_encoder_epochs < 0:
+        if not is_int(self.freeze_encoder_epochs) or self.freeze_encoder_epochs < 0:
             raise ValueError(
                 "`freeze_encoder_epochs` must be an int >= 0. "
                 f"Received: freeze_encoder_epochs={self.freeze_encoder_epochs!r}"

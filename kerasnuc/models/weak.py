@@ -50,6 +50,7 @@ from kerasnuc.backbones.resnet import build_resnet50_encoder
 from kerasnuc.config import strict_from_dict
 from kerasnuc.losses.scheduler import MODES, WEAK_TASKS, MultiTaskLoss
 from kerasnuc.losses.weak import ClusterLoss, RepelLoss, VoronoiLoss
+from kerasnuc.models.common import check_input_shape, is_int
 
 logger = logging.getLogger(__name__)
 
@@ -59,10 +60,6 @@ OUTPUT_NAMES: tuple[str, ...] = ("seg",)
 ENCODERS: tuple[str, ...] = ("resnet50",)
 
 _SKIPS = ("P4", "P3", "P2", "P1", None)
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int | np.integer) and not isinstance(value, bool)
 
 
 def _check_triple(name: str, value: Any, positive: bool) -> tuple[float, float, float] | None:
@@ -89,27 +86,17 @@ def _check_weak_args(
         raise ValueError(
             f"`encoder` must be one of {list(ENCODERS)}. Received: encoder={encoder!r}"
         )
-    if not _is_int(encoder_width) or encoder_width < 1:
+    if not is_int(encoder_width) or encoder_width < 1:
         raise ValueError(
             f"`encoder_width` must be a positive int. Received: encoder_width={encoder_width!r}"
         )
     filters = tuple(decoder_filters)
-    if len(filters) != 5 or not all(_is_int(f) and f > 0 for f in filters):
+    if len(filters) != 5 or not all(is_int(f) and f > 0 for f in filters):
         raise ValueError(
             "`decoder_filters` must be a list of 5 positive ints. "
             f"Received: decoder_filters={decoder_filters!r}"
         )
-    shape = tuple(input_shape)
-    if len(shape) != 3 or shape[2] != 3:
-        raise ValueError(
-            f"`input_shape` must be (height, width, 3). Received: input_shape={input_shape!r}"
-        )
-    for size in shape[:2]:
-        if size is not None and (not _is_int(size) or size < 32 or size % 32):
-            raise ValueError(
-                "`input_shape` height and width must be None or positive multiples of 32 (the "
-                f"encoder's output stride). Received: input_shape={input_shape!r}"
-            )
+    check_input_shape(input_shape)
     if loss_mode not in MODES:
         raise ValueError(f"`loss_mode` must be one of {MODES}. Received: loss_mode={loss_mode!r}")
 
@@ -296,7 +283,7 @@ class WeakModelConfig:
         )
         if (self.input_mean is None) != (self.input_std is None):
             raise ValueError("`input_mean` and `input_std` must be given together.")
-        if not _is_int(self.num_classes) or self.num_classes < 1:
+        if not is_int(self.num_classes) or self.num_classes < 1:
             raise ValueError(
                 f"`num_classes` must be a positive int. Received: num_classes={self.num_classes!r}"
             )
