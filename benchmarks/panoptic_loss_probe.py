@@ -36,7 +36,7 @@ import numpy as np
 
 from kerasnuc.config import EPOCH_WEIGHTS_DIR, RunConfig
 from kerasnuc.data.dataset import Dataset
-from kerasnuc.data.pipeline import PipelineConfig, panoptic_box_targets
+from kerasnuc.data.pipeline import PipelineConfig, panoptic_targets
 from kerasnuc.models.panoptic.model import LOSS_NAMES, STAT_NAMES
 from kerasnuc.registry import build_model, get_method
 from kerasnuc.training.trainer import open_datasets
@@ -45,18 +45,13 @@ from kerasnuc.training.validation import val_items
 
 def probe_set(items, crop: int, slots: int):
     """Centre ``crop x crop`` crops of the items and the pipeline's panoptic targets."""
-    images, targets = [], {"instances": [], "semantic": [], "boxes": [], "classes": []}
+    images, instances = [], []
     for it in items:
         h, w = it.instances.shape
         y0, x0 = max((h - crop) // 2, 0), max((w - crop) // 2, 0)
-        inst = it.instances[y0 : y0 + crop, x0 : x0 + crop]
-        relab, boxes, classes = panoptic_box_targets(inst, (inst > 0).astype(np.int32), slots)
+        instances.append(it.instances[y0 : y0 + crop, x0 : x0 + crop])
         images.append(it.image[y0 : y0 + crop, x0 : x0 + crop].astype(np.float32) / 255.0)
-        targets["instances"].append(relab)
-        targets["semantic"].append((inst > 0).astype(np.int32))
-        targets["boxes"].append(boxes)
-        targets["classes"].append(classes)
-    return np.stack(images), {k: np.stack(v) for k, v in targets.items()}
+    return np.stack(images), panoptic_targets(np.stack(instances), slots)
 
 
 def probe_proposals(boxes, classes, size: int, jitter: int, background: int, seed: int):

@@ -22,7 +22,7 @@ import numpy as np
 
 from kerasnuc.config import TrainConfig
 from kerasnuc.data.dataset import Dataset
-from kerasnuc.data.pipeline import panoptic_box_targets
+from kerasnuc.data.pipeline import panoptic_targets
 from kerasnuc.inference.maps import predict_maps
 from kerasnuc.metrics import aji, panoptic_quality
 from kerasnuc.metrics.semantic import pixel_scores
@@ -51,22 +51,14 @@ SMALL = dict(
 def load_crops(root: str, crop: int, max_instances: int, n_images: int = 2):
     ds = Dataset(root)
     ids = ds.split("train")[:n_images]
-    images, targets = [], {"instances": [], "semantic": [], "boxes": [], "classes": []}
+    images, instances = [], []
     for i in ids:
         s = ds.sample(i)
         h, w = s.instances.shape
         y0, x0 = (h - crop) // 2, (w - crop) // 2
-        img = s.image[y0 : y0 + crop, x0 : x0 + crop]
-        inst = s.instances[y0 : y0 + crop, x0 : x0 + crop]
-        relab, boxes, classes = panoptic_box_targets(
-            inst, (inst > 0).astype(np.int32), max_instances
-        )
-        images.append(img)
-        targets["instances"].append(relab)
-        targets["semantic"].append((inst > 0).astype(np.int32))
-        targets["boxes"].append(boxes)
-        targets["classes"].append(classes)
-    return ids, np.stack(images), {k: np.stack(v) for k, v in targets.items()}
+        images.append(s.image[y0 : y0 + crop, x0 : x0 + crop])
+        instances.append(s.instances[y0 : y0 + crop, x0 : x0 + crop])
+    return ids, np.stack(images), panoptic_targets(np.stack(instances), max_instances)
 
 
 def evaluate(model, images, instances, postproc):

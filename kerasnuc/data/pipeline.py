@@ -634,6 +634,32 @@ def panoptic_box_targets(
     return relabelled, boxes, box_classes
 
 
+def panoptic_targets(
+    instances: np.ndarray, max_instances: int, semantic: np.ndarray | None = None
+) -> dict[str, np.ndarray]:
+    """The targets :func:`panoptic_dataset` yields, for a stack of crops (numpy).
+
+    Args:
+        instances: ``(B, S, S)`` int instance maps.
+        max_instances: box slots per crop (:func:`panoptic_box_targets`).
+        semantic: ``(B, S, S)`` int class maps; None: ``1`` inside nuclei.
+
+    Returns:
+        ``{"instances", "semantic", "boxes", "classes"}`` stacked over the crops.
+    """
+    instances = np.asarray(instances)
+    semantic = (instances > 0).astype(np.int32) if semantic is None else np.asarray(semantic)
+    parts = [
+        panoptic_box_targets(i, c, max_instances) for i, c in zip(instances, semantic, strict=True)
+    ]
+    return {
+        "instances": np.stack([p[0] for p in parts]),
+        "semantic": semantic.astype(np.int32),
+        "boxes": np.stack([p[1] for p in parts]),
+        "classes": np.stack([p[2] for p in parts]),
+    }
+
+
 def panoptic_dataset(
     datasets: Dataset | Sequence[Dataset],
     split: str | None = "train",

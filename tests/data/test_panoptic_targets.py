@@ -46,3 +46,21 @@ def test_empty_crop():
         np.zeros((5, 5), np.int32), np.zeros((5, 5), np.int32), 3
     )
     assert not relabelled.any() and not boxes.any() and not classes.any()
+
+
+def test_panoptic_targets_stacks_crops_by_hand():
+    from kerasnuc.data.pipeline import panoptic_targets
+
+    inst = np.zeros((2, 4, 4), np.int32)
+    inst[0, 0:2, 1:3] = 7  # one nucleus, rows 0-1, cols 1-2
+    inst[1, 3, 0] = 2
+    inst[1, 1:3, 2:4] = 5
+    t = panoptic_targets(inst, 3)
+    assert set(t) == {"instances", "semantic", "boxes", "classes"}
+    np.testing.assert_array_equal(t["semantic"], (inst > 0).astype(np.int32))
+    np.testing.assert_array_equal(t["boxes"][0], [[0, 1, 2, 3], [0, 0, 0, 0], [0, 0, 0, 0]])
+    np.testing.assert_array_equal(t["classes"], [[1, 0, 0], [1, 1, 0]])
+    # crop 1: id 2 -> 1 (box rows 3-3, col 0), id 5 -> 2 (rows 1-2, cols 2-3)
+    np.testing.assert_array_equal(t["boxes"][1][:2], [[3, 0, 4, 1], [1, 2, 3, 4]])
+    assert t["instances"][1][3, 0] == 1 and t["instances"][1][2, 3] == 2
+    assert t["instances"][0][1, 2] == 1 and t["instances"].dtype == np.int32

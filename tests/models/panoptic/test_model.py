@@ -8,7 +8,7 @@ import keras
 import numpy as np
 import pytest
 
-from kerasnuc.data.pipeline import panoptic_box_targets
+from kerasnuc.data.pipeline import panoptic_targets
 from kerasnuc.models.panoptic.model import (
     LOSS_NAMES,
     STAT_NAMES,
@@ -39,18 +39,14 @@ TINY = PanopticModelConfig(
 def _batch(rng, n_images=2, size=64, slots=8):
     """Images with dark rectangles (nuclei) and the panoptic pipeline's targets."""
     images = rng.uniform(0.7, 0.9, size=(n_images, size, size, 3)).astype("float32")
-    keys = ("instances", "semantic", "boxes", "classes")
-    targets = {k: [] for k in keys}
+    instances = np.zeros((n_images, size, size), np.int32)
     for b in range(n_images):
-        inst = np.zeros((size, size), np.int32)
+        inst = instances[b]
         for k in range(4):
             y, x = rng.integers(4, size - 16, 2)
             inst[y : y + 10, x : x + 9][inst[y : y + 10, x : x + 9] == 0] = k + 1
         images[b][inst > 0] = (0.3, 0.1, 0.5)
-        relab, boxes, classes = panoptic_box_targets(inst, (inst > 0).astype(np.int32), slots)
-        for k, v in zip(keys, (relab, (inst > 0).astype(np.int32), boxes, classes), strict=True):
-            targets[k].append(v)
-    return images, {k: np.stack(v) for k, v in targets.items()}
+    return images, panoptic_targets(instances, slots)
 
 
 def test_config_roundtrip_and_errors():

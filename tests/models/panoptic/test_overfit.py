@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from kerasnuc.data.dataset import Dataset
-from kerasnuc.data.pipeline import panoptic_box_targets
+from kerasnuc.data.pipeline import panoptic_targets
 from kerasnuc.inference.maps import predict_maps
 from kerasnuc.metrics import aji
 from kerasnuc.models.panoptic.model import PanopticModelConfig, build_panoptic
@@ -42,18 +42,15 @@ NARROW = PanopticModelConfig(
 @pytest.mark.slow
 def test_overfit_two_kumar_crops(shared_data):
     ds = Dataset(shared_data / "monuseg_kumar")
-    images, targets = [], {"instances": [], "semantic": [], "boxes": [], "classes": []}
+    images, instances = [], []
     for image_id in ds.split("train")[:2]:
         s = ds.sample(image_id)
         h, w = s.instances.shape
         y0, x0 = (h - 128) // 2, (w - 128) // 2
-        inst = s.instances[y0 : y0 + 128, x0 : x0 + 128]
-        relab, boxes, classes = panoptic_box_targets(inst, (inst > 0).astype(np.int32), 64)
         images.append(s.image[y0 : y0 + 128, x0 : x0 + 128])
-        for k, v in zip(targets, (relab, (inst > 0).astype(np.int32), boxes, classes), strict=True):
-            targets[k].append(v)
+        instances.append(s.instances[y0 : y0 + 128, x0 : x0 + 128])
     images = np.stack(images)
-    targets = {k: np.stack(v) for k, v in targets.items()}
+    targets = panoptic_targets(np.stack(instances), 64)
     assert [int((c > 0).sum()) for c in targets["classes"]] == [8, 17]
 
     keras.utils.set_random_seed(0)
