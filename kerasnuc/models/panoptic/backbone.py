@@ -83,14 +83,21 @@ class CaffePreprocess(keras.layers.Layer):
         return input_shape
 
 
+def _batch_norms(model: keras.Model) -> list[keras.layers.BatchNormalization]:
+    """Every ``BatchNormalization`` layer inside ``model`` (nested models included)."""
+    return [
+        layer
+        for layer in model._flatten_layers(include_self=False, recursive=True)
+        if isinstance(layer, keras.layers.BatchNormalization)
+    ]
+
+
 def _freeze_batch_norm(model: keras.Model) -> int:
     """Freeze every ``BatchNormalization`` of ``model`` (inference mode, fixed affine)."""
-    count = 0
-    for layer in model._flatten_layers(include_self=False, recursive=True):
-        if isinstance(layer, keras.layers.BatchNormalization):
-            layer.trainable = False
-            count += 1
-    return count
+    layers = _batch_norms(model)
+    for layer in layers:
+        layer.trainable = False
+    return len(layers)
 
 
 def calibrate_frozen_batch_norm(encoder: keras.Model, images) -> int:
@@ -109,11 +116,7 @@ def calibrate_frozen_batch_norm(encoder: keras.Model, images) -> int:
     Returns:
         The number of batch norms calibrated (0 for the GroupNorm ``"tiny"`` encoder).
     """
-    layers = [
-        layer
-        for layer in encoder._flatten_layers(include_self=False, recursive=True)
-        if isinstance(layer, keras.layers.BatchNormalization)
-    ]
+    layers = _batch_norms(encoder)
     saved = [(layer.trainable, layer.momentum) for layer in layers]
     try:
         for layer in layers:
