@@ -41,11 +41,11 @@ from typing import Any
 
 import tensorflow as tf
 
-from kerasnuc.data.stain import hed_augment
+from kerasnuc.data.stain import hed_augment, stain_augment
 from kerasnuc.fileutil import KerasnucError
 
 FILL_MODES = ("constant", "reflect")
-PRESETS = ("default", "none", "panoptic")
+PRESETS = ("default", "none", "panoptic", "stain")
 
 # Fixed fold-in index per random draw: adding an op never changes the draws of the others.
 _FLIP_LR, _FLIP_UD, _ROT90, _ROT90_K = 0, 1, 2, 3
@@ -57,6 +57,7 @@ _JITTER, _BRIGHTNESS, _CONTRAST, _SATURATION, _HUE = 17, 18, 19, 20, 21
 _BLUR, _BLUR_V, _NOISE, _NOISE_V, _NOISE_FIELD = 22, 23, 24, 25, 26
 _EMBOSS, _EMBOSS_ALPHA, _EMBOSS_V, _SHARPEN, _SHARPEN_ALPHA, _SHARPEN_V = 27, 28, 29, 30, 31, 32
 _SHUFFLE, _SHUFFLE_V = 33, 34
+_STAIN, _STAIN_V, _JPEG, _JPEG_V = 35, 36, 37, 38
 
 _RANGE_FIELDS = (
     "translate",
@@ -74,6 +75,8 @@ _RANGE_FIELDS = (
     "emboss_strength",
     "sharpen_alpha",
     "sharpen_lightness",
+    "stain_scale",
+    "jpeg_quality",
 )
 _PROB_FIELDS = (
     "flip_prob",
@@ -90,6 +93,8 @@ _PROB_FIELDS = (
     "emboss_prob",
     "sharpen_prob",
     "channel_shuffle_prob",
+    "stain_prob",
+    "jpeg_prob",
 )
 
 
@@ -136,6 +141,13 @@ class AugmentConfig:
         channel_shuffle_prob: random permutation of the RGB channels (``panoptic``).
         The last three default to probability 0 (not part of the conic augmentations); see
         :meth:`preset` ``"panoptic"``.
+        stain_prob, stain_scale, stain_shift, stain_rotation: strong stain change between labs
+            (:func:`kerasnuc.data.stain.stain_augment`): H and E amounts times a log-uniform
+            factor in ``stain_scale``, plus ``U[-stain_shift, stain_shift]`` OD, stain vectors
+            turned by up to ``stain_rotation`` degrees. Applied before the HED augmentation.
+        jpeg_prob, jpeg_quality: JPEG compression at a quality drawn from ``jpeg_quality``
+            (integers in ``[1, 100]``), applied last: the artefacts of scanners' compressed
+            tiles. Both default to probability 0; see :meth:`preset` ``"stain"``.
     """
 
     flip_prob: float = 0.5
@@ -172,6 +184,12 @@ class AugmentConfig:
     sharpen_alpha: tuple[float, float] = (0.0, 0.5)
     sharpen_lightness: tuple[float, float] = (0.75, 1.25)
     channel_shuffle_prob: float = 0.0
+    stain_prob: float = 0.0
+    stain_scale: tuple[float, float] = (0.5, 2.0)
+    stain_shift: float = 0.05
+    stain_rotation: float = 10.0
+    jpeg_prob: float = 0.0
+    jpeg_quality: tuple[float, float] = (40.0, 95.0)
 
     def __post_init__(self) -> None:
         for name in _PROB_FIELDS:
@@ -207,6 +225,17 @@ class AugmentConfig:
         self._check_range("noise_std", lo=0.0)
         self._check_range("emboss_alpha", lo=0.0, hi=1.0)
         self._check_range("sharpen_alpha", lo=0.0, hi=1.0)
+        self._check_range("stain_scale", lo=0.0, open_lo=True)
+        self._check_range("jpeg_quality", lo=1.0, hi=100.0)
+        if not (isinstance(self.stain_shift, int | float) and self.stain_shift >= 0):
+            raise ValueError(
+                f"`stain_shift` must be >= 0. Received: stain_shift={self.stain_shift}"
+            )
+        if not (isinstance(self.stain_rotation, int | float) and 0 <= self.stain_rotation <= 45):
+            raise ValueError(
+                "`stain_rotation` must be in [0, 45]. "
+                f"Received: stain_rotation={self.stain_rotation}"
+            )
         if not (isinstance(self.elastic_sigma, int | float) and self.elastic_sigma > 0):
             raise ValueError(
                 f"`elastic_sigma` must be a float > 0. Received: elastic_sigma={self.elastic_sigma}"
@@ -219,7 +248,14 @@ class AugmentConfig:
             raise ValueError(f"`hed_alpha` must be in [0, 1). Received: hed_alpha={self.hed_alpha}")
         if self.hed_beta < 0.0:
             raise ValueError(f"`hed_beta` must be >= 0. Received: hed_beta={self.hed_beta}")
-        for name in ("elastic_sigma", "fill_value", "hed_alpha", "hed_beta"):
+        for name in (
+            "elastic_sigma",
+            "fill_value",
+            "hed_alpha",
+            "hed_beta",
+            "stain_shift",
+            "stain_rotation",
+        ):
             object.__setattr__(self, name, float(getattr(self, name)))
 
     def _check_range(
@@ -276,14 +312,45 @@ class AugmentConfig:
         return cls.from_dict(none)
 
     @classmethod
+    def stain(cls) -> AugmentConfig:
+        """The defaults plus the stain variation of real labs (the ``default`` model's recipe).
+
+        Stain amounts x0.4 .. x2.5 with stain vectors turned by up to 12 degrees (half the
+        time), the HED jitter of the defaults, wider colour jitter (hue +-0.1, saturation
+        0.6-1.6, brightness +-0.15, contrast 0.6-1.4, 80 % of the time), blur (30 %) and JPEG
+        quality 30-95 (30 %). Ranges chosen to cover the shifts of
+        ``benchmarks/stain_shift.py`` (H x0.5 and x1.8, E x2, hue +-0.08, saturation x1.6) with
+        margin, not tuned on them.
+        """
+        return dataclasses.replace(
+            cls(),
+            stain_prob=0.5,
+            stain_scale=(0.4, 2.5),
+            stain_shift=0.05,
+            stain_rotation=12.0,
+            jitter_prob=0.8,
+            brightness=(-0.15, 0.15),
+            contrast=(0.6, 1.4),
+            saturation=(0.6, 1.6),
+            hue=(-0.1, 0.1),
+            blur_prob=0.3,
+            blur_sigma=(0.5, 2.0),
+            jpeg_prob=0.3,
+            jpeg_quality=(30.0, 95.0),
+        )
+
+    @classmethod
     def preset(cls, name: str) -> AugmentConfig:
-        """A named preset: ``"default"`` (the training defaults), ``"none"`` or ``"panoptic"``."""
+        """A named preset: ``"default"`` (the training defaults), ``"none"``, ``"panoptic"`` or
+        ``"stain"`` (:meth:`stain`)."""
         if name == "default":
             return cls()
         if name == "none":
             return cls.none()
         if name == "panoptic":
             return cls.panoptic()
+        if name == "stain":
+            return cls.stain()
         raise ValueError(f"`name` must be one of {PRESETS}. Received: name={name!r}")
 
     def to_dict(self) -> dict[str, Any]:
@@ -597,13 +664,25 @@ def _colour(image: tf.Tensor, seed: tf.Tensor, config: AugmentConfig) -> tf.Tens
         order = tf.argsort(tf.random.stateless_uniform([3], _seed(seed, _SHUFFLE_V)))
         return tf.gather(x, order, axis=-1)
 
+    def stain(x: tf.Tensor) -> tf.Tensor:
+        return stain_augment(
+            x, _seed(seed, _STAIN_V), config.stain_scale, config.stain_shift, config.stain_rotation
+        )
+
+    def jpeg(x: tf.Tensor) -> tf.Tensor:
+        lo, hi = (int(round(q)) for q in config.jpeg_quality)
+        quality = tf.random.stateless_uniform([], _seed(seed, _JPEG_V), lo, hi + 1, dtype=tf.int32)
+        return tf.image.adjust_jpeg_quality(x, quality)
+
+    image = maybe(_STAIN, config.stain_prob, stain, image)
     image = maybe(_HED, config.hed_prob, hed, image)
     image = maybe(_JITTER, config.jitter_prob, jitter, image)
     image = maybe(_EMBOSS, config.emboss_prob, emboss, image)
     image = maybe(_SHARPEN, config.sharpen_prob, sharpen, image)
     image = maybe(_SHUFFLE, config.channel_shuffle_prob, shuffle, image)
     image = maybe(_BLUR, config.blur_prob, blur, image)
-    return maybe(_NOISE, config.noise_prob, noise, image)
+    image = maybe(_NOISE, config.noise_prob, noise, image)
+    return maybe(_JPEG, config.jpeg_prob, jpeg, image)
 
 
 # ----------------------------------------------------------------------------- entry point

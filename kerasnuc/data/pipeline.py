@@ -140,7 +140,12 @@ class PipelineConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> PipelineConfig:
         data = dict(data)
-        if "augment" in data:
+        if isinstance(data.get("augment"), str):  # a preset name, e.g. "stain"
+            try:
+                data["augment"] = AugmentConfig.preset(data["augment"])
+            except ValueError as err:
+                raise KerasnucError(f"pipeline.augment: {err}") from err
+        elif "augment" in data:
             data["augment"] = AugmentConfig.from_dict(data["augment"])
         return cls(**data)
 

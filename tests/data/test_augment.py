@@ -340,3 +340,33 @@ def test_config_from_dict_errors():
         AugmentConfig.from_dict({"rotate": [10]})
     with pytest.raises(ValueError, match="name"):
         AugmentConfig.preset("strong")
+
+
+def test_stain_preset_round_trip_and_pipeline_name():
+    from kerasnuc.data.pipeline import PipelineConfig
+
+    stain = AugmentConfig.preset("stain")
+    assert stain.stain_prob > 0 and stain.jpeg_prob > 0
+    assert stain.stain_scale[0] <= 0.5 and stain.stain_scale[1] >= 2.0  # beyond +-10 %
+    assert AugmentConfig.from_dict(stain.to_dict()) == stain
+    assert PipelineConfig.from_dict({"augment": "stain"}).augment == stain
+    with pytest.raises(KerasnucError, match="augment"):
+        PipelineConfig.from_dict({"augment": "strong"})
+    # the defaults do not change existing runs
+    assert AugmentConfig().stain_prob == 0.0 and AugmentConfig().jpeg_prob == 0.0
+
+
+def test_jpeg_compression_changes_the_image_deterministically(rng):
+    config = dataclasses.replace(AugmentConfig.none(), jpeg_prob=1.0, jpeg_quality=(10.0, 10.0))
+    image = tf.constant(rng.random((32, 32, 3), dtype=np.float32))
+    labels = tf.zeros((32, 32, 1), tf.int32)
+    a, _ = augment(image, labels, tf.constant([1, 2]), config)
+    b, _ = augment(image, labels, tf.constant([1, 2]), config)
+    np.testing.assert_array_equal(a.numpy(), b.numpy())
+    # quality 10 on white noise: 8x8 blocks lose most detail (compare with a hand bound)
+    assert float(tf.reduce_mean(tf.abs(a - image))) > 0.05
+    assert (
+        a.shape == image.shape and 0.0 <= float(tf.reduce_min(a)) <= float(tf.reduce_max(a)) <= 1.0
+    )
+    with pytest.raises(ValueError, match="jpeg_quality"):
+        AugmentConfig(jpeg_quality=(0.0, 50.0))

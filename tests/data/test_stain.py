@@ -16,6 +16,7 @@ from kerasnuc.data.stain import (
     hed_augment,
     hed_to_rgb,
     rgb_to_hed,
+    stain_augment,
 )
 from kerasnuc.fileutil import KerasnucError, read_image
 
@@ -210,3 +211,69 @@ def test_macenko_checks_state_and_arguments(tmp_path):
         MacenkoNormalizer.load(bad)
     with pytest.raises(KerasnucError, match="not found"):
         MacenkoNormalizer.load(tmp_path / "missing.json")
+
+
+# ----------------------------------------------------------------------------- stain_augment
+
+
+def _pure_stain_image(stain_row: int, amounts: np.ndarray) -> np.ndarray:
+    """RGB of pixels holding only one stain: OD = amount * RGB_FROM_HED[row] (natural log)."""
+    od = amounts[..., None] * RGB_FROM_HED[stain_row]
+    return np.exp(-od).astype(np.float32)
+
+
+def test_stain_augment_identity_settings(rng):
+    image = rng.uniform(0.05, 1.0, (2, 16, 16, 3)).astype(np.float32)
+    out = stain_augment(image, tf.constant([1, 2]), scale=(1.0, 1.0), shift=0.0, rotation=0.0)
+    np.testing.assert_allclose(out.numpy(), image, atol=2e-5)
+
+
+def test_stain_augment_scales_optical_density_of_a_pure_stain():
+    amounts = np.linspace(0.1, 0.8, 64).reshape(8, 8)
+    image = _pure_stain_image(0, amounts)  # haematoxylin only
+    out = stain_augment(image, tf.constant([3, 4]), scale=(1.7, 1.7), shift=0.0, rotation=0.0)
+    od_in = -np.log(image)
+    od_out = -np.log(out.numpy())
+    # A pure-H pixel's OD is proportional to its H amount: scaling H by 1.7 scales its OD by 1.7
+    # (until RGB saturates at the 1e-6 floor, far from these amounts).
+    np.testing.assert_allclose(od_out, 1.7 * od_in, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("row", [0, 1])  # haematoxylin, eosin (whose red OD of 0.07 may clip)
+def test_stain_augment_rotation_turns_the_stain_vector_by_at_most_the_angle(row):
+    amounts = np.full((4, 4), 0.5)
+    image = _pure_stain_image(row, amounts)
+    v = RGB_FROM_HED[row] / np.linalg.norm(RGB_FROM_HED[row])
+    angles = []
+    for seed in range(20):
+        out = stain_augment(image, tf.constant([seed, 0]), (1.0, 1.0), 0.0, rotation=12.0)
+        od = -np.log(out.numpy()[0, 0])
+        # same stain amount, same vector length: the OD keeps its norm, only its direction turns
+        assert od.min() >= 0
+        np.testing.assert_allclose(
+            np.linalg.norm(od), 0.5 * np.linalg.norm(RGB_FROM_HED[row]), rtol=1e-3
+        )
+        angles.append(math.degrees(math.acos(np.clip(od @ v / np.linalg.norm(od), -1, 1))))
+    assert max(angles) <= 12.0 + 0.05
+    assert max(angles) > 3.0  # it does turn
+
+
+def test_stain_augment_factors_are_log_uniform_and_per_image():
+    image = np.broadcast_to(_pure_stain_image(0, np.full((2, 2), 0.3)), (200, 2, 2, 3)).copy()
+    out = stain_augment(image, tf.constant([5, 6]), scale=(0.5, 2.0), shift=0.0, rotation=0.0)
+    od_in = -np.log(image[:, 0, 0]).sum(-1)
+    factors = -np.log(out.numpy()[:, 0, 0]).sum(-1) / od_in
+    assert factors.min() >= 0.5 - 1e-3 and factors.max() <= 2.0 + 1e-3
+    # log-uniform on [0.5, 2]: half the factors below 1, the log factors' mean near 0
+    assert 0.35 < np.mean(factors < 1.0) < 0.65
+    assert abs(np.mean(np.log(factors))) < 0.15
+
+
+def test_stain_augment_bad_arguments():
+    image = np.ones((4, 4, 3), np.float32)
+    with pytest.raises(ValueError, match="scale"):
+        stain_augment(image, tf.constant([0, 0]), scale=(0.0, 2.0))
+    with pytest.raises(ValueError, match="shift"):
+        stain_augment(image, tf.constant([0, 0]), shift=-0.1)
+    with pytest.raises(ValueError, match="rotation"):
+        stain_augment(image, tf.constant([0, 0]), rotation=60.0)
