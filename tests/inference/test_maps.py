@@ -33,3 +33,30 @@ def test_predict_maps_with_a_model():
     np.testing.assert_allclose(maps["mean"][..., 0], img.mean(-1) / 255.0, atol=1e-6)
     batch = predict_maps_batch(model, np.stack([img, img[::-1]]), batch_size=1)
     np.testing.assert_allclose(batch["red"][1, ..., 0], img[::-1, :, 0] / 255.0, atol=1e-6)
+
+
+def test_forward_function_traces_once_and_equals_the_eager_model():
+    import keras
+
+    from kerasnuc.inference.maps import forward_function
+    from kerasnuc.layers.dropout import MCDropout
+
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((None, None, 3))
+    x = keras.layers.Conv2D(4, 3, padding="same")(inputs)
+    x = keras.layers.BatchNormalization()(x)
+    x = MCDropout(0.5)(x)
+    model = keras.Model(inputs, {"out": keras.layers.Conv2D(2, 1)(x)})
+    rng = np.random.default_rng(1)
+    fn = forward_function(model)
+    assert forward_function(model) is fn  # cached per model
+    for shape in [(1, 32, 32, 3), (3, 64, 96, 3), (2, 32, 64, 3)]:
+        batch = rng.random(shape, dtype=np.float32)
+        np.testing.assert_allclose(
+            np.asarray(fn(batch)["out"]),
+            np.asarray(model(batch, training=False)["out"]),
+            rtol=1e-5,
+            atol=1e-6,
+        )
+    # one trace serves every batch size and tile shape (no retracing per tile)
+    assert fn.experimental_get_tracing_count() == 1
