@@ -132,9 +132,10 @@ def example_inputs(values: tuple[str, ...]) -> list[str]:
 @click.option(
     "--tile",
     type=click.IntRange(min=32),
-    default=512,
+    default=1152,
     show_default=True,
-    help="Tile side the model sees, in model pixels (a multiple of 32 is fastest).",
+    help="Largest tile side the model sees, in model pixels; images that fit in memory get the "
+    "smallest tiles that need no more of them (1152: a 1000x1000 image in one tile).",
 )
 @click.option(
     "--margin",

@@ -240,7 +240,10 @@ class PredictOptions:
 
     Attributes:
         formats: formats to write (subset of :data:`FORMATS`), or None for all that fit.
-        tile_size: tile side the model sees (model pixels).
+        tile_size: largest tile side the model sees (model pixels); images that fit in memory
+            get the smallest tiles that need no more of them
+            (:func:`~kerasnuc.inference.tiling.balanced_tile_size`): one 1152-px tile takes a
+            1000x1000 image at the model's resolution whole, with 64 px of mirrored context.
         margin: context per tile side; the largest nucleus must fit in it.
         batch_size: tiles per predictor call.
         mpp: the inputs' um/px, overriding their files (None: from the files).
@@ -251,7 +254,7 @@ class PredictOptions:
     """
 
     formats: frozenset[str] | None = None
-    tile_size: int = 512
+    tile_size: int = 1152
     margin: int = 64
     batch_size: int = 4
     mpp: float | None = None
@@ -424,14 +427,15 @@ def _predict_in_memory(
     Returns:
         ``(counts per class, total, tissue area in px, extra summary fields)``.
     """
-    from kerasnuc.inference.tiling import predict_tiled
+    from kerasnuc.inference.tiling import balanced_tile_size, predict_tiled
 
     source = ctx.source
     height, width = source.shape
+    scale = source.mpp / target_mpp if source.mpp and target_mpp else 1.0
     result = predict_tiled(
         source,
         predict_fn,
-        tile_size=options.tile_size,
+        tile_size=balanced_tile_size((height, width), options.tile_size, options.margin, scale),
         margin=options.margin,
         target_mpp=target_mpp,
         batch_size=options.batch_size,

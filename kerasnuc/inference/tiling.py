@@ -254,6 +254,34 @@ def make_grid(
     )
 
 
+def balanced_tile_size(
+    shape: tuple[int, int], tile_size: int, margin: int, scale: float = 1.0
+) -> int:
+    """The smallest tile side that needs no more tiles than ``tile_size`` for an image.
+
+    A grid of cores of ``tile_size - 2 * margin`` pixels usually overshoots the image: a
+    1000-px side in 512-px tiles with 64-px margins needs 3 cores of 384 px (1152 px). With the
+    same number of tiles, cores of ``ceil(1000 / 3) = 334`` px suffice; the model then sees
+    tiles of 462 instead of 512 px, 19 % fewer pixels per tile side, and the same nuclei (the
+    tile-ownership rule does not depend on the core size).
+
+    Args:
+        shape: ``(H, W)`` of the input (level-0 pixels).
+        tile_size: the largest tile side the model may see (model pixels).
+        margin: context per side (model pixels).
+        scale: model pixels per input pixel (``input mpp / model mpp``).
+
+    Returns:
+        A tile side ``<= tile_size`` (``> 2 * margin``).
+    """
+    core = tile_size - 2 * margin
+    if core < 1 or scale <= 0:
+        return tile_size
+    sides = [max(1, math.ceil(n * scale)) for n in shape]
+    needed = max(math.ceil(side / math.ceil(side / core)) for side in sides)
+    return min(tile_size, needed + 2 * margin)
+
+
 def read_tile(source: ImageSource, grid: TileGrid, index: int) -> np.ndarray:
     """Tile ``index`` as the model sees it: ``(T, T, 3)`` uint8, mirrored outside the image.
 

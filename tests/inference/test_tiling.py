@@ -16,6 +16,7 @@ from kerasnuc.inference.readers import ArraySource, ImageSource, TiffSource
 from kerasnuc.inference.tiling import (
     ResumableSink,
     StitchSink,
+    balanced_tile_size,
     make_grid,
     predict_streaming,
     predict_tiled,
@@ -159,6 +160,33 @@ def test_select_tiles_with_mask():
 
 
 # --- tiled == untiled ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("shape", "tile_size", "margin", "scale", "expected"),
+    [
+        # 1000 px in cores of 384: 3 cores, ceil(1000 / 3) = 334 suffice -> 334 + 128
+        ((1000, 1000), 512, 64, 1.0, 462),
+        ((1000, 1000), 1152, 64, 1.0, 1128),  # one core of 1000
+        ((1000, 700), 256, 64, 1.0, 253),  # rows: 8 cores of 125; cols: 6 of 117
+        ((500, 500), 1152, 64, 2.0, 1128),  # 0.5 um/px input for a 0.25 um/px model
+        ((50, 30), 512, 64, 1.0, 178),  # smaller than a tile: the image plus its margins
+        ((5000, 5000), 1152, 64, 1.0, 1128),  # 5 cores of 1000
+    ],
+)
+def test_balanced_tile_size(shape, tile_size, margin, scale, expected):
+    assert balanced_tile_size(shape, tile_size, margin, scale) == expected
+
+
+def test_balanced_tiles_give_the_same_nuclei(shared_data):
+    """GT ids encoded in the pixels: balanced and full-size tiles both give exactly the GT."""
+    gt = Dataset(shared_data / "monuseg_kumar").instances("TCGA-44-2665-01B-06-BS6")
+    tile = balanced_tile_size(gt.shape, 512, 64)
+    assert tile < 512
+    full = predict_tiled(encode_ids(gt), decode_ids, tile_size=512, margin=64)
+    balanced = predict_tiled(encode_ids(gt), decode_ids, tile_size=tile, margin=64)
+    assert same_instances(full.instances, balanced.instances)
+    assert same_instances(gt, balanced.instances)
 
 
 @pytest.mark.parametrize(("tile_size", "margin"), [(256, 64), (200, 70)])
