@@ -99,9 +99,7 @@ def main() -> None:
     for enc in args.encoders:
         for policy in args.policies:
             rows.append(
-                bench(
-                    enc, policy, args.features, args.train_steps, args.infer_batches, args.warmup
-                )
+                bench(enc, policy, args.features, args.train_steps, args.infer_batches, args.warmup)
             )
             print(format_table(rows[-1:], list(rows[-1])), flush=True)
     print()

@@ -48,11 +48,19 @@ def _score(rows: list[dict], num_classes: int) -> dict:
     return out
 
 
-def scores(model: str, data_root: Path, max_images: int | None) -> list[dict]:
+def scores(
+    model: str,
+    data_root: Path,
+    max_images: int | None,
+    tile: int | None = None,
+    balance: bool = True,
+) -> list[dict]:
     from kerasnuc.inference.predictor import Predictor
-    from kerasnuc.inference.run import resolve_model
-    from kerasnuc.inference.tiling import predict_tiled
+    from kerasnuc.inference.run import PredictOptions, resolve_model
+    from kerasnuc.inference.tiling import balanced_tile_size, predict_tiled
 
+    options = PredictOptions()
+    tile, margin = tile or options.tile_size, options.margin
     run_dir = resolve_model(model)
     predictor = Predictor.from_run_dirs(run_dir)
     mpp = predictor.data_config.mpp or 0.25
@@ -74,8 +82,8 @@ def scores(model: str, data_root: Path, max_images: int | None) -> list[dict]:
             res = predict_tiled(
                 s.image,
                 predictor.predict_instances_batch,
-                tile_size=512,
-                margin=64,
+                tile_size=balanced_tile_size(s.image.shape[:2], tile, margin) if balance else tile,
+                margin=margin,
                 target_mpp=mpp,
                 mpp=ds.mpp or mpp,
             )
@@ -133,13 +141,15 @@ def main() -> None:
         default=Path(os.environ.get("KERASNUC_DATA", Path(__file__).parents[2] / "shared/data")),
     )
     parser.add_argument("--max-images", type=int, default=None)
+    parser.add_argument("--tile", type=int, default=None, help="largest tile (predict default)")
+    parser.add_argument("--no-balance", action="store_true", help="full-size tiles (old rule)")
     parser.add_argument("--tta", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--skip-scores", action="store_true")
     parser.add_argument("--skip-timing", action="store_true")
     args = parser.parse_args()
     if not args.skip_scores:
-        table = scores(args.model, args.data, args.max_images)
+        table = scores(args.model, args.data, args.max_images, args.tile, not args.no_balance)
         cols = ["dataset", "images", "method", "pq", "aji", "pixel_f1", "det_f1", "mpq_plus"]
         cols += sorted({k for r in table for k in r if k.startswith("pq+_c")})
         print(format_table(table, cols, "{:.3f}"))

@@ -88,10 +88,11 @@ def main() -> None:
     args = parser.parse_args()
 
     from kerasnuc.inference.predictor import Predictor
-    from kerasnuc.inference.run import resolve_model
-    from kerasnuc.inference.tiling import predict_tiled
+    from kerasnuc.inference.run import PredictOptions, resolve_model
+    from kerasnuc.inference.tiling import balanced_tile_size, predict_tiled
 
     predictor = Predictor.from_run_dirs(resolve_model(args.model))
+    tile, margin = PredictOptions().tile_size, PredictOptions().margin
     mpp = predictor.data_config.mpp or 0.25
     table = []
     for name in args.datasets:
@@ -107,8 +108,8 @@ def main() -> None:
                 res = predict_tiled(
                     image,
                     predictor.predict_instances_batch,
-                    tile_size=512,
-                    margin=64,
+                    tile_size=balanced_tile_size(image.shape[:2], tile, margin),
+                    margin=margin,
                     target_mpp=mpp,
                     mpp=ds.mpp or mpp,
                 )
