@@ -23,12 +23,12 @@ import numpy as np
 from kerasnuc.config import TrainConfig
 from kerasnuc.data.dataset import Dataset
 from kerasnuc.data.pipeline import panoptic_targets
-from kerasnuc.inference.maps import predict_maps
 from kerasnuc.metrics import aji, panoptic_quality
 from kerasnuc.metrics.semantic import pixel_scores
+from kerasnuc.models.maps import predict_maps
 from kerasnuc.models.panoptic.model import LOSS_NAMES, PanopticModelConfig, build_panoptic
+from kerasnuc.optimizers.schedules import build_sgd_warmup_step
 from kerasnuc.postprocess.panoptic import PanopticPostprocConfig, postprocess_panoptic
-from kerasnuc.training.schedules import build_sgd_warmup_step
 
 SMALL = dict(
     encoder="tiny",

@@ -17,8 +17,8 @@ import json
 import numpy as np
 
 from kerasnuc.data.dataset import Dataset
-from kerasnuc.inference.maps import predict_maps
 from kerasnuc.metrics.semantic import confusion_matrix, iou_dice_from_confusion
+from kerasnuc.models.maps import predict_maps
 from kerasnuc.registry import load_run
 
 

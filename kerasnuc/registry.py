@@ -56,7 +56,7 @@ class Method:
         postproc_config: post-processing config dataclass (``save``/``load``/``from_dict``).
         postprocess: ``(maps {output: (H, W, K) float32}, postproc config) -> PostprocResult``.
         optimizer: ``(TrainConfig, total steps) -> keras optimizer``; None: AdamW with the
-            cosine schedule (:func:`kerasnuc.training.schedules.build_optimizer`).
+            cosine schedule (:func:`kerasnuc.optimizers.schedules.build_optimizer`).
         callbacks: ``(RunConfig, model) -> [keras callbacks]`` run before kerasnuc's own ones in
             training (e.g. a frozen-encoder phase); None: none.
         prepare_config: ``(RunConfig, [Dataset]) -> RunConfig`` called once when a new run
@@ -143,7 +143,7 @@ def _panoptic_initialize(model: keras.Model, config: RunConfig, data: Any) -> No
 
 
 def _panoptic_optimizer(train_cfg, total_steps: int):
-    from kerasnuc.training.schedules import build_sgd_warmup_step
+    from kerasnuc.optimizers.schedules import build_sgd_warmup_step
 
     return build_sgd_warmup_step(train_cfg, total_steps)
 
@@ -161,7 +161,7 @@ def _unet_sharp_losses(num_classes: int) -> dict[str, Any]:
 def _unet_sharp_optimizer(train: Any, total_steps: int) -> keras.optimizers.Optimizer:
     """AdaBound (lr ``train.learning_rate``, final lr 0.1, gamma 1e-3); ``"adamw"``: the default."""
     from kerasnuc.optimizers.adabound import AdaBound
-    from kerasnuc.training.schedules import build_optimizer
+    from kerasnuc.optimizers.schedules import build_optimizer
 
     if train.optimizer == "adamw":
         return build_optimizer(train, total_steps)
@@ -178,7 +178,7 @@ def _unet_sharp_optimizer(train: Any, total_steps: int) -> keras.optimizers.Opti
 
 
 def _unet_sharp_callbacks(config: RunConfig, model: keras.Model) -> list:
-    from kerasnuc.training.freeze import EncoderFreezeSchedule
+    from kerasnuc.models.freeze import EncoderFreezeSchedule
 
     cfg = UnetSharpModelConfig.from_dict(config.model)
     return [EncoderFreezeSchedule(cfg.freeze_encoder_epochs, cfg.freeze_encoder_batchnorm)]

@@ -13,11 +13,11 @@ from kerasnuc.data.dataset import Dataset, DatasetWriter
 from kerasnuc.data.stain import RGB_FROM_HED, fit_macenko_reference
 from kerasnuc.fileutil import KerasnucError
 from kerasnuc.losses.focal_tversky import FocalTversky
+from kerasnuc.models.freeze import EncoderFreezeSchedule
 from kerasnuc.models.unet_sharp import UnetSharpModelConfig
 from kerasnuc.optimizers.adabound import AdaBound
 from kerasnuc.postprocess.unet_sharp import UnetSharpPostprocConfig
 from kerasnuc.registry import METHODS, get_method
-from kerasnuc.training.freeze import EncoderFreezeSchedule
 
 STAINS = RGB_FROM_HED[:2] / np.linalg.norm(RGB_FROM_HED[:2], axis=1, keepdims=True)
 

@@ -41,8 +41,8 @@ import numpy as np
 from kerasnuc.config import DataConfig, RunConfig
 from kerasnuc.data.stain import hed_to_rgb, rgb_to_hed
 from kerasnuc.fileutil import KerasnucError
-from kerasnuc.inference.maps import predict_maps_batch
 from kerasnuc.layers.dropout import MCDropout, set_mc_dropout
+from kerasnuc.models.maps import predict_maps_batch
 from kerasnuc.postprocess.common import PostprocResult
 from kerasnuc.registry import Method, load_run
 
@@ -251,7 +251,7 @@ class Predictor:
     Assumptions: images are RGB at the models' resolution (``data_config.mpp``; resample or use
     :mod:`kerasnuc.inference.tiling` otherwise) and small enough to predict in one piece; every
     model accepts any height and width divisible by 32 (inputs are padded and the maps cropped
-    by :func:`~kerasnuc.inference.maps.predict_maps_batch`), so rotated non-square images work;
+    by :func:`~kerasnuc.models.maps.predict_maps_batch`), so rotated non-square images work;
     all models return the same output names and channel counts. Exact TTA inversion of vector
     outputs assumes they hold ``(dy, dx)`` in (row, column) pixel axes.
 

@@ -38,7 +38,7 @@ has 74.2 M trainable parameters, 42.1 M of them in the encoder and 15.5 M in the
 
 Training schedule fields (``freeze_encoder_epochs``, ``freeze_encoder_batchnorm``) live in the
 config so they travel with the run; they do not change the architecture (see
-:mod:`kerasnuc.training.freeze`).
+:mod:`kerasnuc.models.freeze`).
 """
 
 from __future__ import annotations

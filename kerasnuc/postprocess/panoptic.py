@@ -122,7 +122,7 @@ def detections_from_maps(maps: Mapping[str, np.ndarray]) -> dict[str, np.ndarray
     Args:
         maps: ``{"boxes": (1, 4, N), "scores": (1, 1, N), "classes": (1, 1, N),
             "masks": (M, M, N), "semantic": (H, W, 2)}`` (one image of
-            :func:`kerasnuc.inference.maps.predict_maps`).
+            :func:`kerasnuc.models.maps.predict_maps`).
 
     Returns:
         ``{"boxes": (N, 4), "scores": (N,), "classes": (N,) int, "masks": (N, M, M),

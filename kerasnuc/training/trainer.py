@@ -36,6 +36,7 @@ import keras
 from kerasnuc.config import CHECKPOINT_DIR, LOG_DIR, POSTPROC, RUN_CONFIG, DataConfig, RunConfig
 from kerasnuc.data.dataset import Dataset
 from kerasnuc.fileutil import KerasnucError
+from kerasnuc.optimizers.schedules import build_optimizer, set_clip_norm
 from kerasnuc.training.callbacks import (
     BestCheckpoint,
     EpochScalars,
@@ -43,7 +44,6 @@ from kerasnuc.training.callbacks import (
     TrainingState,
 )
 from kerasnuc.training.checkpoint import has_checkpoint, restore_training_state
-from kerasnuc.training.schedules import build_optimizer, set_clip_norm
 from kerasnuc.training.strategy import get_strategy, precision_policy
 from kerasnuc.training.validation import val_items
 

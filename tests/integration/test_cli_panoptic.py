@@ -109,7 +109,7 @@ def test_panoptic_train_predict_evaluate_export(tmp_path):
 
     import tensorflow as tf
 
-    from kerasnuc.inference.maps import predict_maps_batch
+    from kerasnuc.models.maps import predict_maps_batch
     from kerasnuc.registry import load_run
 
     loaded = tf.saved_model.load(str(base / "pan" / "1"))

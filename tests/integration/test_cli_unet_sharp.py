@@ -25,9 +25,9 @@ from kerasnuc.config import RunConfig
 from kerasnuc.data.dataset import Dataset, DatasetWriter
 from kerasnuc.data.stain import fit_macenko_reference
 from kerasnuc.fileutil import read_image
-from kerasnuc.inference.maps import predict_maps_batch
+from kerasnuc.models.freeze import batchnorm_layers
+from kerasnuc.models.maps import predict_maps_batch
 from kerasnuc.registry import build_model, load_run
-from kerasnuc.training.freeze import batchnorm_layers
 
 pytestmark = pytest.mark.slow
 

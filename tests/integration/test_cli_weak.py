@@ -18,7 +18,7 @@ from kerasnuc.cli import main
 from kerasnuc.config import RunConfig
 from kerasnuc.data.dataset import Dataset
 from kerasnuc.data.points import points_from_instances
-from kerasnuc.inference.maps import predict_maps_batch
+from kerasnuc.models.maps import predict_maps_batch
 from kerasnuc.optimizers.lookahead import Lookahead
 from kerasnuc.optimizers.radam import RAdam
 from kerasnuc.postprocess.weak import WeakPostprocConfig

@@ -13,7 +13,7 @@ import pytest
 import tensorflow as tf
 
 from kerasnuc.fileutil import KerasnucError
-from kerasnuc.inference.maps import predict_maps_batch
+from kerasnuc.models.maps import predict_maps_batch
 from kerasnuc.postprocess.conic import PostprocConfig
 from kerasnuc.registry import load_run
 from kerasnuc.serving.client import ServingClient

@@ -15,7 +15,7 @@ import tensorflow as tf
 from kerasnuc import __version__
 from kerasnuc.config import DataConfig, RunConfig
 from kerasnuc.fileutil import KerasnucError
-from kerasnuc.inference.maps import predict_maps_batch
+from kerasnuc.models.maps import predict_maps_batch
 from kerasnuc.postprocess.conic import PostprocConfig
 from kerasnuc.registry import build_model, load_run
 from kerasnuc.serving import warmup

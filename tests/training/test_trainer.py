@@ -139,7 +139,7 @@ MIRRORED_SCRIPT = textwrap.dedent(
     from kerasnuc.config import TrainConfig
     from kerasnuc.losses.conic import conic_losses
     from kerasnuc.models.conic import build_conic
-    from kerasnuc.training.schedules import build_optimizer
+    from kerasnuc.optimizers.schedules import build_optimizer
     from kerasnuc.training.strategy import get_strategy
 
     def build():

@@ -14,8 +14,8 @@ import pytest
 
 from kerasnuc.data.dataset import Dataset
 from kerasnuc.data.pipeline import panoptic_targets
-from kerasnuc.inference.maps import predict_maps
 from kerasnuc.metrics import aji
+from kerasnuc.models.maps import predict_maps
 from kerasnuc.models.panoptic.model import PanopticModelConfig, build_panoptic
 from kerasnuc.postprocess.panoptic import postprocess_panoptic
 

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from kerasnuc.inference.maps import crop_maps, pad_to_multiple, predict_maps, predict_maps_batch
+from kerasnuc.models.maps import crop_maps, pad_to_multiple, predict_maps, predict_maps_batch
 
 
 def test_pad_to_multiple_and_crop():
