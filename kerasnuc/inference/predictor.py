@@ -38,6 +38,7 @@ from typing import Any
 import keras
 import numpy as np
 
+from kerasnuc.checks import check_int
 from kerasnuc.config import DataConfig, RunConfig
 from kerasnuc.data.stain import hed_to_rgb, rgb_to_hed
 from kerasnuc.fileutil import KerasnucError
@@ -226,12 +227,6 @@ def _mc_dropout_state(model: keras.Model, active: bool) -> Iterator[None]:
             layer.mc = state
 
 
-def _check_int(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < minimum:
-        raise ValueError(f"`{name}` must be an int >= {minimum}. Received: {name}={value!r}")
-    return int(value)
-
-
 def _as_float_images(images: Any) -> np.ndarray:
     images = np.asarray(images)
     if images.ndim != 4 or images.shape[-1] != 3:
@@ -295,15 +290,15 @@ class Predictor:
             )
         if isinstance(tta, bool):
             tta = DEFAULT_TTA_PASSES if tta else 0
-        self.tta = _check_int("tta", tta, 0)
+        self.tta = check_int("tta", tta, 0)
         if self.tta > 1 and not getattr(method, "dense_outputs", True):
             raise KerasnucError(
                 f"test-time augmentation (tta={self.tta}) is not available for the "
                 f"{method.name!r} method: its outputs are detections, not maps that can be "
                 "flipped back and averaged (use --tta 0)"
             )
-        self.batch_size = _check_int("batch_size", batch_size, 1)
-        self.seed = _check_int("seed", seed, 0)
+        self.batch_size = check_int("batch_size", batch_size, 1)
+        self.seed = check_int("seed", seed, 0)
         if not isinstance(hed_intensity, int | float) or not 0 <= hed_intensity < 1:
             raise ValueError(
                 "`hed_intensity` must be a float in [0, 1). "

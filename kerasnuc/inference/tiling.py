@@ -90,6 +90,7 @@ import cv2
 import numpy as np
 from scipy import ndimage as ndi
 
+from kerasnuc.checks import check_int
 from kerasnuc.fileutil import KerasnucError, atomic_path, write_json_atomic
 from kerasnuc.inference.readers import ArraySource, ImageSource, check_mpp, open_image
 from kerasnuc.postprocess.common import PostprocResult
@@ -183,12 +184,6 @@ class TileGrid:
         return np.stack([y0, x0, y0 + side, x0 + side], axis=1).astype(np.float64)
 
 
-def _check_int(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < minimum:
-        raise ValueError(f"`{name}` must be an int >= {minimum}. Received: {name}={value!r}")
-    return int(value)
-
-
 def make_grid(
     source: ImageSource,
     tile_size: int = 512,
@@ -210,8 +205,8 @@ def make_grid(
     Returns:
         The :class:`TileGrid`.
     """
-    tile_size = _check_int("tile_size", tile_size, 1)
-    margin = _check_int("margin", margin, 0)
+    tile_size = check_int("tile_size", tile_size, 1)
+    margin = check_int("margin", margin, 0)
     if tile_size - 2 * margin < 1:
         raise ValueError(
             "`tile_size` must exceed 2 * `margin` (the core is tile_size - 2 * margin). "
@@ -708,7 +703,7 @@ def predict_streaming(
     Raises:
         KerasnucError: unreadable input or a checkpoint from another run.
     """
-    batch_size = _check_int("batch_size", batch_size, 1)
+    batch_size = check_int("batch_size", batch_size, 1)
     source, opened = _as_source(image, mpp)
     try:
         return _stream(

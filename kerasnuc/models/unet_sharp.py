@@ -52,12 +52,13 @@ from typing import Any
 import keras
 
 from kerasnuc.backbones.resnext import build_resnext_encoder
+from kerasnuc.checks import is_int
 from kerasnuc.config import strict_from_dict
 from kerasnuc.layers.aspp import ASPP
 from kerasnuc.layers.attention_gate import AttentionGate
 from kerasnuc.layers.macenko import MacenkoNormalization
 from kerasnuc.layers.resize import ResizeLike
-from kerasnuc.models.common import check_input_shape, is_int
+from kerasnuc.models.common import check_input_shape
 
 logger = logging.getLogger(__name__)
 

@@ -47,10 +47,11 @@ import numpy as np
 from keras import ops
 
 from kerasnuc.backbones.resnet import build_resnet50_encoder
+from kerasnuc.checks import is_int
 from kerasnuc.config import strict_from_dict
 from kerasnuc.losses.scheduler import MODES, WEAK_TASKS, MultiTaskLoss
 from kerasnuc.losses.weak import ClusterLoss, RepelLoss, VoronoiLoss
-from kerasnuc.models.common import check_input_shape, is_int
+from kerasnuc.models.common import check_input_shape
 
 logger = logging.getLogger(__name__)
 

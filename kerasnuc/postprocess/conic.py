@@ -49,6 +49,7 @@ from scipy import ndimage as ndi
 from skimage.morphology import disk
 from skimage.segmentation import watershed
 
+from kerasnuc.checks import is_int, is_number
 from kerasnuc.postprocess.common import (
     PerClass,
     PostprocResult,
@@ -80,14 +81,6 @@ _PIXEL_FIELDS = (
 )
 _REFINE_FIELDS = ("split_components", "fill_holes", "max_hole_size")
 _SELECT_FIELDS = ("min_size", "max_size", "min_solidity")
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float | np.integer | np.floating) and not isinstance(value, bool)
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int | np.integer) and not isinstance(value, bool)
 
 
 def _normalise_per_class(name: str, value: Any, allow_none: bool) -> PerClass:
@@ -181,27 +174,27 @@ class PostprocConfig(SettingsFile):
             _check_values(
                 name,
                 getattr(self, name),
-                lambda v: _is_number(v) and 0.0 <= v <= 1.0,
+                lambda v: is_number(v) and 0.0 <= v <= 1.0,
                 "a number in [0, 1] or a mapping {class_id: number in [0, 1]}",
             )
         _check_values(
             "min_size",
             self.min_size,
-            lambda v: _is_int(v) and v >= 0,
+            lambda v: is_int(v) and v >= 0,
             "an int >= 0 or a mapping {class_id: int >= 0}",
         )
         _check_values(
             "max_size",
             self.max_size,
-            lambda v: v is None or (_is_int(v) and v >= 0),
+            lambda v: v is None or (is_int(v) and v >= 0),
             "None, an int >= 0 or a mapping {class_id: int >= 0 or None}",
         )
         for name in ("seed_erosion", "seed_min_size"):
             value = getattr(self, name)
-            if not _is_int(value) or value < 0:
+            if not is_int(value) or value < 0:
                 raise ValueError(f"`{name}` must be an int >= 0. Received: {name}={value!r}")
         if self.max_hole_size is not None and (
-            not _is_int(self.max_hole_size) or self.max_hole_size < 0
+            not is_int(self.max_hole_size) or self.max_hole_size < 0
         ):
             raise ValueError(
                 "`max_hole_size` must be None or an int >= 0. "
@@ -354,7 +347,7 @@ def _pixel_stage(
 
 
 @dataclass(frozen=True)
-class _Candidates:
+class Candidates:
     """Instances after splitting and hole filling, before the filters (ids 1..M)."""
 
     instances: np.ndarray  # (H, W) int32
@@ -366,12 +359,21 @@ class _Candidates:
     num_classes: int
 
 
-def _refine_stage(
+def refine_stage(
     raw: np.ndarray,
     semantic: np.ndarray,
     config: PostprocConfig,
     timings: dict[str, float] | None = None,
-) -> _Candidates:
+) -> Candidates:
+    """Refine stage: split components, fill holes, class by summed softmax, area and shape.
+
+    Args:
+        raw: ``(H, W)`` int32 instance map of the watershed stage.
+        semantic: ``(H, W, C + 1)`` float32 softmax.
+        config: the settings (``split_components``, ``connectivity``, ``fill_holes``,
+            ``max_hole_size``).
+        timings: collects the seconds per step when given.
+    """
     timer = _Timer(timings)
     if config.split_components:
         instances = split_instance_components(raw, config.connectivity)
@@ -392,12 +394,13 @@ def _refine_stage(
     centroid = instance_centroids(instances)[1:]
     solidity = instance_solidity(instances)[1:]
     timer("shape")
-    return _Candidates(instances, classes, probabilities, area, centroid, solidity, num_classes)
+    return Candidates(instances, classes, probabilities, area, centroid, solidity, num_classes)
 
 
-def _select_stage(
-    candidates: _Candidates, config: PostprocConfig, timings: dict[str, float] | None = None
+def select_stage(
+    candidates: Candidates, config: PostprocConfig, timings: dict[str, float] | None = None
 ) -> PostprocResult:
+    """Select stage: the class-specific size and solidity filters, then the result table."""
     timer = _Timer(timings)
     c = candidates
     k = c.num_classes
@@ -449,8 +452,8 @@ def postprocess_conic(
     config = PostprocConfig() if config is None else config
     semantic, three_label = _check_maps(semantic, three_label)
     raw = _pixel_stage(semantic, three_label, config, timings)
-    candidates = _refine_stage(raw, semantic, config, timings)
-    result = _select_stage(candidates, config, timings)
+    candidates = refine_stage(raw, semantic, config, timings)
+    result = select_stage(candidates, config, timings)
     logger.debug("conic post-processing: %d instances", result.num_instances)
     return result
 
@@ -490,11 +493,11 @@ def composition_counts(
             "`instance_map` and `class_map` must be 2-D with the same shape. "
             f"Received: {instance_map.shape} and {class_map.shape}"
         )
-    if not _is_int(num_classes) or num_classes < 1:
+    if not is_int(num_classes) or num_classes < 1:
         raise ValueError(f"`num_classes` must be an int >= 1. Received: num_classes={num_classes}")
     if crop is not None:
         h, w = instance_map.shape
-        if not _is_int(crop) or not 0 < crop <= min(h, w):
+        if not is_int(crop) or not 0 < crop <= min(h, w):
             raise ValueError(
                 f"`crop` must be None or an int in 1..{min(h, w)} for a {h}x{w} map. "
                 f"Received: crop={crop}"
@@ -594,11 +597,11 @@ def tune_postproc(
         for refine_indices in by_refine.values():
             refine_config = configs[refine_indices[0]]
             candidates = [
-                _refine_stage(raw, sem, refine_config)
+                refine_stage(raw, sem, refine_config)
                 for raw, (sem, _) in zip(raws, maps, strict=True)
             ]
             for index in refine_indices:
-                preds = [_select_stage(cand, configs[index]) for cand in candidates]
+                preds = [select_stage(cand, configs[index]) for cand in candidates]
                 scores[index] = _score(preds, gt_list, score_fn, batched)
 
     table = []

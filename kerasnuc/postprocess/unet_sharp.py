@@ -30,7 +30,7 @@ from kerasnuc.postprocess.common import PerClass, PostprocResult, SettingsFile
 
 # The refine / select stages are shared with the conic post-processing.
 from kerasnuc.postprocess.conic import PostprocConfig as _ConicConfig
-from kerasnuc.postprocess.conic import _refine_stage, _select_stage
+from kerasnuc.postprocess.conic import refine_stage, select_stage
 
 
 @dataclass(frozen=True)
@@ -179,4 +179,4 @@ def postprocess_unet_sharp(
         structure = ndi.generate_binary_structure(2, config.connectivity)
         raw = ndi.label(foreground, structure=structure)[0].astype(np.int32)
     conic_cfg = config.conic_config()
-    return _select_stage(_refine_stage(raw, semantic, conic_cfg), conic_cfg)
+    return select_stage(refine_stage(raw, semantic, conic_cfg), conic_cfg)

@@ -36,6 +36,7 @@ from scipy import ndimage as ndi
 from skimage.feature import peak_local_max
 from skimage.segmentation import watershed
 
+from kerasnuc.checks import is_number
 from kerasnuc.postprocess.common import (
     PostprocResult,
     SettingsFile,
@@ -52,10 +53,6 @@ logger = logging.getLogger(__name__)
 #: Pixel size assumed when neither the settings nor the run give one: the paper's 20x images
 #: (2.5 um = 5 px at 0.5 um/px).
 DEFAULT_MPP = 0.5
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float | np.integer | np.floating) and not isinstance(value, bool)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,20 +78,20 @@ class WeakPostprocConfig(SettingsFile):
     min_size: int = 0
 
     def __post_init__(self) -> None:
-        if not _is_number(self.min_distance_um) or not self.min_distance_um > 0:
+        if not is_number(self.min_distance_um) or not self.min_distance_um > 0:
             raise ValueError(
                 "`min_distance_um` must be a number > 0. "
                 f"Received: min_distance_um={self.min_distance_um!r}"
             )
-        if self.mpp is not None and (not _is_number(self.mpp) or not self.mpp > 0):
+        if self.mpp is not None and (not is_number(self.mpp) or not self.mpp > 0):
             raise ValueError(f"`mpp` must be None or a number > 0. Received: mpp={self.mpp!r}")
-        if not _is_number(self.peak_threshold) or not 0 <= self.peak_threshold <= 1:
+        if not is_number(self.peak_threshold) or not 0 <= self.peak_threshold <= 1:
             raise ValueError(
                 "`peak_threshold` must be a number in [0, 1]. "
                 f"Received: peak_threshold={self.peak_threshold!r}"
             )
         sigma = self.smooth_sigma
-        if not _is_number(sigma) or sigma < 0:
+        if not is_number(sigma) or sigma < 0:
             raise ValueError(
                 f"`smooth_sigma` must be a number >= 0. Received: smooth_sigma={sigma!r}"
             )

@@ -5,7 +5,6 @@ import pytest
 from kerasnuc.config import BEST_WEIGHTS, DataConfig, RunConfig
 from kerasnuc.data.dataset import Dataset
 from kerasnuc.fileutil import KerasnucError
-from kerasnuc.inference import maps as maps_lib
 from kerasnuc.inference.predictor import (
     Predictor,
     apply_transform,
@@ -15,6 +14,7 @@ from kerasnuc.inference.predictor import (
     plan_passes,
 )
 from kerasnuc.layers.dropout import MCDropout, set_mc_dropout
+from kerasnuc.models import maps as maps_lib
 from kerasnuc.models.conic import ConicModelConfig
 from kerasnuc.postprocess.common import PostprocResult
 from kerasnuc.postprocess.conic import PostprocConfig

@@ -494,7 +494,7 @@ def _tuning_data():
 def test_tune_postproc_picks_best_and_caches(monkeypatch):
     maps, gts = _tuning_data()
     calls = {"pixel": 0, "refine": 0}
-    pixel_stage, refine_stage = conic._pixel_stage, conic._refine_stage
+    pixel_stage, refine_stage = conic._pixel_stage, conic.refine_stage
 
     def counting_pixel(*args, **kwargs):
         calls["pixel"] += 1
@@ -505,7 +505,7 @@ def test_tune_postproc_picks_best_and_caches(monkeypatch):
         return refine_stage(*args, **kwargs)
 
     monkeypatch.setattr(conic, "_pixel_stage", counting_pixel)
-    monkeypatch.setattr(conic, "_refine_stage", counting_refine)
+    monkeypatch.setattr(conic, "refine_stage", counting_refine)
     best, table = tune_postproc(maps, gts, {"min_size": [0, 5, 100]}, _count_score)
     # Predictions: 2 nuclei (min 0), 1 (min 5: the 4 px square goes), 0 (min 100); GT has 1.
     assert [row["score"] for row in table] == [-1.0, 0.0, -1.0]
