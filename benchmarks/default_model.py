@@ -50,8 +50,8 @@ def _score(rows: list[dict], num_classes: int) -> dict:
 
 def scores(model: str, data_root: Path, max_images: int | None) -> list[dict]:
     from kerasnuc.inference.predictor import Predictor
-    from kerasnuc.inference.run import resolve_model
     from kerasnuc.inference.tiling import predict_tiled
+    from kerasnuc.runs import resolve_model
 
     run_dir = resolve_model(model)
     predictor = Predictor.from_run_dirs(run_dir)

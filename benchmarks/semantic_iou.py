@@ -19,7 +19,7 @@ import numpy as np
 from kerasnuc.data.dataset import Dataset
 from kerasnuc.metrics.semantic import confusion_matrix, iou_dice_from_confusion
 from kerasnuc.models.maps import predict_maps
-from kerasnuc.registry import load_run
+from kerasnuc.runs import load_run
 
 
 def main() -> None:

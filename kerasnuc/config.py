@@ -1,13 +1,10 @@
 """Configuration that travels with the weights: one frozen dataclass per concern.
 
-A run directory (``kerasnuc train --out RUN_DIR``) holds::
-
-    config.json        RunConfig: method, model, data, pipeline, train (this module)
-    model.weights.h5   weights of the best checkpoint (by validation mPQ+ / PQ)
-    postproc.json      post-processing thresholds tuned on validation data
-    history.csv        one row per epoch
-    checkpoint/        training state for --resume (last epoch: model, optimizer, counters)
-    logs/              TensorBoard
+:class:`RunConfig` is the ``config.json`` of a run folder (the folder itself, its other files and
+their reading and writing are :mod:`kerasnuc.runs`): :class:`DataConfig` (what the model was
+trained on, at which resolution), :class:`TrainConfig` (optimisation) and the method-specific
+model and pipeline sections. Each has a JSON round trip (``to_dict`` / ``from_dict``) that
+refuses unknown keys.
 
 The model and pipeline sections are method-specific dicts (e.g. ``ConicModelConfig.to_dict()``,
 ``PipelineConfig.to_dict()``) so that reading a config never imports TensorFlow;
@@ -17,23 +14,12 @@ The model and pipeline sections are method-specific dicts (e.g. ``ConicModelConf
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from kerasnuc import __version__
-from kerasnuc.fileutil import KerasnucError, write_json_atomic
-
-RUN_CONFIG = "config.json"
-BEST_WEIGHTS = "model.weights.h5"
-POSTPROC = "postproc.json"
-HISTORY = "history.csv"
-CHECKPOINT_DIR = "checkpoint"
-LOG_DIR = "logs"
-#: Folder of the per-epoch weights (``TrainConfig.keep_epoch_weights``).
-EPOCH_WEIGHTS_DIR = "epochs"
 
 #: Default colours of cell types 1..6 (RGB), reused cyclically.
 DEFAULT_COLOURS = (
@@ -225,22 +211,3 @@ class RunConfig:
         data["data"] = DataConfig.from_dict(data.get("data", {}))
         data["train"] = TrainConfig.from_dict(data.get("train", {}))
         return strict_from_dict(cls, data)
-
-    def save(self, run_dir: str | os.PathLike) -> None:
-        """Write ``RUN_DIR/config.json`` atomically."""
-        write_json_atomic(Path(run_dir) / RUN_CONFIG, self.to_dict())
-
-    @classmethod
-    def load(cls, run_dir: str | os.PathLike) -> RunConfig:
-        """Read ``RUN_DIR/config.json``.
-
-        Raises:
-            KerasnucError: missing or malformed file.
-        """
-        path = Path(run_dir) / RUN_CONFIG
-        if not path.is_file():
-            raise KerasnucError(f"{path}: missing (not a kerasnuc run directory?)")
-        try:
-            return cls.from_dict(json.loads(path.read_text(encoding="utf-8")))
-        except (json.JSONDecodeError, TypeError, ValueError) as exc:
-            raise KerasnucError(f"{path}: invalid run config ({exc})") from exc

@@ -8,16 +8,14 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import keras
 import numpy as np
 
-from kerasnuc.config import BEST_WEIGHTS, POSTPROC, RunConfig
+from kerasnuc.config import RunConfig
 from kerasnuc.data.pipeline import conic_dataset, panoptic_dataset, unet_sharp_dataset, weak_dataset
 from kerasnuc.data.points import read_points_path
 from kerasnuc.fileutil import KerasnucError
@@ -71,8 +69,9 @@ class Method:
             ``dataset`` taken from the run config (e.g. the point annotations of ``weak``);
             None: none.
         default_postproc: ``RunConfig -> postproc config`` written as ``postproc.json`` when a
-            run starts, and used by :func:`load_run` when a run folder has none (e.g. settings
-            in micrometres that need the run's pixel size); None: ``postproc_config()``.
+            run starts, and used by :func:`kerasnuc.runs.load_run` when a run folder has none
+            (e.g. settings in micrometres that need the run's pixel size); None:
+            ``postproc_config()``.
         initialize: ``(model, RunConfig, training tf.data.Dataset) -> None`` called once before
             the first step of a run that starts from scratch (not resumed, no ``init_from``),
             for data-dependent initialisation (e.g. the frozen batch-norm statistics of a
@@ -331,61 +330,3 @@ def get_method(name: str) -> Method:
         return METHODS[name]
     except KeyError:
         raise KerasnucError(f"unknown method {name!r} (available: {sorted(METHODS)})") from None
-
-
-@dataclass
-class LoadedRun:
-    """A trained run directory, ready to predict.
-
-    Attributes:
-        run_dir: the folder.
-        config: its :class:`~kerasnuc.config.RunConfig`.
-        method: its registry entry.
-        model: the Keras model with the chosen weights loaded.
-        postproc: the post-processing config (``postproc.json``, else the method's defaults).
-    """
-
-    run_dir: Path
-    config: RunConfig
-    method: Method
-    model: keras.Model
-    postproc: Any
-
-
-def build_model(config: RunConfig) -> keras.Model:
-    """Build the model of a run config without any pretrained-encoder file."""
-    method = get_method(config.method)
-    model_cfg = method.model_config.from_dict(config.model)
-    if getattr(model_cfg, "encoder_weights", None) is not None:
-        model_cfg = dataclasses.replace(model_cfg, encoder_weights=None)
-    return method.build(model_cfg)
-
-
-def load_run(run_dir: str | os.PathLike, weights: str | os.PathLike | None = None) -> LoadedRun:
-    """Rebuild the model of a run directory and load its weights and post-processing settings.
-
-    Args:
-        run_dir: a folder written by ``kerasnuc train``.
-        weights: weights file (default ``RUN_DIR/model.weights.h5``).
-
-    Raises:
-        KerasnucError: missing or incompatible files.
-    """
-    run_dir = Path(run_dir)
-    config = RunConfig.load(run_dir)
-    method = get_method(config.method)
-    model = build_model(config)
-    path = Path(weights) if weights is not None else run_dir / BEST_WEIGHTS
-    if not path.is_file():
-        raise KerasnucError(f"{path}: weights file not found")
-    try:
-        model.load_weights(path)
-    except (ValueError, OSError) as exc:
-        raise KerasnucError(
-            f"{path}: cannot load weights into the {config.method} model ({exc})"
-        ) from exc
-    pp_path = run_dir / POSTPROC
-    postproc = (
-        method.postproc_config.load(pp_path) if pp_path.is_file() else method.new_postproc(config)
-    )
-    return LoadedRun(run_dir, config, method, model, postproc)

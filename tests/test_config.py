@@ -5,6 +5,7 @@ import pytest
 
 from kerasnuc.config import DataConfig, RunConfig, TrainConfig
 from kerasnuc.fileutil import KerasnucError
+from kerasnuc.runs import load_config, save_config
 
 
 def test_run_config_round_trip(tmp_path):
@@ -15,11 +16,11 @@ def test_run_config_round_trip(tmp_path):
         pipeline={"crop_size": 128},
         train=TrainConfig(epochs=3, learning_rate=2e-3),
     )
-    cfg.save(tmp_path)
+    save_config(cfg, tmp_path)
     raw = json.loads((tmp_path / "config.json").read_text())
     assert raw["data"]["class_names"] == {"1": "tumour", "2": "immune"}
     assert raw["data"]["class_colours"]["1"] == [255, 215, 0]  # default colour of class 1
-    back = RunConfig.load(tmp_path)
+    back = load_config(tmp_path)
     assert back == cfg
     assert back.data.num_classes == 2
 
@@ -33,22 +34,22 @@ def test_bad_configs():
 
 def test_load_errors(tmp_path):
     with pytest.raises(KerasnucError, match="config.json: missing"):
-        RunConfig.load(tmp_path)
+        load_config(tmp_path)
     (tmp_path / "config.json").write_text('{"method": "conic", "model": {}, "train": {"x": 1}}')
     with pytest.raises(KerasnucError, match="invalid run config"):
-        RunConfig.load(tmp_path)
+        load_config(tmp_path)
 
 
 def test_load_run_restores_weights_and_postproc(tmp_path):
     keras = pytest.importorskip("keras")
     from kerasnuc.postprocess.conic import PostprocConfig
-    from kerasnuc.registry import build_model, load_run
+    from kerasnuc.runs import build_model, load_run
 
     cfg = RunConfig(
         method="conic",
         model={"encoder": "efficientnet_b0", "num_classes": 1, "decoder_filters": [8, 8, 8, 8, 8]},
     )
-    cfg.save(tmp_path)
+    save_config(cfg, tmp_path)
     keras.utils.set_random_seed(0)
     model = build_model(cfg)
     model.save_weights(tmp_path / "model.weights.h5")

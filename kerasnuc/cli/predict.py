@@ -206,12 +206,8 @@ def predict(
             f"must be less than half of --tile ({tile}); got {margin}", param_hint="--margin"
         )
     _set_device(device)
-    from kerasnuc.inference.run import (
-        PredictOptions,
-        find_inputs,
-        predict_inputs,
-        resolve_model,
-    )
+    from kerasnuc.inference.run import PredictOptions, find_inputs, predict_inputs
+    from kerasnuc.runs import resolve_model
 
     if server is not None and not model:
         raise KerasnucError("--server needs --model NAME, the model's name on the server")

@@ -75,10 +75,9 @@ def tune(
     for d in dirs:
         if not d.is_dir():
             raise KerasnucError(f"{d}: not a dataset folder")
-    from kerasnuc.config import POSTPROC
     from kerasnuc.data.dataset import Dataset
     from kerasnuc.data.pipeline import PipelineConfig
-    from kerasnuc.registry import load_run
+    from kerasnuc.runs import POSTPROC, load_run
     from kerasnuc.training.validation import (
         predict_all,
         score_predictions,

@@ -39,13 +39,14 @@ import keras
 import numpy as np
 
 from kerasnuc.checks import check_int
-from kerasnuc.config import DataConfig, RunConfig
+from kerasnuc.config import DataConfig
 from kerasnuc.data.stain import hed_to_rgb, rgb_to_hed
 from kerasnuc.fileutil import KerasnucError
 from kerasnuc.layers.dropout import MCDropout, set_mc_dropout
 from kerasnuc.models.maps import predict_maps_batch
 from kerasnuc.postprocess.common import PostprocResult
-from kerasnuc.registry import Method, load_run
+from kerasnuc.registry import Method
+from kerasnuc.runs import load_config, load_run
 
 logger = logging.getLogger(__name__)
 
@@ -343,7 +344,7 @@ class Predictor:
         run_dirs = list(run_dirs)
         if not run_dirs:
             raise KerasnucError("no run directory given")
-        configs = [RunConfig.load(d) for d in run_dirs]
+        configs = [load_config(d) for d in run_dirs]
         # Compare the configs before building any model, then the loaded models' outputs.
         for run_dir, config in zip(run_dirs[1:], configs[1:], strict=True):
             _check_same(

@@ -100,61 +100,10 @@ OVERVIEW_MAX_SIZE = 4096
 WORK_DIR = ".kerasnuc-work"
 """Hidden folder of ``OUT`` holding the resumable state of unfinished slides."""
 
-BUNDLED_DIR = Path(__file__).resolve().parent.parent / "models_bundled"
-"""Folder of models shipped with the package: ``models_bundled/<name>/`` run directories."""
-
-BUNDLED_MODELS: dict[str, Path] = {}
-"""Extra named models ``{name: run directory}`` (checked before :data:`BUNDLED_DIR`)."""
-
-DEFAULT_MODEL = "default"
-"""Name of the bundled model used when no model is given."""
-
 ProgressFn = Callable[[int, int], None]
 
 
-# --- inputs, names and models ----------------------------------------------------------------
-
-
-def bundled_models() -> dict[str, Path]:
-    """``{name: run directory}`` of the named models available (registered and bundled)."""
-    found = dict(BUNDLED_MODELS)
-    if BUNDLED_DIR.is_dir():
-        for child in sorted(BUNDLED_DIR.iterdir()):
-            if (child / "config.json").is_file():
-                found.setdefault(child.name, child)
-    return found
-
-
-def resolve_model(name_or_path: str | os.PathLike | None) -> Path:
-    """The run directory of a model argument.
-
-    Args:
-        name_or_path: an existing run directory (a folder written by ``kerasnuc train``), the
-            name of a bundled model, or None for the bundled :data:`DEFAULT_MODEL`.
-
-    Returns:
-        The run directory.
-
-    Raises:
-        KerasnucError: nothing matches (the message says what is available).
-    """
-    named = bundled_models()
-    if name_or_path is None:
-        if DEFAULT_MODEL in named:
-            return named[DEFAULT_MODEL]
-        raise KerasnucError(
-            "no model given and no bundled default model is installed: pass --model RUN_DIR "
-            "(a folder written by kerasnuc train)"
-        )
-    path = Path(name_or_path).expanduser()
-    if path.is_dir():
-        return path
-    if str(name_or_path) in named:
-        return named[str(name_or_path)]
-    available = ", ".join(sorted(named)) or "none installed"
-    raise KerasnucError(
-        f"{name_or_path}: no such run directory, nor a bundled model (bundled: {available})"
-    )
+# --- inputs and names ----------------------------------------------------------------------
 
 
 def _is_input_file(path: Path) -> bool:

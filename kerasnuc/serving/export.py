@@ -52,7 +52,7 @@ from kerasnuc import __version__
 from kerasnuc.fileutil import KerasnucError, write_text_atomic
 from kerasnuc.layers.dropout import set_mc_dropout
 from kerasnuc.models.maps import STRIDE
-from kerasnuc.registry import LoadedRun, load_run
+from kerasnuc.runs import LoadedRun, load_run
 from kerasnuc.serving.warmup import DEFAULT_WARMUP_SHAPES, write_warmup_requests
 
 logger = logging.getLogger(__name__)

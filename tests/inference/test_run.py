@@ -11,7 +11,7 @@ import tifffile
 from scipy import ndimage as ndi
 
 from kerasnuc.config import DataConfig
-from kerasnuc.fileutil import KerasnucError, write_png
+from kerasnuc.fileutil import write_png
 from kerasnuc.inference import run as run_module
 from kerasnuc.inference.run import (
     PredictOptions,
@@ -20,7 +20,6 @@ from kerasnuc.inference.run import (
     output_names,
     predict_input,
     predict_inputs,
-    resolve_model,
 )
 from kerasnuc.io.geojson import read_geojson_instances
 from kerasnuc.io.masks import read_label_tiff
@@ -239,25 +238,6 @@ def test_find_inputs_and_output_names(tmp_path):
     ]
     assert output_names(found) == ["a_png", "a_tif", "b", "x"]
     assert output_names([folder / "a.png", tmp_path / "a.png"]) == ["a_png", "a_png_2"]
-
-
-def test_resolve_model(tmp_path, monkeypatch):
-    run_dir = tmp_path / "run"
-    run_dir.mkdir()
-    monkeypatch.setattr(run_module, "BUNDLED_DIR", tmp_path / "none")
-    monkeypatch.setattr(run_module, "BUNDLED_MODELS", {})
-    assert resolve_model(run_dir) == run_dir
-    with pytest.raises(KerasnucError, match="pass --model"):
-        resolve_model(None)
-    with pytest.raises(KerasnucError, match="nuclei-v1: no such run directory"):
-        resolve_model("nuclei-v1")
-    monkeypatch.setattr(run_module, "BUNDLED_MODELS", {"nuclei-v1": run_dir})
-    assert resolve_model("nuclei-v1") == run_dir
-    bundled = tmp_path / "bundled" / "default"
-    bundled.mkdir(parents=True)
-    (bundled / "config.json").write_text("{}")
-    monkeypatch.setattr(run_module, "BUNDLED_DIR", tmp_path / "bundled")
-    assert resolve_model(None) == bundled
 
 
 def test_options_are_checked():

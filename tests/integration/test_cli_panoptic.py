@@ -10,8 +10,8 @@ import pytest
 from click.testing import CliRunner
 
 from kerasnuc.cli import main
-from kerasnuc.config import RunConfig
 from kerasnuc.models.panoptic.model import LOSS_NAMES
+from kerasnuc.runs import load_config
 from tests.integration.test_cli_train import write_discs
 
 TINY = {
@@ -52,7 +52,7 @@ def test_panoptic_train_predict_evaluate_export(tmp_path):
         "--val-max-images", "1", "--lr", "0.005", "--keep-epoch-weights",
     )  # fmt: skip
     assert res.exit_code == 0, res.output
-    config = RunConfig.load(run)
+    config = load_config(run)
     assert config.method == "panoptic" and config.model["encoder"] == "tiny"
     assert config.train.optimizer == "sgd"  # the method's optimizer
     assert config.train.keep_epoch_weights
@@ -110,7 +110,7 @@ def test_panoptic_train_predict_evaluate_export(tmp_path):
     import tensorflow as tf
 
     from kerasnuc.models.maps import predict_maps_batch
-    from kerasnuc.registry import load_run
+    from kerasnuc.runs import load_run
 
     loaded = tf.saved_model.load(str(base / "pan" / "1"))
     serve = loaded.signatures["serving_float"]

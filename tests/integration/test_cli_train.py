@@ -10,9 +10,9 @@ import pytest
 from click.testing import CliRunner
 
 from kerasnuc.cli import main
-from kerasnuc.config import RunConfig
 from kerasnuc.data.dataset import DatasetWriter
 from kerasnuc.postprocess.conic import PostprocConfig
+from kerasnuc.runs import load_config
 
 
 def write_discs(root, classes: bool, n_train=2, n_val=2, size=64, seed=0):
@@ -87,7 +87,7 @@ def test_train_then_tune_class_agnostic(tmp_path, agnostic):
         "--no-importance-sampling", "--val-max-images", "1",
     )  # fmt: skip
     assert res.exit_code == 0, res.output
-    config = RunConfig.load(out)
+    config = load_config(out)
     # defaults < file < flags
     assert config.model["num_classes"] == 1 and config.model["decoder_filters"] == [8] * 5
     assert config.train.learning_rate == 0.002 and config.train.seed == 5

@@ -15,7 +15,7 @@ import tensorflow as tf
 from kerasnuc.fileutil import KerasnucError
 from kerasnuc.models.maps import predict_maps_batch
 from kerasnuc.postprocess.conic import PostprocConfig
-from kerasnuc.registry import load_run
+from kerasnuc.runs import load_run
 from kerasnuc.serving.client import ServingClient
 from kerasnuc.serving.export import read_metadata, save_serving_model
 from tests.serving.test_export import make_tiny_run

@@ -17,7 +17,7 @@ from kerasnuc.config import DataConfig, RunConfig
 from kerasnuc.fileutil import KerasnucError
 from kerasnuc.models.maps import predict_maps_batch
 from kerasnuc.postprocess.conic import PostprocConfig
-from kerasnuc.registry import build_model, load_run
+from kerasnuc.runs import build_model, load_run, save_config
 from kerasnuc.serving import warmup
 from kerasnuc.serving.export import (
     export_run,
@@ -39,7 +39,7 @@ def make_tiny_run(run_dir: Path) -> Path:
     )
     run_dir.mkdir(parents=True, exist_ok=True)
     build_model(config).save_weights(run_dir / "model.weights.h5")
-    config.save(run_dir)
+    save_config(config, run_dir)
     PostprocConfig().save(run_dir / "postproc.json")
     return run_dir
 

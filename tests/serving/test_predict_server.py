@@ -17,7 +17,7 @@ from click.testing import CliRunner  # noqa: E402
 from kerasnuc.cli import main  # noqa: E402
 from kerasnuc.data.dataset import Dataset  # noqa: E402
 from kerasnuc.fileutil import read_image, write_png  # noqa: E402
-from kerasnuc.registry import load_run  # noqa: E402
+from kerasnuc.runs import load_run  # noqa: E402
 from kerasnuc.serving.export import export_metadata, save_serving_model  # noqa: E402
 from tests.serving.test_client import _Handler  # noqa: E402
 from tests.serving.test_export import make_tiny_run  # noqa: E402
