@@ -1,4 +1,4 @@
-"""METHODS: method name -> model builder, config types, losses, pipeline and post-processor.
+"""METHODS: method name -> model builder, config types, losses, pipeline, post-processor, tuner.
 
 Importing this module imports Keras and TensorFlow (command bodies do it, never ``--help``).
 Every entry refers to real functions, so renaming one breaks at import time, not at run time.
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,11 +30,15 @@ from kerasnuc.models.unet_sharp import UnetSharpModelConfig, build_unet_sharp_fr
 from kerasnuc.models.weak import OUTPUT_NAMES as WEAK_OUTPUTS
 from kerasnuc.models.weak import WeakModelConfig, build_weak_from_config, fit_input_normalisation
 from kerasnuc.optimizers.lookahead import ranger
-from kerasnuc.postprocess.common import PostprocResult
-from kerasnuc.postprocess.conic import PostprocConfig, postprocess_conic
+from kerasnuc.postprocess.common import PostprocResult, grid_search
+from kerasnuc.postprocess.conic import DEFAULT_GRID as CONIC_GRID
+from kerasnuc.postprocess.conic import PostprocConfig, postprocess_conic, tune_conic
+from kerasnuc.postprocess.panoptic import DEFAULT_GRID as PANOPTIC_GRID
 from kerasnuc.postprocess.panoptic import PanopticPostprocConfig, postprocess_panoptic
+from kerasnuc.postprocess.unet_sharp import DEFAULT_GRID as UNET_SHARP_GRID
 from kerasnuc.postprocess.unet_sharp import UnetSharpPostprocConfig, postprocess_unet_sharp
-from kerasnuc.postprocess.weak import WeakPostprocConfig, postprocess_weak
+from kerasnuc.postprocess.weak import DEFAULT_GRID as WEAK_GRID
+from kerasnuc.postprocess.weak import WeakPostprocConfig, postprocess_weak, tune_weak_postproc
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +80,15 @@ class Method:
             the first step of a run that starts from scratch (not resumed, no ``init_from``),
             for data-dependent initialisation (e.g. the frozen batch-norm statistics of a
             ``panoptic`` ResNet without ImageNet weights); None: nothing.
+        tune_grid: the default grid of ``kerasnuc tune``: post-processing setting -> values.
+        tuner: ``(maps list, grid, score_fn, base config) -> (best config, table)``, the grid
+            search of the post-processing settings on the model outputs of a labelled set
+            (``score_fn(pred_instances, pred_classes) -> float`` over the set); None:
+            :func:`~kerasnuc.postprocess.common.grid_search` of ``postprocess``. See
+            :meth:`tune`.
+        class_agnostic: the post-processing gives every nucleus class 1 whatever the data's
+            cell types (e.g. ``weak``): tuned by PQ, and the model's ``num_classes`` is not
+            compared with the data's by ``kerasnuc tune``.
 
     ``losses`` may return None for a model that computes its own loss (``compute_loss``).
     """
@@ -97,6 +110,36 @@ class Method:
     dataset_options: Callable[[RunConfig], dict[str, Any]] | None = None
     default_postproc: Callable[[RunConfig], Any] | None = None
     initialize: Callable[[keras.Model, RunConfig, Any], None] | None = None
+    tune_grid: Mapping[str, Sequence[Any]] = dataclasses.field(default_factory=dict)
+    tuner: Callable[..., tuple[Any, list[dict[str, Any]]]] | None = None
+    class_agnostic: bool = False
+
+    def tune(
+        self,
+        maps: Sequence[Mapping[str, np.ndarray]],
+        grid: Mapping[str, Sequence[Any]] | None,
+        score_fn: Callable[[list[np.ndarray], list[np.ndarray]], float],
+        base_config: Any,
+    ) -> tuple[Any, list[dict[str, Any]]]:
+        """Grid-search the post-processing settings on model outputs of a labelled set.
+
+        Args:
+            maps: per image the model outputs ``{name: (H, W, K) float32}``.
+            grid: setting -> candidate values (None: :attr:`tune_grid`).
+            score_fn: ``score_fn(pred_instances, pred_classes) -> float`` over the whole set,
+                higher is better.
+            base_config: the settings not in the grid.
+
+        Returns:
+            ``(best_config, table)`` of :func:`~kerasnuc.postprocess.common.grid_search`.
+
+        Raises:
+            ValueError: a bad grid or no image.
+        """
+        grid = self.tune_grid if grid is None else grid
+        if self.tuner is not None:
+            return self.tuner(list(maps), grid, score_fn, base_config)
+        return grid_search(list(maps), grid, self.postprocess, base_config, score_fn)
 
     def new_postproc(self, config: RunConfig) -> Any:
         """The post-processing settings of a new run of ``config`` (see ``default_postproc``)."""
@@ -107,6 +150,16 @@ class Method:
 
 def _conic_postprocess(maps: Mapping[str, np.ndarray], config: PostprocConfig) -> PostprocResult:
     return postprocess_conic(maps.get("semantic"), maps["three_label"], config)
+
+
+def _conic_tune(
+    maps: list[Mapping[str, np.ndarray]],
+    grid: Mapping[str, Sequence[Any]],
+    score_fn: Callable[[list[np.ndarray], list[np.ndarray]], float],
+    base_config: PostprocConfig,
+) -> tuple[PostprocConfig, list[dict[str, Any]]]:
+    pairs = [(m.get("semantic"), m["three_label"]) for m in maps]
+    return tune_conic(pairs, grid, score_fn, base_config)
 
 
 def _panoptic_prepare(config: RunConfig, datasets: list) -> RunConfig:
@@ -205,6 +258,15 @@ def _weak_postprocess(maps: Mapping[str, np.ndarray], config: WeakPostprocConfig
     return postprocess_weak(maps["seg"], config)
 
 
+def _weak_tune(
+    maps: list[Mapping[str, np.ndarray]],
+    grid: Mapping[str, Sequence[Any]],
+    score_fn: Callable[[list[np.ndarray], list[np.ndarray]], float],
+    base_config: WeakPostprocConfig,
+) -> tuple[WeakPostprocConfig, list[dict[str, Any]]]:
+    return tune_weak_postproc([m["seg"] for m in maps], grid, score_fn, base_config)
+
+
 def _weak_losses(num_classes: int) -> None:
     """The weak model computes its own scheduled multi-task loss (``WeakModel.compute_loss``)."""
     return None
@@ -266,6 +328,8 @@ METHODS: dict[str, Method] = {
         outputs=CONIC_OUTPUTS,
         postproc_config=PostprocConfig,
         postprocess=_conic_postprocess,
+        tune_grid=CONIC_GRID,
+        tuner=_conic_tune,
     ),
     "panoptic": Method(
         name="panoptic",
@@ -281,6 +345,7 @@ METHODS: dict[str, Method] = {
         prepare_config=_panoptic_prepare,
         dense_outputs=False,
         initialize=_panoptic_initialize,
+        tune_grid=PANOPTIC_GRID,
         # A ResNet from scratch diverges within a few SGD steps without clipping (Kumar, lr
         # 0.005 and 0.001); matterport's Mask R-CNN clips at 5.
         train_defaults={"clip_norm": 10.0},
@@ -298,6 +363,7 @@ METHODS: dict[str, Method] = {
         optimizer=_unet_sharp_optimizer,
         callbacks=_unet_sharp_callbacks,
         prepare_config=_unet_sharp_prepare,
+        tune_grid=UNET_SHARP_GRID,
         # Table I of the paper: lr 1e-4, no weight decay; 50 epochs.
         train_defaults={
             "optimizer": "adabound",
@@ -320,6 +386,9 @@ METHODS: dict[str, Method] = {
         prepare_config=_weak_prepare_config,
         dataset_options=_weak_dataset_options,
         default_postproc=_weak_default_postproc,
+        tune_grid=WEAK_GRID,
+        tuner=_weak_tune,
+        class_agnostic=True,
     ),
 }
 

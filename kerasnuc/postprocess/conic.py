@@ -34,11 +34,8 @@ output table all describe the final mask (a hole is not a concavity).
 
 from __future__ import annotations
 
-import dataclasses
-import itertools
 import json
 import logging
-import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -54,7 +51,9 @@ from kerasnuc.postprocess.common import (
     PerClass,
     PostprocResult,
     SettingsFile,
+    Stage,
     fill_instance_holes,
+    grid_search,
     instance_areas,
     instance_centroids,
     instance_solidity,
@@ -68,7 +67,7 @@ logger = logging.getLogger(__name__)
 
 SURFACES = ("interior", "boundary")
 _PER_CLASS_FIELDS = ("fg_threshold", "seed_threshold", "min_size", "max_size", "min_solidity")
-# Fields each pipeline stage depends on (tune_postproc caches a stage's output per key).
+# Fields each pipeline stage depends on (the grid search shares a stage's output per key).
 _PIXEL_FIELDS = (
     "fg_threshold",
     "seed_threshold",
@@ -224,12 +223,6 @@ class PostprocConfig(SettingsFile):
     def from_json(cls, text: str) -> PostprocConfig:
         """Parse :meth:`to_json` output."""
         return cls.from_dict(json.loads(text))
-
-    def stage_key(self, stage: str) -> str:
-        """JSON text of the fields one pipeline stage depends on (``pixel|refine|select``)."""
-        fields = {"pixel": _PIXEL_FIELDS, "refine": _REFINE_FIELDS, "select": _SELECT_FIELDS}
-        full = self.to_dict()
-        return json.dumps({name: full[name] for name in fields[stage]}, sort_keys=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -518,26 +511,60 @@ def composition_counts(
 
 
 # ---------------------------------------------------------------------------------------------
-# Grid search
+# Tuning: the stages for the shared grid search
+
+#: Default ``kerasnuc tune`` grid (60 configurations): foreground / seed thresholds and the
+#: minimum size.
+DEFAULT_GRID: dict[str, list[Any]] = {
+    "fg_threshold": [0.3, 0.4, 0.5, 0.6],
+    "seed_threshold": [0.4, 0.5, 0.6, 0.7, 0.8],
+    "min_size": [0, 10, 30],
+}
 
 ScoreFn = Callable[[Any, Any, Any, Any], float]
 
 
-def _grid_configs(base: PostprocConfig, grid: Mapping[str, Sequence[Any]]) -> list[PostprocConfig]:
-    names = {field.name for field in dataclasses.fields(PostprocConfig)}
-    unknown = sorted(set(grid) - names)
-    if unknown:
-        raise ValueError(f"`grid` names unknown setting(s) {unknown}; expected {sorted(names)}")
-    for name, values in grid.items():
-        if isinstance(values, str | bytes) or not isinstance(values, Sequence) or not values:
-            raise ValueError(
-                f"`grid[{name!r}]` must be a non-empty list of values. Received: {values!r}"
-            )
-    keys = list(grid)
-    return [
-        dataclasses.replace(base, **dict(zip(keys, combo, strict=True)))
-        for combo in itertools.product(*(grid[k] for k in keys))
-    ]
+def tuning_stages() -> tuple[Stage, ...]:
+    """:func:`postprocess_conic` as :class:`~kerasnuc.postprocess.common.Stage` steps on
+    ``(semantic, three_label)`` inputs checked by :func:`tune_conic`: the watershed, the
+    refine stage, the filters."""
+    return (
+        Stage(_PIXEL_FIELDS, lambda maps, _, config: _pixel_stage(maps[0], maps[1], config)),
+        Stage(_REFINE_FIELDS, lambda raw, maps, config: refine_stage(raw, maps[0], config)),
+        Stage(_SELECT_FIELDS, lambda candidates, _, config: select_stage(candidates, config)),
+    )
+
+
+def tune_conic(
+    maps_list: Sequence[tuple[np.ndarray | None, np.ndarray]],
+    grid: Mapping[str, Sequence[Any]],
+    score_fn: Callable[[list[np.ndarray], list[np.ndarray]], float],
+    base_config: PostprocConfig | None = None,
+) -> tuple[PostprocConfig, list[dict[str, Any]]]:
+    """Grid search of the post-processing thresholds on validation maps (paper Section II.G).
+
+    :func:`~kerasnuc.postprocess.common.grid_search` over :func:`tuning_stages`: the watershed
+    runs once per image and distinct setting of its fields, hole filling and the shape table
+    once per distinct refine setting, and configurations that differ only in the size /
+    solidity filters reuse them.
+
+    Args:
+        maps_list: per image ``(semantic, three_label)`` as for :func:`postprocess_conic`.
+        grid: setting name -> list of candidate values (a per-class value is one entry, e.g.
+            ``{"min_size": [{1: 10, 2: 30}, {1: 20, 2: 30}]}``).
+        score_fn: ``score_fn(pred_instances, pred_classes) -> float`` over the whole set.
+        base_config: settings not in ``grid``; default :class:`PostprocConfig()`.
+
+    Returns:
+        ``(best_config, table)`` of :func:`~kerasnuc.postprocess.common.grid_search`.
+    """
+    if not maps_list:
+        raise ValueError("`maps_list` must hold at least one image")
+    base = PostprocConfig() if base_config is None else base_config
+    maps = [_check_maps(semantic, three_label) for semantic, three_label in maps_list]
+    best, table = grid_search(maps, grid, None, base, score_fn, stages=tuning_stages())
+    logger.info("tune_conic: best %s", best)
+    return best, table
 
 
 def tune_postproc(
@@ -549,14 +576,7 @@ def tune_postproc(
     base_config: PostprocConfig | None = None,
     batched: bool = False,
 ) -> tuple[PostprocConfig, list[dict[str, Any]]]:
-    """Grid search of the post-processing thresholds on validation maps (paper Section II.G).
-
-    Every combination of ``grid`` (the Cartesian product; a per-class value is one grid entry,
-    e.g. ``{"min_size": [{1: 10, 2: 30}, {1: 20, 2: 30}]}``) is applied on top of
-    ``base_config`` and scored. The pipeline stages are cached: the watershed runs once per image
-    and distinct setting of its fields, hole filling and the shape table once per distinct
-    refine setting, and configurations that differ only in the size / solidity filters reuse
-    them. Memory holds one watershed result and one refine result per image at a time.
+    """:func:`tune_conic` with a score computed against ground truth.
 
     Args:
         maps_list: per image ``(semantic, three_label)`` as for :func:`postprocess_conic`.
@@ -578,61 +598,16 @@ def tune_postproc(
             f"`maps_list` and `gt_list` must have the same length. "
             f"Received: {len(maps_list)} and {len(gt_list)}"
         )
-    if not maps_list:
-        raise ValueError("`maps_list` must hold at least one image")
-    base = PostprocConfig() if base_config is None else base_config
-    configs = _grid_configs(base, grid)
-    maps = [_check_maps(semantic, three_label) for semantic, three_label in maps_list]
-    scores: dict[int, float] = {}
+    gt_instances = [g[0] for g in gt_list]
+    gt_classes = [g[1] for g in gt_list]
 
-    by_pixel: dict[str, list[int]] = {}
-    for index, config in enumerate(configs):
-        by_pixel.setdefault(config.stage_key("pixel"), []).append(index)
-    for pixel_indices in by_pixel.values():
-        pixel_config = configs[pixel_indices[0]]
-        raws = [_pixel_stage(sem, tl, pixel_config) for sem, tl in maps]
-        by_refine: dict[str, list[int]] = {}
-        for index in pixel_indices:
-            by_refine.setdefault(configs[index].stage_key("refine"), []).append(index)
-        for refine_indices in by_refine.values():
-            refine_config = configs[refine_indices[0]]
-            candidates = [
-                refine_stage(raw, sem, refine_config)
-                for raw, (sem, _) in zip(raws, maps, strict=True)
-            ]
-            for index in refine_indices:
-                preds = [select_stage(cand, configs[index]) for cand in candidates]
-                scores[index] = _score(preds, gt_list, score_fn, batched)
+    def score(pred_instances: list[np.ndarray], pred_classes: list[np.ndarray]) -> float:
+        if batched:
+            return float(score_fn(pred_instances, pred_classes, gt_instances, gt_classes))
+        values = [
+            float(score_fn(*args))
+            for args in zip(pred_instances, pred_classes, gt_instances, gt_classes, strict=True)
+        ]
+        return float(np.mean(values))
 
-    table = []
-    for index, config in enumerate(configs):
-        full = config.to_dict()
-        row = {name: full[name] for name in grid}
-        row["score"] = scores[index]
-        table.append(row)
-    finite = [i for i in range(len(configs)) if not math.isnan(scores[i])]
-    best = max(finite, key=lambda i: scores[i]) if finite else 0
-    logger.info("tune_postproc: best score %.4f with %s", scores[best], table[best])
-    return configs[best], table
-
-
-def _score(
-    preds: list[PostprocResult],
-    gt_list: Sequence[tuple[np.ndarray, np.ndarray | None]],
-    score_fn: ScoreFn,
-    batched: bool,
-) -> float:
-    if batched:
-        return float(
-            score_fn(
-                [p.instances for p in preds],
-                [p.classes for p in preds],
-                [g[0] for g in gt_list],
-                [g[1] for g in gt_list],
-            )
-        )
-    values = [
-        float(score_fn(p.instances, p.classes, g[0], g[1]))
-        for p, g in zip(preds, gt_list, strict=True)
-    ]
-    return float(np.mean(values))
+    return tune_conic(maps_list, grid, score, base_config)

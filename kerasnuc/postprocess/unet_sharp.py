@@ -180,3 +180,12 @@ def postprocess_unet_sharp(
         raw = ndi.label(foreground, structure=structure)[0].astype(np.int32)
     conic_cfg = config.conic_config()
     return select_stage(refine_stage(raw, semantic, conic_cfg), conic_cfg)
+
+
+#: Default ``kerasnuc tune`` grid (36 configurations): foreground threshold, marker distance,
+#: minimum size.
+DEFAULT_GRID: dict[str, list[Any]] = {
+    "fg_threshold": [0.3, 0.4, 0.5, 0.6],
+    "min_distance": [4, 6, 8],
+    "min_size": [0, 10, 30],
+}

@@ -13,6 +13,7 @@ from kerasnuc.fileutil import KerasnucError
 from kerasnuc.postprocess import conic
 from kerasnuc.postprocess.common import (
     fill_instance_holes,
+    grid_search,
     instance_solidity,
     split_instance_components,
 )
@@ -20,6 +21,7 @@ from kerasnuc.postprocess.conic import (
     PostprocConfig,
     composition_counts,
     postprocess_conic,
+    tune_conic,
     tune_postproc,
 )
 
@@ -546,6 +548,22 @@ def test_tune_postproc_batched_score():
     assert best == PostprocConfig(min_size=5, max_size=1000)
     with pytest.raises(ValueError, match="unknown setting"):
         tune_postproc(maps, gts, {"min_area": [1]}, _count_score)
+
+
+def test_staged_grid_search_equals_the_plain_one():
+    """The stages share results but score exactly what postprocess_conic gives per config."""
+    maps, gts = _tuning_data()
+    grid = {"fg_threshold": [0.3, 0.6], "seed_threshold": [0.5, 0.95], "min_size": [0, 5]}
+
+    def score(pred_insts, pred_clss):
+        return -float(sum(abs(int(p.max()) - 1) for p in pred_insts))
+
+    staged, staged_table = tune_conic(maps, grid, score)
+    plain, plain_table = grid_search(
+        maps, grid, lambda m, c: postprocess_conic(m[0], m[1], c), PostprocConfig(), score
+    )
+    assert staged_table == plain_table and staged == plain
+    assert len({row["score"] for row in plain_table}) > 1  # the grid matters
 
 
 # --------------------------------------------------------------------------- real data
