@@ -24,7 +24,7 @@ not a slide format) are predicted with :func:`~kerasnuc.inference.tiling.predict
 measured in one piece; they are assumed to be tissue throughout (tissue area = image area).
 Pyramidal images, slides and larger images go through
 :func:`~kerasnuc.inference.tiling.predict_streaming`: tissue detection on a thumbnail
-(:func:`~kerasnuc.inference.tissue.tissue_mask`, unless ``tissue=False``) chooses the tiles and
+(:func:`~kerasnuc.io.tissue.tissue_mask`, unless ``tissue=False``) chooses the tiles and
 gives the tissue area; each tile's nuclei are stored by a
 :class:`~kerasnuc.inference.tiling.ResumableSink` in ``OUT/.kerasnuc-work/<name>/`` next to
 the tiling checkpoint, and replayed at the end into the writers: each tile's nuclei are painted
@@ -66,16 +66,16 @@ from typing import Any
 import numpy as np
 
 from kerasnuc.fileutil import KerasnucError, atomic_dir, write_json_atomic, write_png
-from kerasnuc.inference.readers import (
+from kerasnuc.io.geojson import GeoJSONWriter, write_geojson
+from kerasnuc.io.masks import write_class_tiff, write_instance_tiff
+from kerasnuc.io.overlay import draw_overlay, write_overlay
+from kerasnuc.io.readers import (
     IMAGE_SUFFIXES,
     OPENSLIDE_SUFFIXES,
     TIFF_SUFFIXES,
     ImageSource,
     open_image,
 )
-from kerasnuc.io.geojson import GeoJSONWriter, write_geojson
-from kerasnuc.io.masks import write_class_tiff, write_instance_tiff
-from kerasnuc.io.overlay import draw_overlay, write_overlay
 from kerasnuc.io.summary import build_summary, class_counts, write_summary
 from kerasnuc.io.table import CSVWriter, write_csv
 from kerasnuc.postprocess.measure import NucleusTable, measure_instances
@@ -551,7 +551,7 @@ def _predict_streaming(
 ) -> tuple[dict[int, int], int, float, dict[str, Any]]:
     """Predict a large image or slide tile by tile (resumable) and write its outputs."""
     from kerasnuc.inference.tiling import ResumableSink, predict_streaming
-    from kerasnuc.inference.tissue import tissue_mask
+    from kerasnuc.io.tissue import tissue_mask
 
     source = ctx.source
     height, width = source.shape

@@ -92,7 +92,7 @@ from scipy import ndimage as ndi
 
 from kerasnuc.checks import check_int
 from kerasnuc.fileutil import KerasnucError, atomic_path, write_json_atomic
-from kerasnuc.inference.readers import ArraySource, ImageSource, check_mpp, open_image
+from kerasnuc.io.readers import ArraySource, ImageSource, check_mpp, open_image
 from kerasnuc.postprocess.common import PostprocResult
 
 logger = logging.getLogger(__name__)
@@ -645,7 +645,7 @@ def _as_source(image: Any, mpp: float | None, grey: str = "error") -> tuple[Imag
 
 def _tissue_selection(source: ImageSource, grid: TileGrid, tissue: Any) -> np.ndarray:
     if tissue is True:
-        from kerasnuc.inference.tissue import tissue_mask
+        from kerasnuc.io.tissue import tissue_mask
 
         mask, _ = tissue_mask(source)
         return select_tiles(grid, mask)
@@ -690,7 +690,7 @@ def predict_streaming(
         mpp_tolerance: relative pixel-size difference tolerated without resampling.
         batch_size: tiles per ``predict_fn`` call.
         tissue: True detects tissue on a thumbnail and skips tiles without any
-            (:func:`~kerasnuc.inference.tissue.tissue_mask`); a bool array is used as the mask
+            (:func:`~kerasnuc.io.tissue.tissue_mask`); a bool array is used as the mask
             (any uniform scale); False/None predicts every tile.
         checkpoint: JSON file recording finished tiles, to resume an interrupted run.
         progress: ``progress(done, total)`` after every batch (and once at the start).
