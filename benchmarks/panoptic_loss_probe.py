@@ -36,7 +36,8 @@ import numpy as np
 
 from kerasnuc.config import RunConfig
 from kerasnuc.data.dataset import Dataset
-from kerasnuc.data.pipeline import PipelineConfig, panoptic_targets
+from kerasnuc.data.pipeline import PipelineConfig
+from kerasnuc.data.targets import panoptic_targets
 from kerasnuc.models.panoptic.model import LOSS_NAMES, STAT_NAMES
 from kerasnuc.registry import get_method
 from kerasnuc.runs import EPOCH_WEIGHTS_DIR, build_model, load_config

@@ -41,13 +41,12 @@ from typing import Any
 import cv2
 import numpy as np
 import tensorflow as tf
-from scipy import ndimage
 
 from kerasnuc.data.augment import AugmentConfig, augment
 from kerasnuc.data.dataset import Dataset
 from kerasnuc.data.points import IGNORE, cached_encode_points, encode_points, points_from_instances
 from kerasnuc.data.sampling import ImportanceSampler
-from kerasnuc.data.targets import UNKNOWN_CLASS, centre_vectors, three_label_map
+from kerasnuc.data.targets import UNKNOWN_CLASS, conic_targets_numpy, panoptic_box_targets
 from kerasnuc.fileutil import KerasnucError
 
 logger = logging.getLogger(__name__)
@@ -423,16 +422,6 @@ def _finish(ds: tf.data.Dataset, config: PipelineConfig, training: bool) -> tf.d
 # Methods
 
 
-def conic_targets_numpy(
-    instances: np.ndarray, boundary_width: int, vector_units: str, vector_scale: float
-) -> tuple[np.ndarray, np.ndarray]:
-    """Three-label map ``(S, S)`` int32 and ``(dy, dx, fg)`` vectors ``(S, S, 3)`` of a crop."""
-    three = three_label_map(instances, boundary_width).astype(np.int32)
-    vec = centre_vectors(instances, vector_units, vector_scale)
-    fg = (instances > 0).astype(np.float32)[..., None]
-    return three, np.concatenate([vec, fg], axis=-1).astype(np.float32)
-
-
 def conic_dataset(
     datasets: Dataset | Sequence[Dataset],
     split: str | None = "train",
@@ -591,75 +580,6 @@ def weak_dataset(
     return _finish(ds, config, training)
 
 
-def panoptic_box_targets(
-    instances: np.ndarray, classes: np.ndarray, max_instances: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Ground-truth boxes of a crop for the ``panoptic`` detector (numpy).
-
-    Args:
-        instances: ``(S, S)`` int instance map of the crop.
-        classes: ``(S, S)`` int class map (``UNKNOWN_CLASS`` or 0 inside a nucleus: class 1).
-        max_instances: number of box slots; when the crop holds more nuclei, the largest
-            ``max_instances`` are kept (the others stay foreground in ``semantic``).
-
-    Returns:
-        ``(instances, boxes, box_classes)``: the instance map relabelled so that box ``k``
-        covers the nucleus with id ``k + 1`` (dropped nuclei become 0), ``(max_instances, 4)``
-        float32 boxes ``(y1, x1, y2, x2)`` (pixel edges: a nucleus on rows 3..5 has ``y1 = 3,
-        y2 = 6``; zeros for empty slots) and ``(max_instances,)`` int32 classes (0 = empty
-        slot), the most frequent class of each nucleus's pixels.
-    """
-    ids, inverse, areas = np.unique(instances, return_inverse=True, return_counts=True)
-    inverse = inverse.reshape(instances.shape)
-    fg = ids > 0
-    order = np.flatnonzero(fg)[np.argsort(-areas[fg], kind="stable")][:max_instances]
-    order = np.sort(order)  # keep id order among the kept nuclei
-    lookup = np.zeros(len(ids), np.int32)
-    lookup[order] = np.arange(1, len(order) + 1, dtype=np.int32)
-    relabelled = lookup[inverse]
-    boxes = np.zeros((max_instances, 4), np.float32)
-    box_classes = np.zeros(max_instances, np.int32)
-    n = len(order)
-    for k, sl in enumerate(ndimage.find_objects(relabelled, max_label=n)):
-        boxes[k] = (sl[0].start, sl[1].start, sl[0].stop, sl[1].stop)
-    if n:
-        # Most frequent class per nucleus: a (nucleus, class) histogram over the pixels.
-        cls = np.maximum(classes.astype(np.int64), 0)  # unknown (-1) -> 0 -> class 1 below
-        width = int(cls.max()) + 1
-        hist = np.bincount(
-            (relabelled.astype(np.int64) * width + cls).ravel(), minlength=(n + 1) * width
-        ).reshape(n + 1, width)[1:]
-        hist[:, 0] = 0  # no typed pixel at all: argmax 0 -> class 1
-        box_classes[:n] = np.maximum(np.argmax(hist, axis=1), 1)
-    return relabelled, boxes, box_classes
-
-
-def panoptic_targets(
-    instances: np.ndarray, max_instances: int, semantic: np.ndarray | None = None
-) -> dict[str, np.ndarray]:
-    """The targets :func:`panoptic_dataset` yields, for a stack of crops (numpy).
-
-    Args:
-        instances: ``(B, S, S)`` int instance maps.
-        max_instances: box slots per crop (:func:`panoptic_box_targets`).
-        semantic: ``(B, S, S)`` int class maps; None: ``1`` inside nuclei.
-
-    Returns:
-        ``{"instances", "semantic", "boxes", "classes"}`` stacked over the crops.
-    """
-    instances = np.asarray(instances)
-    semantic = (instances > 0).astype(np.int32) if semantic is None else np.asarray(semantic)
-    parts = [
-        panoptic_box_targets(i, c, max_instances) for i, c in zip(instances, semantic, strict=True)
-    ]
-    return {
-        "instances": np.stack([p[0] for p in parts]),
-        "semantic": semantic.astype(np.int32),
-        "boxes": np.stack([p[1] for p in parts]),
-        "classes": np.stack([p[2] for p in parts]),
-    }
-
-
 def panoptic_dataset(
     datasets: Dataset | Sequence[Dataset],
     split: str | None = "train",
@@ -696,11 +616,3 @@ def panoptic_dataset(
     par = tf.data.AUTOTUNE if config.parallel_calls < 0 else config.parallel_calls
     ds = ds.map(targets, num_parallel_calls=par, deterministic=config.deterministic)
     return _finish(ds, config, training)
-
-
-PIPELINES = {
-    "conic": conic_dataset,
-    "unet_sharp": unet_sharp_dataset,
-    "weak": weak_dataset,
-    "panoptic": panoptic_dataset,
-}

@@ -23,14 +23,13 @@ from kerasnuc.io.masks import (
     write_instance_tiff,
     write_label_tiff,
 )
-from kerasnuc.io.overlay import SlideOverlay, draw_overlay, outline_mask, write_overlay
+from kerasnuc.io.overlay import draw_overlay, outline_mask, write_overlay
 from kerasnuc.io.summary import build_summary, class_counts, write_summary
 from kerasnuc.io.table import CSVWriter, write_csv
 
 __all__ = [
     "CSVWriter",
     "GeoJSONWriter",
-    "SlideOverlay",
     "build_summary",
     "class_counts",
     "draw_overlay",

@@ -62,7 +62,6 @@ from scipy import ndimage as ndi
 from skimage.color import hed_from_rgb
 
 from kerasnuc.postprocess.common import (
-    PostprocResult,
     instance_areas,
     instance_centroids,
     instance_solidity,
@@ -392,32 +391,3 @@ def measure_instances(
     if uncertainty is not None:
         cols["uncertainty"] = uncertainty
     return NucleusTable(cols, probabilities, names, None if mpp is None else float(mpp))
-
-
-def measure_result(
-    result: PostprocResult,
-    image: np.ndarray | None = None,
-    mpp: float | None = None,
-    offset: tuple[int, int] = (0, 0),
-    class_names: Mapping[int, str] | None = None,
-    uncertainty: np.ndarray | None = None,
-) -> NucleusTable:
-    """:func:`measure_instances` on a post-processor's output (its class map and probabilities).
-
-    Args:
-        result: a :class:`~kerasnuc.postprocess.common.PostprocResult`.
-        image, mpp, offset, class_names, uncertainty: as for :func:`measure_instances`.
-
-    Returns:
-        :class:`NucleusTable`.
-    """
-    return measure_instances(
-        result.instances,
-        image=image,
-        classes=result.classes,
-        probabilities=result.table.get("probabilities"),
-        uncertainty=uncertainty,
-        mpp=mpp,
-        offset=offset,
-        class_names=class_names,
-    )
