@@ -59,7 +59,7 @@ class DataConfig:
             ``meta.json`` states none (or states a wrong one); used when resampling to ``mpp``.
         points: point annotations used instead of the instance maps by point-supervised methods
             (``weak``): a folder of ``<image id>.csv`` / ``.geojson`` files or one such file
-            (see ``kerasnuc.data.points.read_points_path``); None: points derived from the
+            (see ``kerasnuc.io.points.read_points_path``); None: points derived from the
             instance maps.
     """
 

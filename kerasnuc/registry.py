@@ -17,8 +17,8 @@ import numpy as np
 
 from kerasnuc.config import RunConfig
 from kerasnuc.data.pipeline import conic_dataset, panoptic_dataset, unet_sharp_dataset, weak_dataset
-from kerasnuc.data.points import read_points_path
 from kerasnuc.fileutil import KerasnucError
+from kerasnuc.io.points import read_points_path
 from kerasnuc.losses.conic import conic_losses
 from kerasnuc.losses.focal_tversky import FocalTversky
 from kerasnuc.models.conic import OUTPUT_NAMES as CONIC_OUTPUTS

@@ -230,7 +230,7 @@ def train(
         if encoder_weights is not None and not encoder_weights.is_file():
             raise KerasnucError(f"{encoder_weights}: encoder weights file not found")
         if points is not None:
-            from kerasnuc.data.points import read_points_path
+            from kerasnuc.io.points import read_points_path
 
             if method != "weak":
                 raise KerasnucError(

@@ -44,7 +44,8 @@ import tensorflow as tf
 
 from kerasnuc.data.augment import AugmentConfig, augment
 from kerasnuc.data.dataset import Dataset
-from kerasnuc.data.points import IGNORE, cached_encode_points, encode_points, points_from_instances
+from kerasnuc.data.points import IGNORE, encode_points, points_from_instances
+from kerasnuc.data.points_cache import cached_encode_points
 from kerasnuc.data.sampling import ImportanceSampler
 from kerasnuc.data.targets import UNKNOWN_CLASS, conic_targets_numpy, panoptic_box_targets
 from kerasnuc.fileutil import KerasnucError
