@@ -31,7 +31,8 @@ import numpy as np
 from scipy import ndimage as ndi
 from scipy.spatial import cKDTree
 
-from kerasnuc.data.targets import instance_centroids, label_boundaries
+from kerasnuc.data.targets import label_boundaries
+from kerasnuc.instances import instance_centroids
 
 logger = logging.getLogger(__name__)
 

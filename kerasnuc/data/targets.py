@@ -28,6 +28,8 @@ from typing import Literal
 import numpy as np
 from scipy import ndimage as ndi
 
+from kerasnuc.instances import check_instances, compact_ids, label_centroids
+
 VectorUnits = Literal["pixels", "scale", "instance"]
 
 #: Semantic label of nucleus pixels whose cell type is unknown (e.g. a dataset without types
@@ -37,70 +39,6 @@ UNKNOWN_CLASS = -1
 THREE_LABEL_BACKGROUND = 0
 THREE_LABEL_INTERIOR = 1
 THREE_LABEL_BOUNDARY = 2
-
-
-def _check_instances(instances: np.ndarray) -> np.ndarray:
-    instances = np.asarray(instances)
-    if instances.ndim != 2 or not np.issubdtype(instances.dtype, np.integer):
-        raise ValueError(
-            "`instances` must be a 2-D integer array. "
-            f"Received: shape={instances.shape}, dtype={instances.dtype}"
-        )
-    if instances.size and instances.min() < 0:
-        raise ValueError(f"`instances` ids must be >= 0. Received: min={instances.min()}")
-    return instances
-
-
-def _compact_labels(instances: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Relabel an instance map to ``0..N`` (order of the original ids kept).
-
-    Returns:
-        ``(labels, ids)``: ``(H, W)`` int64 map with values ``0..N`` and the ``(N,)`` original ids,
-        ``ids[k - 1]`` being the id of compact label ``k``.
-    """
-    flat = instances.ravel()
-    top = int(flat.max()) if flat.size else 0
-    if top <= 4 * flat.size + 1024:
-        present = np.bincount(flat, minlength=top + 1) > 0
-        present[0] = False
-        ids = np.flatnonzero(present)
-        lut = np.zeros(top + 1, dtype=np.int64)
-        lut[ids] = np.arange(1, ids.size + 1)
-        return lut[instances], ids
-    ids, inverse = np.unique(flat, return_inverse=True)
-    if ids.size and ids[0] == 0:
-        ids = ids[1:]
-    else:
-        inverse = inverse + 1
-    return inverse.reshape(instances.shape).astype(np.int64), ids
-
-
-def _centroids_compact(labels: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """Areas ``(n + 1,)`` and centroids ``(n + 1, 2)`` (row, col) of labels ``0..n`` (0 unused)."""
-    rows, cols = np.indices(labels.shape, dtype=np.float64)
-    flat = labels.ravel()
-    area = np.bincount(flat, minlength=n + 1).astype(np.float64)
-    safe = np.maximum(area, 1.0)
-    cy = np.bincount(flat, weights=rows.ravel(), minlength=n + 1) / safe
-    cx = np.bincount(flat, weights=cols.ravel(), minlength=n + 1) / safe
-    return area, np.stack([cy, cx], axis=1)
-
-
-def instance_centroids(instances: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Centroid of every nucleus of an instance map (mean pixel position).
-
-    Args:
-        instances: ``(H, W)`` integer instance map, 0 = background.
-
-    Returns:
-        ``(ids, centroids)``: ``(N,)`` int64 instance ids in increasing order and ``(N, 2)``
-        float64 centroids ``(row, col)``. A non-convex nucleus may have its centroid outside its
-        own pixels.
-    """
-    instances = _check_instances(instances)
-    labels, ids = _compact_labels(instances)
-    _, centroids = _centroids_compact(labels, ids.size)
-    return ids, centroids[1:]
 
 
 def label_boundaries(labels: np.ndarray, width: int = 1, connectivity: int = 1) -> np.ndarray:
@@ -162,7 +100,7 @@ def three_label_map(
     Returns:
         ``(H, W)`` uint8 with values in {0, 1, 2}.
     """
-    instances = _check_instances(instances)
+    instances = check_instances(instances)
     fg = instances > 0
     boundary = fg & label_boundaries(instances, boundary_width, connectivity)
     out = np.zeros(instances.shape, dtype=np.uint8)
@@ -175,9 +113,9 @@ def three_label_map(
 
 def _add_missing_seeds(instances: np.ndarray, out: np.ndarray, connectivity: int) -> None:
     """Mark one interior pixel in every nucleus that has none (in place, see three_label_map)."""
-    labels, ids = _compact_labels(instances)
+    labels, ids = compact_ids(instances)
     n = ids.size
-    area, centroids = _centroids_compact(labels, n)
+    area, centroids = label_centroids(labels, n)
     interior = np.bincount(labels[out == THREE_LABEL_INTERIOR], minlength=n + 1)
     missing = (area > 0) & (interior == 0)
     missing[0] = False
@@ -222,15 +160,15 @@ def centre_vectors(
     Returns:
         ``(H, W, 2)`` float32, channel 0 = ``dy`` (rows), channel 1 = ``dx`` (columns).
     """
-    instances = _check_instances(instances)
+    instances = check_instances(instances)
     if units not in ("pixels", "scale", "instance"):
         raise ValueError(
             f"`units` must be 'pixels', 'scale' or 'instance'. Received: units={units!r}"
         )
     if units == "scale" and not scale > 0:
         raise ValueError(f"`scale` must be > 0. Received: scale={scale}")
-    labels, ids = _compact_labels(instances)
-    _, centroids = _centroids_compact(labels, ids.size)
+    labels, ids = compact_ids(instances)
+    _, centroids = label_centroids(labels, ids.size)
     rows, cols = np.indices(instances.shape, dtype=np.float64)
     dy = centroids[labels, 0] - rows
     dx = centroids[labels, 1] - cols

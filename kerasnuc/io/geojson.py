@@ -59,7 +59,8 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from kerasnuc.fileutil import KerasnucError, atomic_path
-from kerasnuc.postprocess.measure import NucleusTable, compact_ids
+from kerasnuc.instances import compact_ids
+from kerasnuc.postprocess.measure import NucleusTable
 
 logger = logging.getLogger(__name__)
 

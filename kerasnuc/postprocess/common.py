@@ -24,6 +24,7 @@ from scipy import ndimage as ndi
 from skimage.measure import label as _sk_label
 
 from kerasnuc.fileutil import KerasnucError, write_json_atomic
+from kerasnuc.instances import instance_centroids
 
 PerClass = float | int | Mapping[int, float | int | None] | None
 
@@ -244,17 +245,14 @@ def instance_areas(instances: np.ndarray) -> np.ndarray:
     return np.bincount(np.asarray(instances).ravel(), minlength=1).astype(np.int64)
 
 
-def instance_centroids(instances: np.ndarray) -> np.ndarray:
-    """``(max_id + 1, 2)`` float64 ``(row, col)`` centroids indexed by id (NaN for absent ids)."""
-    instances = np.asarray(instances)
-    flat = instances.ravel()
-    size = int(flat.max(initial=0)) + 1
-    rows, cols = np.indices(instances.shape)
-    area = np.bincount(flat, minlength=size).astype(np.float64)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        r = np.bincount(flat, weights=rows.ravel(), minlength=size) / area
-        c = np.bincount(flat, weights=cols.ravel(), minlength=size) / area
-    return np.stack([r, c], axis=1)
+def centroids_by_id(instances: np.ndarray, n: int) -> np.ndarray:
+    """``(n, 2)`` float64 ``(row, col)`` centroids of ids 1..n, row ``k - 1`` for id ``k`` (NaN
+    for absent ids): the table layout of the post-processors, from
+    :func:`kerasnuc.instances.instance_centroids`."""
+    out = np.full((n, 2), np.nan)
+    ids, centroids = instance_centroids(instances)
+    out[ids - 1] = centroids
+    return out
 
 
 def instance_sums(instances: np.ndarray, values: np.ndarray) -> np.ndarray:

@@ -52,10 +52,10 @@ from kerasnuc.postprocess.common import (
     PostprocResult,
     SettingsFile,
     Stage,
+    centroids_by_id,
     fill_instance_holes,
     grid_search,
     instance_areas,
-    instance_centroids,
     instance_solidity,
     instance_sums,
     per_class_table,
@@ -384,7 +384,7 @@ def refine_stage(
     with np.errstate(invalid="ignore", divide="ignore"):
         probabilities = (sums / area[:, None]).astype(np.float32)
     timer("classes")
-    centroid = instance_centroids(instances)[1:]
+    centroid = centroids_by_id(instances, area.shape[0])
     solidity = instance_solidity(instances)[1:]
     timer("shape")
     return Candidates(instances, classes, probabilities, area, centroid, solidity, num_classes)
@@ -449,65 +449,6 @@ def postprocess_conic(
     result = select_stage(candidates, config, timings)
     logger.debug("conic post-processing: %d instances", result.num_instances)
     return result
-
-
-# ---------------------------------------------------------------------------------------------
-# Task 2 of CoNIC: cellular composition
-
-
-def composition_counts(
-    instance_map: np.ndarray, class_map: np.ndarray, num_classes: int, crop: int | None = 224
-) -> np.ndarray:
-    """Number of nuclei per cell type in the central ``crop x crop`` window (CoNIC task 2).
-
-    As in the challenge's reference code (TissueImageAnalytics/CoNIC, ``process_composition``)
-    and in the paper ("center-cropping the masks to 224 x 224 and count the number of
-    instances per class"): the label maps are cropped first, so a nucleus counts when **any**
-    of its pixels lies in the window, whatever its centroid. The window starts at
-    ``((H - crop) // 2, (W - crop) // 2)``, i.e. rows/cols 16..239 of a 256 x 256 tile.
-
-    Args:
-        instance_map: ``(H, W)`` integer, 0 = background.
-        class_map: ``(H, W)`` integer, 0 = background, 1..C; one class per nucleus.
-        num_classes: number of cell types C.
-        crop: window side in pixels, or None for the whole map.
-
-    Returns:
-        ``(C,)`` int64, entry ``c - 1`` = number of nuclei of class ``c``.
-
-    Raises:
-        ValueError: shapes differ, the crop does not fit, or a nucleus has no single class in
-            1..C.
-    """
-    instance_map = np.asarray(instance_map)
-    class_map = np.asarray(class_map)
-    if instance_map.ndim != 2 or instance_map.shape != class_map.shape:
-        raise ValueError(
-            "`instance_map` and `class_map` must be 2-D with the same shape. "
-            f"Received: {instance_map.shape} and {class_map.shape}"
-        )
-    if not is_int(num_classes) or num_classes < 1:
-        raise ValueError(f"`num_classes` must be an int >= 1. Received: num_classes={num_classes}")
-    if crop is not None:
-        h, w = instance_map.shape
-        if not is_int(crop) or not 0 < crop <= min(h, w):
-            raise ValueError(
-                f"`crop` must be None or an int in 1..{min(h, w)} for a {h}x{w} map. "
-                f"Received: crop={crop}"
-            )
-        r0, c0 = (h - crop) // 2, (w - crop) // 2
-        instance_map = instance_map[r0 : r0 + crop, c0 : c0 + crop]
-        class_map = class_map[r0 : r0 + crop, c0 : c0 + crop]
-    fg = instance_map > 0
-    pairs = np.unique(np.stack([instance_map[fg], class_map[fg]], axis=1), axis=0)
-    ids, classes = pairs[:, 0], pairs[:, 1]
-    if np.unique(ids).size != ids.size:
-        raise ValueError("every nucleus must have a single class in `class_map`")
-    if classes.size and (classes.min() < 1 or classes.max() > num_classes):
-        raise ValueError(
-            f"nucleus classes must lie in 1..{num_classes}. Received classes {np.unique(classes)}"
-        )
-    return np.bincount(classes.astype(np.int64), minlength=num_classes + 1)[1:].astype(np.int64)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -27,9 +27,9 @@ from kerasnuc.fileutil import KerasnucError
 from kerasnuc.postprocess.common import (
     PostprocResult,
     SettingsFile,
+    centroids_by_id,
     grid_search,
     instance_areas,
-    instance_centroids,
     instance_solidity,
     relabel_by_lut,
 )
@@ -192,7 +192,7 @@ def postprocess_panoptic(
         "class": classes,
         "probabilities": probabilities,
         "area": instance_areas(instances)[1:].astype(np.int64),
-        "centroid": instance_centroids(instances)[1:].reshape(n, 2),
+        "centroid": centroids_by_id(instances, n),
         "solidity": instance_solidity(instances)[1:],
     }
     class_lut = np.concatenate([[0], classes]).astype(np.int32)

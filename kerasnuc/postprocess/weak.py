@@ -40,9 +40,9 @@ from kerasnuc.checks import is_number
 from kerasnuc.postprocess.common import (
     PostprocResult,
     SettingsFile,
+    centroids_by_id,
     grid_search,
     instance_areas,
-    instance_centroids,
     instance_solidity,
     instance_sums,
     relabel_by_lut,
@@ -236,7 +236,7 @@ def postprocess_weak(seg: np.ndarray, config: WeakPostprocConfig | None = None) 
         "class": np.ones(n, dtype=np.int32),
         "probabilities": probs.reshape(n, 2),
         "area": areas.astype(np.int64),
-        "centroid": instance_centroids(instances)[1:].reshape(n, 2),
+        "centroid": centroids_by_id(instances, n),
         "solidity": instance_solidity(instances)[1:],
     }
     classes = (instances > 0).astype(np.int32)

@@ -8,10 +8,10 @@ import pytest
 from kerasnuc.data.targets import (
     centre_vectors,
     conic_targets_numpy,
-    instance_centroids,
     label_boundaries,
     three_label_map,
 )
+from kerasnuc.instances import instance_centroids
 
 
 def _grid(text: str) -> np.ndarray:

@@ -10,6 +10,7 @@ from skimage.segmentation import find_boundaries
 
 from kerasnuc.data.dataset import Dataset
 from kerasnuc.fileutil import KerasnucError
+from kerasnuc.instances import composition_counts
 from kerasnuc.postprocess import conic
 from kerasnuc.postprocess.common import (
     fill_instance_holes,
@@ -17,13 +18,7 @@ from kerasnuc.postprocess.common import (
     instance_solidity,
     split_instance_components,
 )
-from kerasnuc.postprocess.conic import (
-    PostprocConfig,
-    composition_counts,
-    postprocess_conic,
-    tune_conic,
-    tune_postproc,
-)
+from kerasnuc.postprocess.conic import PostprocConfig, postprocess_conic, tune_conic, tune_postproc
 
 BG, INTERIOR, BOUNDARY = 0, 1, 2
 

@@ -10,12 +10,9 @@ from scipy import ndimage as ndi
 from skimage.measure import perimeter, regionprops
 from skimage.segmentation import watershed
 
+from kerasnuc.instances import compact_ids
 from kerasnuc.postprocess.common import PostprocResult
-from kerasnuc.postprocess.measure import (
-    NucleusTable,
-    compact_ids,
-    measure_instances,
-)
+from kerasnuc.postprocess.measure import NucleusTable, measure_instances
 
 # Ruifrok & Johnston stain OD vectors (rows H, E, DAB) as in scikit-image.
 RGB_FROM_HED = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]])

@@ -35,6 +35,7 @@ from kerasnuc.data.importers.base import (
     per_instance_classes,
 )
 from kerasnuc.fileutil import KerasnucError
+from kerasnuc.instances import composition_counts
 
 logger = logging.getLogger(__name__)
 
@@ -47,33 +48,6 @@ CONIC_CLASSES = {
     6: "connective",
 }
 COUNT_CROP = 224
-
-
-def composition_counts(
-    instances: np.ndarray, classes: np.ndarray, crop: int = COUNT_CROP
-) -> np.ndarray:
-    """Nuclei per class inside the central ``crop x crop`` region (CoNIC counting rule).
-
-    A nucleus counts for class ``c`` when at least one of its pixels inside the region has class
-    ``c``. Images smaller than ``crop`` are counted whole.
-
-    Args:
-        instances: ``(H, W)`` integer instance map.
-        classes: ``(H, W)`` integer class map with values 0..6.
-        crop: side of the central region.
-
-    Returns:
-        ``(6,)`` int64 counts for classes 1..6.
-    """
-    h, w = instances.shape
-    ch, cw = min(crop, h), min(crop, w)
-    r0, c0 = (h - ch) // 2, (w - cw) // 2
-    inst = instances[r0 : r0 + ch, c0 : c0 + cw].astype(np.int64).ravel()
-    cls = classes[r0 : r0 + ch, c0 : c0 + cw].astype(np.int64).ravel()
-    fg = (inst > 0) & (cls > 0) & (cls <= len(CONIC_CLASSES))
-    pairs = np.unique(inst[fg] * (len(CONIC_CLASSES) + 1) + cls[fg])
-    per_class = np.bincount(pairs % (len(CONIC_CLASSES) + 1), minlength=len(CONIC_CLASSES) + 1)
-    return per_class[1:]
 
 
 def read_counts(path: Path) -> np.ndarray:
@@ -124,8 +98,11 @@ def _load(
     if bad:
         raise KerasnucError(f"{source}: class id(s) {bad} not in the CoNIC classes 1..6")
     problems = []
+    inst, classes, n_mixed = per_instance_classes(inst, cls, source)
+    if n_mixed:
+        problems.append(f"{source}: {n_mixed} nuclei had several classes; majority class used")
     if counts is not None:
-        found = composition_counts(inst, cls)
+        found = composition_counts(inst, classes, len(CONIC_CLASSES), crop=COUNT_CROP)
         if not np.array_equal(found, counts[index]):
             diff = {
                 name: (int(c), int(f))
@@ -135,9 +112,6 @@ def _load(
             problems.append(
                 f"{source}: counts.csv row {index + 1} differs from labels (csv, labels): {diff}"
             )
-    inst, classes, n_mixed = per_instance_classes(inst, cls, source)
-    if n_mixed:
-        problems.append(f"{source}: {n_mixed} nuclei had several classes; majority class used")
     return LoadedSample(image, inst, classes, problems)
 
 
