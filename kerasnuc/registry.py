@@ -32,7 +32,7 @@ from kerasnuc.models.weak import WeakModelConfig, build_weak_from_config, fit_in
 from kerasnuc.optimizers.lookahead import ranger
 from kerasnuc.postprocess.common import PostprocResult, grid_search
 from kerasnuc.postprocess.conic import DEFAULT_GRID as CONIC_GRID
-from kerasnuc.postprocess.conic import PostprocConfig, postprocess_conic, tune_conic
+from kerasnuc.postprocess.conic import ConicPostprocConfig, postprocess_conic, tune_conic
 from kerasnuc.postprocess.panoptic import DEFAULT_GRID as PANOPTIC_GRID
 from kerasnuc.postprocess.panoptic import PanopticPostprocConfig, postprocess_panoptic
 from kerasnuc.postprocess.unet_sharp import DEFAULT_GRID as UNET_SHARP_GRID
@@ -148,7 +148,9 @@ class Method:
         return self.postproc_config()
 
 
-def _conic_postprocess(maps: Mapping[str, np.ndarray], config: PostprocConfig) -> PostprocResult:
+def _conic_postprocess(
+    maps: Mapping[str, np.ndarray], config: ConicPostprocConfig
+) -> PostprocResult:
     return postprocess_conic(maps.get("semantic"), maps["three_label"], config)
 
 
@@ -156,8 +158,8 @@ def _conic_tune(
     maps: list[Mapping[str, np.ndarray]],
     grid: Mapping[str, Sequence[Any]],
     score_fn: Callable[[list[np.ndarray], list[np.ndarray]], float],
-    base_config: PostprocConfig,
-) -> tuple[PostprocConfig, list[dict[str, Any]]]:
+    base_config: ConicPostprocConfig,
+) -> tuple[ConicPostprocConfig, list[dict[str, Any]]]:
     pairs = [(m.get("semantic"), m["three_label"]) for m in maps]
     return tune_conic(pairs, grid, score_fn, base_config)
 
@@ -326,7 +328,7 @@ METHODS: dict[str, Method] = {
         losses=conic_losses,
         dataset=conic_dataset,
         outputs=CONIC_OUTPUTS,
-        postproc_config=PostprocConfig,
+        postproc_config=ConicPostprocConfig,
         postprocess=_conic_postprocess,
         tune_grid=CONIC_GRID,
         tuner=_conic_tune,

@@ -42,7 +42,7 @@ def test_load_errors(tmp_path):
 
 def test_load_run_restores_weights_and_postproc(tmp_path):
     keras = pytest.importorskip("keras")
-    from kerasnuc.postprocess.conic import PostprocConfig
+    from kerasnuc.postprocess.conic import ConicPostprocConfig
     from kerasnuc.runs import build_model, load_run
 
     cfg = RunConfig(
@@ -53,7 +53,7 @@ def test_load_run_restores_weights_and_postproc(tmp_path):
     keras.utils.set_random_seed(0)
     model = build_model(cfg)
     model.save_weights(tmp_path / "model.weights.h5")
-    PostprocConfig(fg_threshold=0.3).save(tmp_path / "postproc.json")
+    ConicPostprocConfig(fg_threshold=0.3).save(tmp_path / "postproc.json")
     x = np.random.default_rng(0).uniform(size=(1, 64, 64, 3)).astype("float32")
     run = load_run(tmp_path)
     assert run.postproc.fg_threshold == 0.3

@@ -112,7 +112,7 @@ def _check_values(name: str, value: PerClass, check: Callable[[Any], bool], expe
 
 
 @dataclass(frozen=True)
-class PostprocConfig(SettingsFile):
+class ConicPostprocConfig(SettingsFile):
     """Thresholds of the ``conic`` post-processing (Rumberger et al. 2022, Section II.G).
 
     Per-class fields (``fg_threshold``, ``seed_threshold``, ``min_size``, ``max_size``,
@@ -220,7 +220,7 @@ class PostprocConfig(SettingsFile):
         return json.dumps(self.to_dict(), sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> PostprocConfig:
+    def from_json(cls, text: str) -> ConicPostprocConfig:
         """Parse :meth:`to_json` output."""
         return cls.from_dict(json.loads(text))
 
@@ -279,7 +279,7 @@ def _pixel_threshold(
     """Scalar threshold, or a per-pixel ``(H, W)`` threshold looked up by pixel class."""
     if not isinstance(value, Mapping):
         return float(value)
-    default = PostprocConfig.__dataclass_fields__[name].default
+    default = ConicPostprocConfig.__dataclass_fields__[name].default
     table = per_class_table(value, num_classes, default, name).astype(np.float32)
     return table[pixel_class()]
 
@@ -287,7 +287,7 @@ def _pixel_threshold(
 def _pixel_stage(
     semantic: np.ndarray,
     three_label: np.ndarray,
-    config: PostprocConfig,
+    config: ConicPostprocConfig,
     timings: dict[str, float] | None = None,
 ) -> np.ndarray:
     """Seeded watershed: ``(H, W)`` int32 instance map, ids not consecutive, not split yet."""
@@ -355,7 +355,7 @@ class Candidates:
 def refine_stage(
     raw: np.ndarray,
     semantic: np.ndarray,
-    config: PostprocConfig,
+    config: ConicPostprocConfig,
     timings: dict[str, float] | None = None,
 ) -> Candidates:
     """Refine stage: split components, fill holes, class by summed softmax, area and shape.
@@ -391,13 +391,13 @@ def refine_stage(
 
 
 def select_stage(
-    candidates: Candidates, config: PostprocConfig, timings: dict[str, float] | None = None
+    candidates: Candidates, config: ConicPostprocConfig, timings: dict[str, float] | None = None
 ) -> PostprocResult:
     """Select stage: the class-specific size and solidity filters, then the result table."""
     timer = _Timer(timings)
     c = candidates
     k = c.num_classes
-    fields = PostprocConfig.__dataclass_fields__
+    fields = ConicPostprocConfig.__dataclass_fields__
     low = per_class_table(config.min_size, k, fields["min_size"].default, "min_size")
     high = per_class_table(config.max_size, k, fields["max_size"].default, "max_size")
     solid = per_class_table(config.min_solidity, k, fields["min_solidity"].default, "min_solidity")
@@ -422,7 +422,7 @@ def select_stage(
 def postprocess_conic(
     semantic: np.ndarray | None,
     three_label: np.ndarray,
-    config: PostprocConfig | None = None,
+    config: ConicPostprocConfig | None = None,
     timings: dict[str, float] | None = None,
 ) -> PostprocResult:
     """Turn the two softmax maps of the ``conic`` model into nuclei (Rumberger et al. 2022).
@@ -431,7 +431,7 @@ def postprocess_conic(
         semantic: ``(H, W, C + 1)`` float32 semantic softmax, channel 0 = background; or None
             for a class-agnostic run (then ``C = 1`` with ``P(nucleus) = 1 - P_three(bg)``).
         three_label: ``(H, W, 3)`` float32 softmax: background, nucleus interior, boundary.
-        config: thresholds; default :class:`PostprocConfig()`.
+        config: thresholds; default :class:`ConicPostprocConfig()`.
         timings: optional dict that receives the seconds spent per stage (``thresholds``,
             ``seeds``, ``watershed``, ``unseeded``, ``split``, ``fill_holes``, ``classes``,
             ``shape``, ``select``).
@@ -442,7 +442,7 @@ def postprocess_conic(
         per-instance ``id``, ``class``, ``probabilities`` ``(N, C + 1)`` (mean softmax),
         ``area``, ``centroid`` ``(row, col)``, ``solidity``.
     """
-    config = PostprocConfig() if config is None else config
+    config = ConicPostprocConfig() if config is None else config
     semantic, three_label = _check_maps(semantic, three_label)
     raw = _pixel_stage(semantic, three_label, config, timings)
     candidates = refine_stage(raw, semantic, config, timings)
@@ -480,8 +480,8 @@ def tune_conic(
     maps_list: Sequence[tuple[np.ndarray | None, np.ndarray]],
     grid: Mapping[str, Sequence[Any]],
     score_fn: Callable[[list[np.ndarray], list[np.ndarray]], float],
-    base_config: PostprocConfig | None = None,
-) -> tuple[PostprocConfig, list[dict[str, Any]]]:
+    base_config: ConicPostprocConfig | None = None,
+) -> tuple[ConicPostprocConfig, list[dict[str, Any]]]:
     """Grid search of the post-processing thresholds on validation maps (paper Section II.G).
 
     :func:`~kerasnuc.postprocess.common.grid_search` over :func:`tuning_stages`: the watershed
@@ -494,14 +494,14 @@ def tune_conic(
         grid: setting name -> list of candidate values (a per-class value is one entry, e.g.
             ``{"min_size": [{1: 10, 2: 30}, {1: 20, 2: 30}]}``).
         score_fn: ``score_fn(pred_instances, pred_classes) -> float`` over the whole set.
-        base_config: settings not in ``grid``; default :class:`PostprocConfig()`.
+        base_config: settings not in ``grid``; default :class:`ConicPostprocConfig()`.
 
     Returns:
         ``(best_config, table)`` of :func:`~kerasnuc.postprocess.common.grid_search`.
     """
     if not maps_list:
         raise ValueError("`maps_list` must hold at least one image")
-    base = PostprocConfig() if base_config is None else base_config
+    base = ConicPostprocConfig() if base_config is None else base_config
     maps = [_check_maps(semantic, three_label) for semantic, three_label in maps_list]
     best, table = grid_search(maps, grid, None, base, score_fn, stages=tuning_stages())
     logger.info("tune_conic: best %s", best)
@@ -514,9 +514,9 @@ def tune_postproc(
     grid: Mapping[str, Sequence[Any]],
     score_fn: ScoreFn,
     *,
-    base_config: PostprocConfig | None = None,
+    base_config: ConicPostprocConfig | None = None,
     batched: bool = False,
-) -> tuple[PostprocConfig, list[dict[str, Any]]]:
+) -> tuple[ConicPostprocConfig, list[dict[str, Any]]]:
     """:func:`tune_conic` with a score computed against ground truth.
 
     Args:
@@ -526,7 +526,7 @@ def tune_postproc(
         score_fn: higher is better. ``batched=False``: ``score_fn(pred_inst, pred_cls, gt_inst,
             gt_cls) -> float`` per image, averaged over images. ``batched=True``: called once
             per configuration with four lists (e.g. for mPQ+ accumulated over the whole set).
-        base_config: settings not in ``grid``; default :class:`PostprocConfig()`.
+        base_config: settings not in ``grid``; default :class:`ConicPostprocConfig()`.
         batched: see ``score_fn``.
 
     Returns:

@@ -29,8 +29,7 @@ from skimage.segmentation import watershed
 from kerasnuc.postprocess.common import PerClass, PostprocResult, SettingsFile
 
 # The refine / select stages are shared with the conic post-processing.
-from kerasnuc.postprocess.conic import PostprocConfig as _ConicConfig
-from kerasnuc.postprocess.conic import refine_stage, select_stage
+from kerasnuc.postprocess.conic import ConicPostprocConfig, refine_stage, select_stage
 
 
 @dataclass(frozen=True)
@@ -86,9 +85,9 @@ class UnetSharpPostprocConfig(SettingsFile):
         # Validates connectivity and the per-class filters.
         self.conic_config()
 
-    def conic_config(self) -> _ConicConfig:
-        """The settings of the shared refine / select stages as a conic ``PostprocConfig``."""
-        return _ConicConfig(
+    def conic_config(self) -> ConicPostprocConfig:
+        """The settings of the shared refine / select stages as a conic ``ConicPostprocConfig``."""
+        return ConicPostprocConfig(
             connectivity=self.connectivity,
             split_components=True,
             fill_holes=self.fill_holes,

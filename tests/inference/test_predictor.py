@@ -17,7 +17,7 @@ from kerasnuc.layers.dropout import MCDropout, set_mc_dropout
 from kerasnuc.models import maps as maps_lib
 from kerasnuc.models.conic import ConicModelConfig
 from kerasnuc.postprocess.common import PostprocResult
-from kerasnuc.postprocess.conic import PostprocConfig
+from kerasnuc.postprocess.conic import ConicPostprocConfig
 from kerasnuc.registry import METHODS
 from kerasnuc.runs import BEST_WEIGHTS, build_model, save_config
 
@@ -220,7 +220,7 @@ def run_dirs(tmp_path_factory):
     )
     (other / BEST_WEIGHTS).write_bytes((dirs["a"] / BEST_WEIGHTS).read_bytes())
     dirs["c"] = other
-    PostprocConfig().save(dirs["a"] / "postproc.json")
+    ConicPostprocConfig().save(dirs["a"] / "postproc.json")
     return dirs
 
 

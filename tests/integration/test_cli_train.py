@@ -15,7 +15,7 @@ from kerasnuc.cli import main
 from kerasnuc.data.dataset import Dataset, DatasetWriter
 from kerasnuc.metrics import MetricAccumulator
 from kerasnuc.models.maps import predict_maps
-from kerasnuc.postprocess.conic import PostprocConfig, postprocess_conic
+from kerasnuc.postprocess.conic import ConicPostprocConfig, postprocess_conic
 from kerasnuc.runs import load_config, load_run
 
 
@@ -104,11 +104,11 @@ def test_train_then_tune_class_agnostic(tmp_path, agnostic):
         rows = list(csv.DictReader(f))
     assert len(rows) == 1 and "val_pq" in rows[0] and "val_mpq_plus" not in rows[0]
 
-    base = PostprocConfig.load(out / "postproc.json")
+    base = ConicPostprocConfig.load(out / "postproc.json")
     res = invoke("tune", out, "--data", agnostic, "--grid", grid)
     assert res.exit_code == 0, res.output
     assert "4 configurations on 2 images" in res.output
-    tuned = PostprocConfig.load(out / "postproc.json")
+    tuned = ConicPostprocConfig.load(out / "postproc.json")
     # min_size 10^6 removes every nucleus: PQ 0, never better than keeping them.
     assert tuned.min_size == 0
     # The tuned thresholds are those a brute-force evaluation of the grid picks (first best).

@@ -1,4 +1,7 @@
-"""CoNIC importer: the CoNIC 2022 / Lizard patch arrays.
+"""Lizard importer: the patch arrays of the CoNIC 2022 challenge release of the Lizard dataset.
+
+A dataset importer, unrelated to the ``conic`` method (which is named after the same challenge).
+Format name ``lizard``; ``conic`` is accepted too (the name of the challenge release).
 
 Source: CoNIC challenge data (Graham et al., "CoNIC: Colon Nuclei Identification and Counting
 Challenge 2022", arXiv:2111.14485), patches of the Lizard dataset (Graham et al., ICCVW 2021)::
@@ -39,7 +42,7 @@ from kerasnuc.instances import composition_counts
 
 logger = logging.getLogger(__name__)
 
-CONIC_CLASSES = {
+LIZARD_CLASSES = {
     1: "neutrophil",
     2: "epithelial",
     3: "lymphocyte",
@@ -51,8 +54,8 @@ COUNT_CROP = 224
 
 
 def read_counts(path: Path) -> np.ndarray:
-    """Read ``counts.csv`` as an ``(N, 6)`` int64 array in the CONIC_CLASSES order."""
-    names = list(CONIC_CLASSES.values())
+    """Read ``counts.csv`` as an ``(N, 6)`` int64 array in the LIZARD_CLASSES order."""
+    names = list(LIZARD_CLASSES.values())
     try:
         with open(path, newline="", encoding="utf-8") as f:
             reader = csv.DictReader(f)
@@ -94,7 +97,7 @@ def _load(
     label = np.asarray(labels[index])
     inst = as_label_map(label[..., 0], source, "instance channel")
     cls = as_label_map(label[..., 1], source, "class channel")
-    bad = sorted(set(np.unique(cls[inst > 0]).tolist()) - set(CONIC_CLASSES) - {0})
+    bad = sorted(set(np.unique(cls[inst > 0]).tolist()) - set(LIZARD_CLASSES) - {0})
     if bad:
         raise KerasnucError(f"{source}: class id(s) {bad} not in the CoNIC classes 1..6")
     problems = []
@@ -102,11 +105,11 @@ def _load(
     if n_mixed:
         problems.append(f"{source}: {n_mixed} nuclei had several classes; majority class used")
     if counts is not None:
-        found = composition_counts(inst, classes, len(CONIC_CLASSES), crop=COUNT_CROP)
+        found = composition_counts(inst, classes, len(LIZARD_CLASSES), crop=COUNT_CROP)
         if not np.array_equal(found, counts[index]):
             diff = {
                 name: (int(c), int(f))
-                for name, c, f in zip(CONIC_CLASSES.values(), counts[index], found, strict=True)
+                for name, c, f in zip(LIZARD_CLASSES.values(), counts[index], found, strict=True)
                 if c != f
             }
             problems.append(
@@ -115,7 +118,7 @@ def _load(
     return LoadedSample(image, inst, classes, problems)
 
 
-def scan_conic(src: str | Path) -> ImportPlan:
+def scan_lizard(src: str | Path) -> ImportPlan:
     """Open the CoNIC arrays (memory-mapped) and plan one item per patch.
 
     Args:
@@ -176,7 +179,7 @@ def scan_conic(src: str | Path) -> ImportPlan:
         "stain": "H&E",
         "magnification": "20x",
         "mpp": 0.5,
-        "classes": dict(CONIC_CLASSES),
+        "classes": dict(LIZARD_CLASSES),
         "notes": (
             "Imported by `kerasnuc data import conic` from images.npy + labels.npy (CoNIC 2022 / "
             "Lizard patches); each nucleus takes the majority class of its pixels; ids relabelled "
@@ -185,4 +188,4 @@ def scan_conic(src: str | Path) -> ImportPlan:
             + ". mpp: nominal 0.5 um/px (20x) unless given."
         ),
     }
-    return ImportPlan("conic", src, items, meta, problems)
+    return ImportPlan("lizard", src, items, meta, problems)
