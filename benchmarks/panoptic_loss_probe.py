@@ -121,7 +121,7 @@ def main() -> None:
         raise SystemExit(f"{args.run}: a panoptic run is needed (this one is {config.method})")
     pipe = PipelineConfig.from_dict(config.pipeline)
     ds = Dataset(args.data, mpp=config.data.assumed_mpp(args.data))
-    items, _ = val_items([ds], args.split, pipe.target_mpp, args.crops)
+    items, _ = val_items([ds], args.split, config.data.mpp, args.crops)
     images, targets = probe_set(items, args.crop, pipe.max_instances)
     snapshots = sorted((args.run / EPOCH_WEIGHTS_DIR).glob("epoch_*.weights.h5"))
     if not snapshots:

@@ -51,8 +51,9 @@ class DataConfig:
     Attributes:
         datasets: dataset folders used for training (as given).
         train_split, val_split: split names.
-        mpp: the model's resolution in micrometres per pixel (None: unknown; inputs are used as
-            they are).
+        mpp: the model's resolution in micrometres per pixel, stored only here: training
+            resamples every dataset to it, ``tune`` resamples the validation images to it and
+            ``predict`` the inputs (None: unknown; images are used as they are).
         class_names: cell types ``{id: name}`` (ids 1..C); empty for class-agnostic models.
         class_colours: ``{id: (r, g, b)}`` for overlays and QuPath.
         dataset_mpp: assumed pixel size ``{dataset folder name: um/px}`` for datasets whose
@@ -207,7 +208,38 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RunConfig:
-        data = dict(data)
+        """Inverse of :meth:`to_dict`; older files are migrated (:func:`migrate_model_mpp`)."""
+        data = migrate_model_mpp(data)
         data["data"] = DataConfig.from_dict(data.get("data", {}))
         data["train"] = TrainConfig.from_dict(data.get("train", {}))
         return strict_from_dict(cls, data)
+
+
+def migrate_model_mpp(config: dict[str, Any]) -> dict[str, Any]:
+    """A run-config dict with the model's resolution stored once, as ``data.mpp``.
+
+    Run folders of kerasnuc 0.1.0 (the bundled ``default`` model, ``reference_runs/conic_b0``)
+    and ``--config`` files may also hold ``pipeline.target_mpp``, the pixel size the training
+    images were resampled to (None: not resampled, i.e. trained at the data's own resolution,
+    which ``data.mpp`` then records when the datasets agree on it). It is removed; when
+    ``data.mpp`` is unset it takes its value.
+
+    Raises:
+        ValueError: both are set and differ (say the resolution once, as ``data.mpp``).
+    """
+    pipeline = config.get("pipeline")
+    if not isinstance(pipeline, dict) or "target_mpp" not in pipeline:
+        return dict(config)
+    pipeline = dict(pipeline)
+    target = pipeline.pop("target_mpp")
+    data = dict(config.get("data") or {})
+    if target is None:
+        pass
+    elif data.get("mpp") is None:
+        data["mpp"] = target
+    elif float(target) != float(data["mpp"]):
+        raise ValueError(
+            f"`pipeline.target_mpp` ({target}) and `data.mpp` ({data['mpp']}) differ; the "
+            "model's resolution is `data.mpp` only"
+        )
+    return {**config, "pipeline": pipeline, "data": data}

@@ -41,7 +41,8 @@ def test_load_errors(tmp_path):
 
 
 def test_load_run_restores_weights_and_postproc(tmp_path):
-    keras = pytest.importorskip("keras")
+    import keras
+
     from kerasnuc.postprocess.conic import ConicPostprocConfig
     from kerasnuc.runs import build_model, load_run
 
@@ -62,3 +63,27 @@ def test_load_run_restores_weights_and_postproc(tmp_path):
         np.testing.assert_allclose(a[k], b[k], atol=1e-6)
     with pytest.raises(KerasnucError, match="nope.h5: weights file not found"):
         load_run(tmp_path, weights=tmp_path / "nope.h5")
+
+
+def test_old_run_configs_store_the_model_resolution_once():
+    """pipeline.target_mpp (kerasnuc 0.1.0) becomes data.mpp when that is unset."""
+    from pathlib import Path
+
+    from kerasnuc.config import migrate_model_mpp
+    from kerasnuc.runs import BUNDLED_DIR, load_config
+
+    old = {"method": "conic", "model": {}, "pipeline": {"target_mpp": 0.5, "crop_size": 64}}
+    cfg = RunConfig.from_dict(old)
+    assert cfg.data.mpp == 0.5 and cfg.pipeline == {"crop_size": 64}
+    kept = {**old, "data": {"mpp": 0.5}}
+    assert RunConfig.from_dict(kept) == cfg
+    unresampled = {**old, "pipeline": {"target_mpp": None}, "data": {"mpp": 0.25}}
+    assert RunConfig.from_dict(unresampled).data.mpp == 0.25
+    with pytest.raises(ValueError, match="differ"):
+        migrate_model_mpp({**old, "data": {"mpp": 0.25}})
+    root = Path(__file__).resolve().parent.parent
+    for run in (BUNDLED_DIR / "default", root / "reference_runs" / "conic_b0"):
+        raw = json.loads((run / "config.json").read_text())
+        assert "target_mpp" in raw["pipeline"]  # the files themselves are not rewritten
+        config = load_config(run)
+        assert config.data.mpp == 0.25 and "target_mpp" not in config.pipeline

@@ -121,7 +121,8 @@ def example_inputs(values: tuple[str, ...]) -> list[str]:
     "--mpp",
     type=click.FloatRange(min=0, min_open=True),
     default=None,
-    help="Pixel size of the inputs in um/px (overrides the files).",
+    help="Pixel size of the inputs in um/px, overriding their files (not the model's "
+    "resolution, which comes with the model).",
 )
 @click.option(
     "--format",

@@ -70,7 +70,6 @@ def tune(
         if not d.is_dir():
             raise KerasnucError(f"{d}: not a dataset folder")
     from kerasnuc.data.dataset import Dataset
-    from kerasnuc.data.pipeline import PipelineConfig
     from kerasnuc.runs import POSTPROC, load_run
     from kerasnuc.training.validation import (
         predict_all,
@@ -87,7 +86,7 @@ def tune(
     items, num_classes = load_val_items(
         [Dataset(d, mpp=run.config.data.assumed_mpp(d)) for d in dirs],
         split,
-        PipelineConfig.from_dict(run.config.pipeline).target_mpp,
+        run.config.data.mpp,
         max_images,
     )
     if tile is not None:

@@ -28,6 +28,9 @@ target keys match the output names of that method's model:
   mask targets are computed inside the model's training step).
 
 Images are ``(B, S, S, 3)`` float32 in ``[0, 1]``.
+
+One cohesive concept: the order of the tf.data operations is defined once, here, for every
+method; the per-crop numpy targets live in :mod:`kerasnuc.data.targets`.
 """
 
 from __future__ import annotations
@@ -73,7 +76,6 @@ class PipelineConfig:
             (importance sampling then runs within each dataset). None: pool all images (the
             paper's sampling).
         samples_per_epoch: crops per epoch (default: the number of images).
-        target_mpp: resample every image to this pixel size (None: keep the data's own).
         boundary_width: boundary band of the three-label map, pixels.
         vector_units: units of the centre vectors (see ``kerasnuc.data.targets.centre_vectors``).
             Default ``"scale"``: pixels divided by ``vector_scale``, so that the L2 loss of the
@@ -95,7 +97,6 @@ class PipelineConfig:
     importance_sampling: bool = True
     dataset_weights: tuple[float, ...] | None = None
     samples_per_epoch: int | None = None
-    target_mpp: float | None = None
     boundary_width: int = 1
     vector_units: str = "scale"
     vector_scale: float = 10.0
@@ -124,8 +125,6 @@ class PipelineConfig:
                     f"Received: dataset_weights={self.dataset_weights}"
                 )
             object.__setattr__(self, "dataset_weights", weights)
-        if self.target_mpp is not None and self.target_mpp <= 0:
-            raise ValueError(f"`target_mpp` must be > 0. Received: target_mpp={self.target_mpp}")
 
     @property
     def context_size(self) -> int:
@@ -429,6 +428,7 @@ def conic_dataset(
     config: PipelineConfig | None = None,
     training: bool = True,
     start_epoch: int = 0,
+    target_mpp: float | None = None,
 ) -> tf.data.Dataset:
     """``(image, {"semantic", "three_label", "vectors"})`` batches for the ``conic`` method.
 
@@ -439,12 +439,14 @@ def conic_dataset(
         training: sampled, augmented, endless crops (True) or every image tiled once in order,
             without augmentation (False: validation).
         start_epoch: first epoch to draw (resuming a run).
+        target_mpp: resample every image to this pixel size, the model's resolution
+            (``DataConfig.mpp`` of the run; None: keep the data's own).
 
     Returns:
         A ``tf.data.Dataset`` of ``(images (B,S,S,3) float32, targets)`` (see module docstring).
     """
     config = config or PipelineConfig()
-    items, num_classes = load_items(datasets, split, config.target_mpp)
+    items, num_classes = load_items(datasets, split, target_mpp)
     return conic_dataset_from_items(items, num_classes, config, training, start_epoch)
 
 
@@ -495,6 +497,7 @@ def unet_sharp_dataset(
     config: PipelineConfig | None = None,
     training: bool = True,
     start_epoch: int = 0,
+    target_mpp: float | None = None,
     normalizer: Any | None = None,
 ) -> tf.data.Dataset:
     """``(image, {"semantic"})`` batches for ``unet_sharp``.
@@ -505,7 +508,7 @@ def unet_sharp_dataset(
         Other arguments as :func:`conic_dataset`.
     """
     config = config or PipelineConfig()
-    items, num_classes = load_items(datasets, split, config.target_mpp)
+    items, num_classes = load_items(datasets, split, target_mpp)
     if normalizer is not None:
         for it in items:
             it.image = _normalise(normalizer, it)
@@ -532,6 +535,7 @@ def weak_dataset(
     config: PipelineConfig | None = None,
     training: bool = True,
     start_epoch: int = 0,
+    target_mpp: float | None = None,
     points: dict[str, np.ndarray] | None = None,
     cache_dir: str | None = None,
     encode_params: dict[str, Any] | None = None,
@@ -566,7 +570,7 @@ def weak_dataset(
         repel = np.round(enc["filtered_repel"] * REPEL_SCALE)
         return np.stack([enc["voronoi"], enc["cluster"], repel], axis=-1).astype(np.int32)
 
-    items, num_classes = load_items(datasets, split, config.target_mpp, extra=extra)
+    items, num_classes = load_items(datasets, split, target_mpp, extra=extra)
     for it in items:  # instance masks never reach the weak targets
         it.labels[..., 0] = 0
 
@@ -587,6 +591,7 @@ def panoptic_dataset(
     config: PipelineConfig | None = None,
     training: bool = True,
     start_epoch: int = 0,
+    target_mpp: float | None = None,
 ) -> tf.data.Dataset:
     """``(image, {"instances", "semantic", "boxes", "classes"})`` batches for ``panoptic``.
 
@@ -596,7 +601,7 @@ def panoptic_dataset(
     (see :func:`panoptic_box_targets`). Default crops 512x512 (Liu et al. 2019).
     """
     config = config or PipelineConfig(crop_size=512, batch_size=2)
-    items, num_classes = load_items(datasets, split, config.target_mpp)
+    items, num_classes = load_items(datasets, split, target_mpp)
     ds = _crops(items, num_classes, config, training, start_epoch)
     n, size = config.max_instances, config.crop_size
 

@@ -204,7 +204,7 @@ def train_run(
     postproc = method.postproc_config.load(run_dir / POSTPROC)
     try:
         items, _ = val_items(
-            datasets, config.data.val_split, pipeline_cfg.target_mpp, train_cfg.val_max_images
+            datasets, config.data.val_split, config.data.mpp, train_cfg.val_max_images
         )
     except KerasnucError as exc:
         logger.warning("no validation (%s): the last epoch's weights are kept", exc)
@@ -246,6 +246,7 @@ def train_run(
             pipeline_cfg,
             training=True,
             start_epoch=start,
+            target_mpp=config.data.mpp,
             **options,
         )
         if method.initialize is not None and start == 0 and not train_cfg.init_from:
