@@ -14,7 +14,9 @@ The model and pipeline sections are method-specific dicts (e.g. ``ConicModelConf
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,6 +44,31 @@ def strict_from_dict(cls, data: dict[str, Any]):
             f"Unknown {cls.__name__} keys {unknown}. Expected a subset of {sorted(known)}"
         )
     return cls(**data)
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    """JSON-ready dict of a config dataclass: its fields, tuples as lists (also inside dicts)."""
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, tuple | list):
+            return [plain(v) for v in value]
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        return value
+
+    return {f.name: plain(getattr(config, f.name)) for f in dataclasses.fields(config)}
+
+
+def builder_kwargs(builder: Callable[..., Any], config: Any) -> dict[str, Any]:
+    """The keyword arguments of a model builder taken from the same-named fields of its config.
+
+    A method's hyperparameters are written twice: as the builder's keyword arguments (what the
+    model needs) and as the fields of its config dataclass (what ``config.json`` stores, with
+    the same defaults; ``tests/models/test_hyperparameters.py`` checks both agree). Config fields
+    that are not builder arguments (training schedule, bookkeeping) are left out.
+    """
+    names = inspect.signature(builder).parameters
+    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name in names}
 
 
 @dataclass(frozen=True)
