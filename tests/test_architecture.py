@@ -2,6 +2,8 @@
 
 * No module imports a private name (``_name``) of another kerasnuc module: what other modules
   use is public, documented API.
+* No file in kerasnuc/ is longer than 600 lines unless its docstring says why it is one concept
+  ("One cohesive concept: ...").
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "kerasnuc"
+MAX_LINES = 600
+COHESIVE_MARK = "One cohesive concept"
 
 
 def _module_name(path: Path) -> str:
@@ -40,3 +44,18 @@ def test_no_private_name_is_imported_from_another_module():
                 if alias.name.startswith("_") and not alias.name.startswith("__"):
                     found.append(f"{module}:{node.lineno} imports {source}.{alias.name}")
     assert not found, "private names imported across modules:\n" + "\n".join(found)
+
+
+def test_long_files_say_why_they_are_one_concept():
+    long = []
+    for path in _python_files():
+        text = path.read_text(encoding="utf-8")
+        n = text.count("\n")
+        if n > MAX_LINES:
+            docstring = ast.get_docstring(ast.parse(text)) or ""
+            if COHESIVE_MARK not in docstring:
+                long.append(f"{path.relative_to(PACKAGE.parent)}: {n} lines")
+    assert not long, (
+        f"files above {MAX_LINES} lines whose docstring does not say '{COHESIVE_MARK}: ...':\n"
+        + "\n".join(long)
+    )

@@ -1,7 +1,7 @@
 """Point labels and their pixel-level encodings for the point-supervised ``weak`` method.
 
 Chamanzar & Nie, "Weakly supervised multi-task learning for cell detection and segmentation"
-(ISBI 2020; METHODS.md section 4) turn one point per nucleus into three pixel-level targets:
+(ISBI 2020) turn one point per nucleus into three pixel-level targets:
 
 * **Voronoi label** (after Qu et al., MIDL 2019): Voronoi partition lines = background (0), a small
   disc at each point = nucleus (1), every other pixel = :data:`IGNORE`;

@@ -1,6 +1,7 @@
 """Importance sampling of training images (image-level class imbalance).
 
-Rumberger et al., CoNIC 2022 (METHODS.md section 1, Eq. 1-2), adapted from Mosinska et al.:
+Rumberger, Baumann, Hirsch et al., "Panoptic segmentation with highly imbalanced semantic
+labels" (CoNIC challenge, ISBI 2022), Eq. 1-2, adapted from Mosinska et al.:
 
     X_{c,n} = mean_{h,w} m_{c,n,h,w}                    (pixel frequency of class c in image n)
     p_n     = 1/|C| * sum_c X_{c,n} / sum_m X_{c,m}     (probability to draw image n)

@@ -1,6 +1,7 @@
 """Training targets derived from an instance map (and a class map), computed once per image.
 
-The targets of the ``conic`` method (Rumberger et al., CoNIC 2022, METHODS.md section 1):
+The targets of the ``conic`` method (Rumberger, Baumann, Hirsch et al., "Panoptic segmentation
+with highly imbalanced semantic labels", CoNIC challenge, ISBI 2022):
 
 * **three-label map** (Section II.C of the paper, after Caicedo et al.): 0 background,
   1 nucleus interior, 2 nucleus boundary;

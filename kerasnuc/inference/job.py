@@ -42,6 +42,8 @@ failed slide keeps only its hidden work folder (checkpoint and finished tiles), 
 with ``resume=True`` continues from; a run without ``resume`` starts that input over. With
 ``resume=True`` an input whose folder holds a summary listing every requested format and whose
 listed outputs all exist is skipped (the model is not compared).
+
+One cohesive concept: the job, its options, its report and its stages.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """Predictor: test-time augmentation, MC dropout and ensembles behind one API.
 
-Rumberger et al. 2022 (CoNIC challenge, METHODS.md section 1, "Inference") average 16 stochastic
+Rumberger, Baumann, Hirsch et al., "Panoptic segmentation with highly imbalanced semantic
+labels" (CoNIC challenge, ISBI 2022, "Inference") average 16 stochastic
 forward passes pixel-wise: every pass sees the image with a random HED stain-intensity change
 of up to 10 %, a random flip / 90-degree rotation, and the decoder dropout kept active (Monte
 Carlo dropout, Gal & Ghahramani 2016); an ensemble of two models does 8 passes each.

@@ -68,6 +68,9 @@ the same checkpoint and tiling parameters skips finished tiles and continues the
 must keep what it received before the interruption: :class:`ResumableSink` stores each tile's
 instances in a work folder (one ``.npz`` per tile, written atomically, rewritten if a tile is
 redone) and replays them, in tile order, into any final sink on ``close()``.
+
+One cohesive concept: the overlap-tile engine (grid, reading, ownership, stitching, streaming,
+checkpoint) whose parts share the tile geometry and the ownership rule above.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Post-processing of the ``conic`` method: probability maps -> instance map, class map, table.
 
-Paper: Rumberger et al., "Panoptic segmentation with highly imbalanced semantic labels", CoNIC
-2022 (``conic2022-rumberger-imbalanced-panoptic-full.txt``, Section II.G). The paper draws
+Paper: Rumberger, Baumann, Hirsch et al., "Panoptic segmentation with highly imbalanced semantic
+labels", CoNIC challenge, ISBI 2022, Section II.G. The paper draws
 per-class seeds from the predicted nucleus interior, delineates instances with a watershed
 (after Hirsch & Kainmueller, MIDL 2020), splits distant false merges with connected components
 inside each instance, removes instances outside class-specific size limits or below a

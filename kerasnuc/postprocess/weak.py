@@ -1,6 +1,7 @@
 """Post-processing of the ``weak`` model: detection by local maxima, instances by watershed.
 
-Chamanzar & Nie, ISBI 2020 (METHODS.md section 4): "binary segmentation masks using an argmax
+Chamanzar & Nie, "Weakly Supervised Multi-Task Learning for Cell Detection and Segmentation",
+ISBI 2020: "binary segmentation masks using an argmax
 function applied on the output probability maps" and cells detected "by finding the location of
 local maxima, with minimum distance of 2.5 um, in the nuclei output probability map using the
 maximum filter" (scipy's, through ``skimage.feature.peak_local_max``). The paper scores AJI, so

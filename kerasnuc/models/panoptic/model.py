@@ -32,6 +32,9 @@ deltas and NMS; in training the mask head runs on (at most ``max_mask_rois``) po
 the fused map ``F_N`` pastes those masks at their predicted boxes (box-head deltas decoded on
 the ROI) in order of predicted nucleus probability; semantic targets are background /
 nucleus.
+
+One cohesive concept: the model class with its training step, which wires the heads of
+:mod:`.heads`, :mod:`.gcn` and :mod:`.fusion` together and must stay in one place.
 """
 
 from __future__ import annotations
