@@ -38,7 +38,9 @@ from kerasnuc.data.dataset import Dataset
 from kerasnuc.fileutil import KerasnucError
 from kerasnuc.optimizers.schedules import build_optimizer, set_clip_norm
 from kerasnuc.runs import (
+    BEST_WEIGHTS,
     CHECKPOINT_DIR,
+    HISTORY,
     LOG_DIR,
     POSTPROC,
     RUN_CONFIG,
@@ -138,7 +140,7 @@ def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
             raise KerasnucError(
                 f"{run_dir}: already exists (use --resume to continue it or --overwrite)"
             )
-        for name in (RUN_CONFIG, "history.csv", "model.weights.h5", POSTPROC):
+        for name in (RUN_CONFIG, HISTORY, BEST_WEIGHTS, POSTPROC):
             (run_dir / name).unlink(missing_ok=True)
         import shutil
 
