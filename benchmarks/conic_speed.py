@@ -26,7 +26,7 @@ from kerasnuc.cli.common import format_table
 from kerasnuc.config import TrainConfig
 from kerasnuc.losses.conic import conic_losses
 from kerasnuc.models.conic import build_conic
-from kerasnuc.training.schedules import build_optimizer
+from kerasnuc.optimizers.schedules import build_optimizer
 
 NUM_CLASSES = 6
 SIZE = 256

@@ -55,9 +55,10 @@ def scores(
     tile: int | None = None,
     balance: bool = True,
 ) -> list[dict]:
+    from kerasnuc.inference.job import PredictOptions
     from kerasnuc.inference.predictor import Predictor
-    from kerasnuc.inference.run import PredictOptions, resolve_model
     from kerasnuc.inference.tiling import balanced_tile_size, predict_tiled
+    from kerasnuc.runs import resolve_model
 
     options = PredictOptions()
     tile, margin = tile or options.tile_size, options.margin

@@ -34,11 +34,13 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from kerasnuc.config import EPOCH_WEIGHTS_DIR, RunConfig
+from kerasnuc.config import RunConfig
 from kerasnuc.data.dataset import Dataset
-from kerasnuc.data.pipeline import PipelineConfig, panoptic_targets
+from kerasnuc.data.pipeline import PipelineConfig
+from kerasnuc.data.targets import panoptic_targets
 from kerasnuc.models.panoptic.model import LOSS_NAMES, STAT_NAMES
-from kerasnuc.registry import build_model, get_method
+from kerasnuc.registry import get_method
+from kerasnuc.runs import EPOCH_WEIGHTS_DIR, build_model, load_config
 from kerasnuc.training.trainer import open_datasets
 from kerasnuc.training.validation import val_items
 
@@ -114,12 +116,12 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the rows to this JSON file")
     args = parser.parse_args()
 
-    config = RunConfig.load(args.run)
+    config = load_config(args.run)
     if config.method != "panoptic":
         raise SystemExit(f"{args.run}: a panoptic run is needed (this one is {config.method})")
     pipe = PipelineConfig.from_dict(config.pipeline)
     ds = Dataset(args.data, mpp=config.data.assumed_mpp(args.data))
-    items, _ = val_items([ds], args.split, pipe.target_mpp, args.crops)
+    items, _ = val_items([ds], args.split, config.data.mpp, args.crops)
     images, targets = probe_set(items, args.crop, pipe.max_instances)
     snapshots = sorted((args.run / EPOCH_WEIGHTS_DIR).glob("epoch_*.weights.h5"))
     if not snapshots:

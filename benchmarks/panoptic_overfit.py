@@ -2,7 +2,7 @@
 
 Trains :class:`kerasnuc.models.panoptic.model.PanopticModel` (all seven losses of Eq. 4) on
 two fixed ``crop x crop`` crops of two ``train`` images of ``monuseg_kumar``, with the panoptic
-pipeline's targets (:func:`kerasnuc.data.pipeline.panoptic_box_targets`) and no augmentation,
+pipeline's targets (:func:`kerasnuc.data.targets.panoptic_box_targets`) and no augmentation,
 then predicts the same crops and scores them with the real post-processing
 (:func:`kerasnuc.postprocess.panoptic.postprocess_panoptic`) and AJI / pixel F1 / PQ. Prints one
 table row per evaluation and the seven losses.
@@ -22,13 +22,13 @@ import numpy as np
 
 from kerasnuc.config import TrainConfig
 from kerasnuc.data.dataset import Dataset
-from kerasnuc.data.pipeline import panoptic_targets
-from kerasnuc.inference.maps import predict_maps
+from kerasnuc.data.targets import panoptic_targets
 from kerasnuc.metrics import aji, panoptic_quality
 from kerasnuc.metrics.semantic import pixel_scores
+from kerasnuc.models.maps import predict_maps
 from kerasnuc.models.panoptic.model import LOSS_NAMES, PanopticModelConfig, build_panoptic
+from kerasnuc.optimizers.schedules import build_sgd_warmup_step
 from kerasnuc.postprocess.panoptic import PanopticPostprocConfig, postprocess_panoptic
-from kerasnuc.training.schedules import build_sgd_warmup_step
 
 SMALL = dict(
     encoder="tiny",

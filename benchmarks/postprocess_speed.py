@@ -33,7 +33,7 @@ from skimage.segmentation import find_boundaries  # noqa: E402
 
 from kerasnuc.cli.common import format_table  # noqa: E402
 from kerasnuc.data.dataset import Dataset  # noqa: E402
-from kerasnuc.postprocess.conic import PostprocConfig, postprocess_conic  # noqa: E402
+from kerasnuc.postprocess.conic import ConicPostprocConfig, postprocess_conic  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 STAGES = [
@@ -134,14 +134,14 @@ def main(argv: list[str] | None = None) -> int:
     semantic, three_label, gt_cls = make_maps(gt, args.classes, args.sigma, args.noise, args.seed)
     if args.per_class:
         per_class = {k: 0.5 for k in range(args.classes + 1)}
-        config = PostprocConfig(
+        config = ConicPostprocConfig(
             fg_threshold=per_class,
             seed_threshold=per_class,
             min_size={k: 10 for k in range(1, args.classes + 1)},
             min_solidity={k: 0.5 for k in range(1, args.classes + 1)},
         )
     else:
-        config = PostprocConfig(fg_threshold=0.5, seed_threshold=0.5, min_size=10)
+        config = ConicPostprocConfig(fg_threshold=0.5, seed_threshold=0.5, min_size=10)
 
     runs = []
     result = None

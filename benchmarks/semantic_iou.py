@@ -17,9 +17,9 @@ import json
 import numpy as np
 
 from kerasnuc.data.dataset import Dataset
-from kerasnuc.inference.maps import predict_maps
 from kerasnuc.metrics.semantic import confusion_matrix, iou_dice_from_confusion
-from kerasnuc.registry import load_run
+from kerasnuc.models.maps import predict_maps
+from kerasnuc.runs import load_run
 
 
 def main() -> None:

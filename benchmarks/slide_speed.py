@@ -6,7 +6,7 @@
    tissue region on tinted glass. Every tile is rendered on demand and handed to tifffile one
    by one, so the full image is never in memory. This runs in a child process (its peak RSS is
    reported apart).
-2. Opens the slide lazily (:class:`kerasnuc.inference.readers.TiffSource`), detects tissue on a
+2. Opens the slide lazily (:class:`kerasnuc.io.readers.TiffSource`), detects tissue on a
    thumbnail, and streams it through :func:`kerasnuc.inference.tiling.predict_streaming` with a
    cheap numpy ``predict_fn`` standing in for the model (which is not ready yet): optical density
    along the Ruifrok haematoxylin vector > 0.9, 4-connected components, components larger than
@@ -191,9 +191,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     cv2.setNumThreads(1)
 
-    from kerasnuc.inference.readers import open_image
     from kerasnuc.inference.tiling import ResumableSink, make_grid, predict_streaming
-    from kerasnuc.inference.tissue import tissue_mask
+    from kerasnuc.io.readers import open_image
+    from kerasnuc.io.tissue import tissue_mask
 
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         path = os.path.join(tmp, "synthetic_slide.tif")

@@ -87,9 +87,10 @@ def main() -> None:
     parser.add_argument("--max-images", type=int, default=None)
     args = parser.parse_args()
 
+    from kerasnuc.inference.job import PredictOptions
     from kerasnuc.inference.predictor import Predictor
-    from kerasnuc.inference.run import PredictOptions, resolve_model
     from kerasnuc.inference.tiling import balanced_tile_size, predict_tiled
+    from kerasnuc.runs import resolve_model
 
     predictor = Predictor.from_run_dirs(resolve_model(args.model))
     tile, margin = PredictOptions().tile_size, PredictOptions().margin

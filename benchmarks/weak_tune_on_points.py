@@ -19,7 +19,7 @@ from kerasnuc.data.dataset import Dataset
 from kerasnuc.data.points import points_from_instances
 from kerasnuc.metrics import DetectionResult, match_points
 from kerasnuc.postprocess.weak import tune_weak_postproc
-from kerasnuc.registry import load_run
+from kerasnuc.runs import load_run
 from kerasnuc.training.validation import predict_all, val_items
 
 run_dir = Path(sys.argv[1])

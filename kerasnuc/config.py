@@ -1,13 +1,10 @@
 """Configuration that travels with the weights: one frozen dataclass per concern.
 
-A run directory (``kerasnuc train --out RUN_DIR``) holds::
-
-    config.json        RunConfig: method, model, data, pipeline, train (this module)
-    model.weights.h5   weights of the best checkpoint (by validation mPQ+ / PQ)
-    postproc.json      post-processing thresholds tuned on validation data
-    history.csv        one row per epoch
-    checkpoint/        training state for --resume (last epoch: model, optimizer, counters)
-    logs/              TensorBoard
+:class:`RunConfig` is the ``config.json`` of a run folder (the folder itself, its other files and
+their reading and writing are :mod:`kerasnuc.runs`): :class:`DataConfig` (what the model was
+trained on, at which resolution), :class:`TrainConfig` (optimisation) and the method-specific
+model and pipeline sections. Each has a JSON round trip (``to_dict`` / ``from_dict``) that
+refuses unknown keys.
 
 The model and pipeline sections are method-specific dicts (e.g. ``ConicModelConfig.to_dict()``,
 ``PipelineConfig.to_dict()``) so that reading a config never imports TensorFlow;
@@ -17,23 +14,14 @@ The model and pipeline sections are method-specific dicts (e.g. ``ConicModelConf
 from __future__ import annotations
 
 import dataclasses
-import json
+import inspect
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from kerasnuc import __version__
-from kerasnuc.fileutil import KerasnucError, write_json_atomic
-
-RUN_CONFIG = "config.json"
-BEST_WEIGHTS = "model.weights.h5"
-POSTPROC = "postproc.json"
-HISTORY = "history.csv"
-CHECKPOINT_DIR = "checkpoint"
-LOG_DIR = "logs"
-#: Folder of the per-epoch weights (``TrainConfig.keep_epoch_weights``).
-EPOCH_WEIGHTS_DIR = "epochs"
 
 #: Default colours of cell types 1..6 (RGB), reused cyclically.
 DEFAULT_COLOURS = (
@@ -58,6 +46,31 @@ def strict_from_dict(cls, data: dict[str, Any]):
     return cls(**data)
 
 
+def config_to_dict(config: Any) -> dict[str, Any]:
+    """JSON-ready dict of a config dataclass: its fields, tuples as lists (also inside dicts)."""
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, tuple | list):
+            return [plain(v) for v in value]
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        return value
+
+    return {f.name: plain(getattr(config, f.name)) for f in dataclasses.fields(config)}
+
+
+def builder_kwargs(builder: Callable[..., Any], config: Any) -> dict[str, Any]:
+    """The keyword arguments of a model builder taken from the same-named fields of its config.
+
+    A method's hyperparameters are written twice: as the builder's keyword arguments (what the
+    model needs) and as the fields of its config dataclass (what ``config.json`` stores, with
+    the same defaults; ``tests/models/test_hyperparameters.py`` checks both agree). Config fields
+    that are not builder arguments (training schedule, bookkeeping) are left out.
+    """
+    names = inspect.signature(builder).parameters
+    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name in names}
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """What the model was trained on and at which resolution.
@@ -65,15 +78,16 @@ class DataConfig:
     Attributes:
         datasets: dataset folders used for training (as given).
         train_split, val_split: split names.
-        mpp: the model's resolution in micrometres per pixel (None: unknown; inputs are used as
-            they are).
+        mpp: the model's resolution in micrometres per pixel, stored only here: training
+            resamples every dataset to it, ``tune`` resamples the validation images to it and
+            ``predict`` the inputs (None: unknown; images are used as they are).
         class_names: cell types ``{id: name}`` (ids 1..C); empty for class-agnostic models.
         class_colours: ``{id: (r, g, b)}`` for overlays and QuPath.
         dataset_mpp: assumed pixel size ``{dataset folder name: um/px}`` for datasets whose
             ``meta.json`` states none (or states a wrong one); used when resampling to ``mpp``.
         points: point annotations used instead of the instance maps by point-supervised methods
             (``weak``): a folder of ``<image id>.csv`` / ``.geojson`` files or one such file
-            (see ``kerasnuc.data.points.read_points_path``); None: points derived from the
+            (see ``kerasnuc.io.points.read_points_path``); None: points derived from the
             instance maps.
     """
 
@@ -221,26 +235,38 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RunConfig:
-        data = dict(data)
+        """Inverse of :meth:`to_dict`; older files are migrated (:func:`migrate_model_mpp`)."""
+        data = migrate_model_mpp(data)
         data["data"] = DataConfig.from_dict(data.get("data", {}))
         data["train"] = TrainConfig.from_dict(data.get("train", {}))
         return strict_from_dict(cls, data)
 
-    def save(self, run_dir: str | os.PathLike) -> None:
-        """Write ``RUN_DIR/config.json`` atomically."""
-        write_json_atomic(Path(run_dir) / RUN_CONFIG, self.to_dict())
 
-    @classmethod
-    def load(cls, run_dir: str | os.PathLike) -> RunConfig:
-        """Read ``RUN_DIR/config.json``.
+def migrate_model_mpp(config: dict[str, Any]) -> dict[str, Any]:
+    """A run-config dict with the model's resolution stored once, as ``data.mpp``.
 
-        Raises:
-            KerasnucError: missing or malformed file.
-        """
-        path = Path(run_dir) / RUN_CONFIG
-        if not path.is_file():
-            raise KerasnucError(f"{path}: missing (not a kerasnuc run directory?)")
-        try:
-            return cls.from_dict(json.loads(path.read_text(encoding="utf-8")))
-        except (json.JSONDecodeError, TypeError, ValueError) as exc:
-            raise KerasnucError(f"{path}: invalid run config ({exc})") from exc
+    Run folders of kerasnuc 0.1.0 (the bundled ``default`` model, ``reference_runs/conic_b0``)
+    and ``--config`` files may also hold ``pipeline.target_mpp``, the pixel size the training
+    images were resampled to (None: not resampled, i.e. trained at the data's own resolution,
+    which ``data.mpp`` then records when the datasets agree on it). It is removed; when
+    ``data.mpp`` is unset it takes its value.
+
+    Raises:
+        ValueError: both are set and differ (say the resolution once, as ``data.mpp``).
+    """
+    pipeline = config.get("pipeline")
+    if not isinstance(pipeline, dict) or "target_mpp" not in pipeline:
+        return dict(config)
+    pipeline = dict(pipeline)
+    target = pipeline.pop("target_mpp")
+    data = dict(config.get("data") or {})
+    if target is None:
+        pass
+    elif data.get("mpp") is None:
+        data["mpp"] = target
+    elif float(target) != float(data["mpp"]):
+        raise ValueError(
+            f"`pipeline.target_mpp` ({target}) and `data.mpp` ({data['mpp']}) differ; the "
+            "model's resolution is `data.mpp` only"
+        )
+    return {**config, "pipeline": pipeline, "data": data}

@@ -1,4 +1,4 @@
-"""METHODS: method name -> model builder, config types, losses, pipeline and post-processor.
+"""METHODS: method name -> model builder, config types, losses, pipeline, post-processor, tuner.
 
 Importing this module imports Keras and TensorFlow (command bodies do it, never ``--help``).
 Every entry refers to real functions, so renaming one breaks at import time, not at run time.
@@ -8,19 +8,17 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import keras
 import numpy as np
 
-from kerasnuc.config import BEST_WEIGHTS, POSTPROC, RunConfig
+from kerasnuc.config import RunConfig
 from kerasnuc.data.pipeline import conic_dataset, panoptic_dataset, unet_sharp_dataset, weak_dataset
-from kerasnuc.data.points import read_points_path
 from kerasnuc.fileutil import KerasnucError
+from kerasnuc.io.points import read_points_path
 from kerasnuc.losses.conic import conic_losses
 from kerasnuc.losses.focal_tversky import FocalTversky
 from kerasnuc.models.conic import OUTPUT_NAMES as CONIC_OUTPUTS
@@ -32,11 +30,15 @@ from kerasnuc.models.unet_sharp import UnetSharpModelConfig, build_unet_sharp_fr
 from kerasnuc.models.weak import OUTPUT_NAMES as WEAK_OUTPUTS
 from kerasnuc.models.weak import WeakModelConfig, build_weak_from_config, fit_input_normalisation
 from kerasnuc.optimizers.lookahead import ranger
-from kerasnuc.postprocess.common import PostprocResult
-from kerasnuc.postprocess.conic import PostprocConfig, postprocess_conic
+from kerasnuc.postprocess.common import PostprocResult, grid_search
+from kerasnuc.postprocess.conic import DEFAULT_GRID as CONIC_GRID
+from kerasnuc.postprocess.conic import ConicPostprocConfig, postprocess_conic, tune_conic
+from kerasnuc.postprocess.panoptic import DEFAULT_GRID as PANOPTIC_GRID
 from kerasnuc.postprocess.panoptic import PanopticPostprocConfig, postprocess_panoptic
+from kerasnuc.postprocess.unet_sharp import DEFAULT_GRID as UNET_SHARP_GRID
 from kerasnuc.postprocess.unet_sharp import UnetSharpPostprocConfig, postprocess_unet_sharp
-from kerasnuc.postprocess.weak import WeakPostprocConfig, postprocess_weak
+from kerasnuc.postprocess.weak import DEFAULT_GRID as WEAK_GRID
+from kerasnuc.postprocess.weak import WeakPostprocConfig, postprocess_weak, tune_weak_postproc
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +58,7 @@ class Method:
         postproc_config: post-processing config dataclass (``save``/``load``/``from_dict``).
         postprocess: ``(maps {output: (H, W, K) float32}, postproc config) -> PostprocResult``.
         optimizer: ``(TrainConfig, total steps) -> keras optimizer``; None: AdamW with the
-            cosine schedule (:func:`kerasnuc.training.schedules.build_optimizer`).
+            cosine schedule (:func:`kerasnuc.optimizers.schedules.build_optimizer`).
         callbacks: ``(RunConfig, model) -> [keras callbacks]`` run before kerasnuc's own ones in
             training (e.g. a frozen-encoder phase); None: none.
         prepare_config: ``(RunConfig, [Dataset]) -> RunConfig`` called once when a new run
@@ -71,12 +73,22 @@ class Method:
             ``dataset`` taken from the run config (e.g. the point annotations of ``weak``);
             None: none.
         default_postproc: ``RunConfig -> postproc config`` written as ``postproc.json`` when a
-            run starts, and used by :func:`load_run` when a run folder has none (e.g. settings
-            in micrometres that need the run's pixel size); None: ``postproc_config()``.
+            run starts, and used by :func:`kerasnuc.runs.load_run` when a run folder has none
+            (e.g. settings in micrometres that need the run's pixel size); None:
+            ``postproc_config()``.
         initialize: ``(model, RunConfig, training tf.data.Dataset) -> None`` called once before
             the first step of a run that starts from scratch (not resumed, no ``init_from``),
             for data-dependent initialisation (e.g. the frozen batch-norm statistics of a
             ``panoptic`` ResNet without ImageNet weights); None: nothing.
+        tune_grid: the default grid of ``kerasnuc tune``: post-processing setting -> values.
+        tuner: ``(maps list, grid, score_fn, base config) -> (best config, table)``, the grid
+            search of the post-processing settings on the model outputs of a labelled set
+            (``score_fn(pred_instances, pred_classes) -> float`` over the set); None:
+            :func:`~kerasnuc.postprocess.common.grid_search` of ``postprocess``. See
+            :meth:`tune`.
+        class_agnostic: the post-processing gives every nucleus class 1 whatever the data's
+            cell types (e.g. ``weak``): tuned by PQ, and the model's ``num_classes`` is not
+            compared with the data's by ``kerasnuc tune``.
 
     ``losses`` may return None for a model that computes its own loss (``compute_loss``).
     """
@@ -98,6 +110,36 @@ class Method:
     dataset_options: Callable[[RunConfig], dict[str, Any]] | None = None
     default_postproc: Callable[[RunConfig], Any] | None = None
     initialize: Callable[[keras.Model, RunConfig, Any], None] | None = None
+    tune_grid: Mapping[str, Sequence[Any]] = dataclasses.field(default_factory=dict)
+    tuner: Callable[..., tuple[Any, list[dict[str, Any]]]] | None = None
+    class_agnostic: bool = False
+
+    def tune(
+        self,
+        maps: Sequence[Mapping[str, np.ndarray]],
+        grid: Mapping[str, Sequence[Any]] | None,
+        score_fn: Callable[[list[np.ndarray], list[np.ndarray]], float],
+        base_config: Any,
+    ) -> tuple[Any, list[dict[str, Any]]]:
+        """Grid-search the post-processing settings on model outputs of a labelled set.
+
+        Args:
+            maps: per image the model outputs ``{name: (H, W, K) float32}``.
+            grid: setting -> candidate values (None: :attr:`tune_grid`).
+            score_fn: ``score_fn(pred_instances, pred_classes) -> float`` over the whole set,
+                higher is better.
+            base_config: the settings not in the grid.
+
+        Returns:
+            ``(best_config, table)`` of :func:`~kerasnuc.postprocess.common.grid_search`.
+
+        Raises:
+            ValueError: a bad grid or no image.
+        """
+        grid = self.tune_grid if grid is None else grid
+        if self.tuner is not None:
+            return self.tuner(list(maps), grid, score_fn, base_config)
+        return grid_search(list(maps), grid, self.postprocess, base_config, score_fn)
 
     def new_postproc(self, config: RunConfig) -> Any:
         """The post-processing settings of a new run of ``config`` (see ``default_postproc``)."""
@@ -106,8 +148,20 @@ class Method:
         return self.postproc_config()
 
 
-def _conic_postprocess(maps: Mapping[str, np.ndarray], config: PostprocConfig) -> PostprocResult:
+def _conic_postprocess(
+    maps: Mapping[str, np.ndarray], config: ConicPostprocConfig
+) -> PostprocResult:
     return postprocess_conic(maps.get("semantic"), maps["three_label"], config)
+
+
+def _conic_tune(
+    maps: list[Mapping[str, np.ndarray]],
+    grid: Mapping[str, Sequence[Any]],
+    score_fn: Callable[[list[np.ndarray], list[np.ndarray]], float],
+    base_config: ConicPostprocConfig,
+) -> tuple[ConicPostprocConfig, list[dict[str, Any]]]:
+    pairs = [(m.get("semantic"), m["three_label"]) for m in maps]
+    return tune_conic(pairs, grid, score_fn, base_config)
 
 
 def _panoptic_prepare(config: RunConfig, datasets: list) -> RunConfig:
@@ -143,7 +197,7 @@ def _panoptic_initialize(model: keras.Model, config: RunConfig, data: Any) -> No
 
 
 def _panoptic_optimizer(train_cfg, total_steps: int):
-    from kerasnuc.training.schedules import build_sgd_warmup_step
+    from kerasnuc.optimizers.schedules import build_sgd_warmup_step
 
     return build_sgd_warmup_step(train_cfg, total_steps)
 
@@ -161,7 +215,7 @@ def _unet_sharp_losses(num_classes: int) -> dict[str, Any]:
 def _unet_sharp_optimizer(train: Any, total_steps: int) -> keras.optimizers.Optimizer:
     """AdaBound (lr ``train.learning_rate``, final lr 0.1, gamma 1e-3); ``"adamw"``: the default."""
     from kerasnuc.optimizers.adabound import AdaBound
-    from kerasnuc.training.schedules import build_optimizer
+    from kerasnuc.optimizers.schedules import build_optimizer
 
     if train.optimizer == "adamw":
         return build_optimizer(train, total_steps)
@@ -178,7 +232,7 @@ def _unet_sharp_optimizer(train: Any, total_steps: int) -> keras.optimizers.Opti
 
 
 def _unet_sharp_callbacks(config: RunConfig, model: keras.Model) -> list:
-    from kerasnuc.training.freeze import EncoderFreezeSchedule
+    from kerasnuc.models.freeze import EncoderFreezeSchedule
 
     cfg = UnetSharpModelConfig.from_dict(config.model)
     return [EncoderFreezeSchedule(cfg.freeze_encoder_epochs, cfg.freeze_encoder_batchnorm)]
@@ -204,6 +258,15 @@ def _unet_sharp_postprocess(
 
 def _weak_postprocess(maps: Mapping[str, np.ndarray], config: WeakPostprocConfig) -> PostprocResult:
     return postprocess_weak(maps["seg"], config)
+
+
+def _weak_tune(
+    maps: list[Mapping[str, np.ndarray]],
+    grid: Mapping[str, Sequence[Any]],
+    score_fn: Callable[[list[np.ndarray], list[np.ndarray]], float],
+    base_config: WeakPostprocConfig,
+) -> tuple[WeakPostprocConfig, list[dict[str, Any]]]:
+    return tune_weak_postproc([m["seg"] for m in maps], grid, score_fn, base_config)
 
 
 def _weak_losses(num_classes: int) -> None:
@@ -265,8 +328,10 @@ METHODS: dict[str, Method] = {
         losses=conic_losses,
         dataset=conic_dataset,
         outputs=CONIC_OUTPUTS,
-        postproc_config=PostprocConfig,
+        postproc_config=ConicPostprocConfig,
         postprocess=_conic_postprocess,
+        tune_grid=CONIC_GRID,
+        tuner=_conic_tune,
     ),
     "panoptic": Method(
         name="panoptic",
@@ -282,6 +347,7 @@ METHODS: dict[str, Method] = {
         prepare_config=_panoptic_prepare,
         dense_outputs=False,
         initialize=_panoptic_initialize,
+        tune_grid=PANOPTIC_GRID,
         # A ResNet from scratch diverges within a few SGD steps without clipping (Kumar, lr
         # 0.005 and 0.001); matterport's Mask R-CNN clips at 5.
         train_defaults={"clip_norm": 10.0},
@@ -299,6 +365,7 @@ METHODS: dict[str, Method] = {
         optimizer=_unet_sharp_optimizer,
         callbacks=_unet_sharp_callbacks,
         prepare_config=_unet_sharp_prepare,
+        tune_grid=UNET_SHARP_GRID,
         # Table I of the paper: lr 1e-4, no weight decay; 50 epochs.
         train_defaults={
             "optimizer": "adabound",
@@ -321,6 +388,9 @@ METHODS: dict[str, Method] = {
         prepare_config=_weak_prepare_config,
         dataset_options=_weak_dataset_options,
         default_postproc=_weak_default_postproc,
+        tune_grid=WEAK_GRID,
+        tuner=_weak_tune,
+        class_agnostic=True,
     ),
 }
 
@@ -331,61 +401,3 @@ def get_method(name: str) -> Method:
         return METHODS[name]
     except KeyError:
         raise KerasnucError(f"unknown method {name!r} (available: {sorted(METHODS)})") from None
-
-
-@dataclass
-class LoadedRun:
-    """A trained run directory, ready to predict.
-
-    Attributes:
-        run_dir: the folder.
-        config: its :class:`~kerasnuc.config.RunConfig`.
-        method: its registry entry.
-        model: the Keras model with the chosen weights loaded.
-        postproc: the post-processing config (``postproc.json``, else the method's defaults).
-    """
-
-    run_dir: Path
-    config: RunConfig
-    method: Method
-    model: keras.Model
-    postproc: Any
-
-
-def build_model(config: RunConfig) -> keras.Model:
-    """Build the model of a run config without any pretrained-encoder file."""
-    method = get_method(config.method)
-    model_cfg = method.model_config.from_dict(config.model)
-    if getattr(model_cfg, "encoder_weights", None) is not None:
-        model_cfg = dataclasses.replace(model_cfg, encoder_weights=None)
-    return method.build(model_cfg)
-
-
-def load_run(run_dir: str | os.PathLike, weights: str | os.PathLike | None = None) -> LoadedRun:
-    """Rebuild the model of a run directory and load its weights and post-processing settings.
-
-    Args:
-        run_dir: a folder written by ``kerasnuc train``.
-        weights: weights file (default ``RUN_DIR/model.weights.h5``).
-
-    Raises:
-        KerasnucError: missing or incompatible files.
-    """
-    run_dir = Path(run_dir)
-    config = RunConfig.load(run_dir)
-    method = get_method(config.method)
-    model = build_model(config)
-    path = Path(weights) if weights is not None else run_dir / BEST_WEIGHTS
-    if not path.is_file():
-        raise KerasnucError(f"{path}: weights file not found")
-    try:
-        model.load_weights(path)
-    except (ValueError, OSError) as exc:
-        raise KerasnucError(
-            f"{path}: cannot load weights into the {config.method} model ({exc})"
-        ) from exc
-    pp_path = run_dir / POSTPROC
-    postproc = (
-        method.postproc_config.load(pp_path) if pp_path.is_file() else method.new_postproc(config)
-    )
-    return LoadedRun(run_dir, config, method, model, postproc)

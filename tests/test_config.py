@@ -5,6 +5,7 @@ import pytest
 
 from kerasnuc.config import DataConfig, RunConfig, TrainConfig
 from kerasnuc.fileutil import KerasnucError
+from kerasnuc.runs import load_config, save_config
 
 
 def test_run_config_round_trip(tmp_path):
@@ -15,11 +16,11 @@ def test_run_config_round_trip(tmp_path):
         pipeline={"crop_size": 128},
         train=TrainConfig(epochs=3, learning_rate=2e-3),
     )
-    cfg.save(tmp_path)
+    save_config(cfg, tmp_path)
     raw = json.loads((tmp_path / "config.json").read_text())
     assert raw["data"]["class_names"] == {"1": "tumour", "2": "immune"}
     assert raw["data"]["class_colours"]["1"] == [255, 215, 0]  # default colour of class 1
-    back = RunConfig.load(tmp_path)
+    back = load_config(tmp_path)
     assert back == cfg
     assert back.data.num_classes == 2
 
@@ -33,26 +34,27 @@ def test_bad_configs():
 
 def test_load_errors(tmp_path):
     with pytest.raises(KerasnucError, match="config.json: missing"):
-        RunConfig.load(tmp_path)
+        load_config(tmp_path)
     (tmp_path / "config.json").write_text('{"method": "conic", "model": {}, "train": {"x": 1}}')
     with pytest.raises(KerasnucError, match="invalid run config"):
-        RunConfig.load(tmp_path)
+        load_config(tmp_path)
 
 
 def test_load_run_restores_weights_and_postproc(tmp_path):
-    keras = pytest.importorskip("keras")
-    from kerasnuc.postprocess.conic import PostprocConfig
-    from kerasnuc.registry import build_model, load_run
+    import keras
+
+    from kerasnuc.postprocess.conic import ConicPostprocConfig
+    from kerasnuc.runs import build_model, load_run
 
     cfg = RunConfig(
         method="conic",
         model={"encoder": "efficientnet_b0", "num_classes": 1, "decoder_filters": [8, 8, 8, 8, 8]},
     )
-    cfg.save(tmp_path)
+    save_config(cfg, tmp_path)
     keras.utils.set_random_seed(0)
     model = build_model(cfg)
     model.save_weights(tmp_path / "model.weights.h5")
-    PostprocConfig(fg_threshold=0.3).save(tmp_path / "postproc.json")
+    ConicPostprocConfig(fg_threshold=0.3).save(tmp_path / "postproc.json")
     x = np.random.default_rng(0).uniform(size=(1, 64, 64, 3)).astype("float32")
     run = load_run(tmp_path)
     assert run.postproc.fg_threshold == 0.3
@@ -61,3 +63,27 @@ def test_load_run_restores_weights_and_postproc(tmp_path):
         np.testing.assert_allclose(a[k], b[k], atol=1e-6)
     with pytest.raises(KerasnucError, match="nope.h5: weights file not found"):
         load_run(tmp_path, weights=tmp_path / "nope.h5")
+
+
+def test_old_run_configs_store_the_model_resolution_once():
+    """pipeline.target_mpp (kerasnuc 0.1.0) becomes data.mpp when that is unset."""
+    from pathlib import Path
+
+    from kerasnuc.config import migrate_model_mpp
+    from kerasnuc.runs import BUNDLED_DIR, load_config
+
+    old = {"method": "conic", "model": {}, "pipeline": {"target_mpp": 0.5, "crop_size": 64}}
+    cfg = RunConfig.from_dict(old)
+    assert cfg.data.mpp == 0.5 and cfg.pipeline == {"crop_size": 64}
+    kept = {**old, "data": {"mpp": 0.5}}
+    assert RunConfig.from_dict(kept) == cfg
+    unresampled = {**old, "pipeline": {"target_mpp": None}, "data": {"mpp": 0.25}}
+    assert RunConfig.from_dict(unresampled).data.mpp == 0.25
+    with pytest.raises(ValueError, match="differ"):
+        migrate_model_mpp({**old, "data": {"mpp": 0.25}})
+    root = Path(__file__).resolve().parent.parent
+    for run in (BUNDLED_DIR / "default", root / "reference_runs" / "conic_b0"):
+        raw = json.loads((run / "config.json").read_text())
+        assert "target_mpp" in raw["pipeline"]  # the files themselves are not rewritten
+        config = load_config(run)
+        assert config.data.mpp == 0.25 and "target_mpp" not in config.pipeline

@@ -13,11 +13,11 @@ from kerasnuc.data.dataset import Dataset, DatasetWriter
 from kerasnuc.data.stain import RGB_FROM_HED, fit_macenko_reference
 from kerasnuc.fileutil import KerasnucError
 from kerasnuc.losses.focal_tversky import FocalTversky
+from kerasnuc.models.freeze import EncoderFreezeSchedule
 from kerasnuc.models.unet_sharp import UnetSharpModelConfig
 from kerasnuc.optimizers.adabound import AdaBound
 from kerasnuc.postprocess.unet_sharp import UnetSharpPostprocConfig
 from kerasnuc.registry import METHODS, get_method
-from kerasnuc.training.freeze import EncoderFreezeSchedule
 
 STAINS = RGB_FROM_HED[:2] / np.linalg.norm(RGB_FROM_HED[:2], axis=1, keepdims=True)
 
@@ -120,3 +120,27 @@ def test_fit_reference_and_prepare_config(stained):
     assert method.prepare_config(prepared, [ds]) is prepared  # already fitted: kept
     off = dataclasses.replace(config, model={**config.model, "stain_normalization": False})
     assert method.prepare_config(off, [ds]) is off
+
+
+def test_every_method_has_a_default_grid_of_its_own_settings():
+    for name, method in METHODS.items():
+        settings = {f.name for f in dataclasses.fields(method.postproc_config)}
+        assert method.tune_grid and set(method.tune_grid) <= settings, name
+
+
+def test_unet_sharp_tunes_its_post_processing():
+    """Two touching discs 14 px apart: markers >= 4 px apart split them, >= 20 px apart not."""
+    yy, xx = np.mgrid[:32, :48]
+    fg = ((yy - 16) ** 2 + (xx - 16) ** 2 <= 64) | ((yy - 16) ** 2 + (xx - 30) ** 2 <= 64)
+    semantic = np.stack([1.0 - fg, fg], axis=-1).astype(np.float32)
+    maps = [{"semantic": semantic}]
+
+    def score(instances, classes):  # 0 is best: two nuclei
+        return -abs(int(instances[0].max()) - 2)
+
+    method = get_method("unet_sharp")
+    base = UnetSharpPostprocConfig(sigma=0.0, min_size=0)
+    best, table = method.tune(maps, {"min_distance": [20, 4]}, score, base)
+    assert [row["min_distance"] for row in table] == [20, 4]
+    assert best == dataclasses.replace(base, min_distance=4)
+    assert [row["score"] for row in table] == [-1.0, 0.0]

@@ -1,8 +1,9 @@
 """ResNet-50 encoder returning the feature dict ``{"P1": ..., "P5": ...}``.
 
 He, Zhang, Ren & Sun, "Deep Residual Learning for Image Recognition", CVPR 2016 (ResNet-50:
-bottleneck blocks ``(3, 4, 6, 3)``, expansion 4). The `weak` method (Chamanzar & Nie, ISBI 2020;
-METHODS.md section 4) uses it as the encoder of its U-Net.
+bottleneck blocks ``(3, 4, 6, 3)``, expansion 4). The `weak` method (Chamanzar & Nie,
+"Weakly Supervised Multi-Task Learning for Cell Detection and Segmentation", ISBI 2020) uses it
+as the encoder of its U-Net.
 
 * ``width=64`` (the real ResNet-50) is ``keras.applications.ResNet50`` without its top, so a
   local Keras ImageNet weights file (``resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5``)

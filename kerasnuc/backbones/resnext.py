@@ -34,6 +34,7 @@ from collections.abc import Sequence
 
 import keras
 
+from kerasnuc.checks import check_positive_int
 from kerasnuc.fileutil import KerasnucError
 from kerasnuc.layers.group_conv import GroupConv2D
 
@@ -145,11 +146,6 @@ def _bottleneck(
     return keras.layers.ReLU(name=f"{name}_out")(y)
 
 
-def _check_positive_int(value, name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"`{name}` must be a positive int. Received: {name}={value!r}")
-
-
 def build_resnext_encoder(
     depth: int = 50,
     groups: int = 32,
@@ -207,8 +203,8 @@ def build_resnext_encoder(
         isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in blocks
     ):
         raise ValueError(f"`blocks` must be a list of 4 positive ints. Received: blocks={blocks}")
-    _check_positive_int(groups, "groups")
-    _check_positive_int(width_per_group, "width_per_group")
+    check_positive_int("groups", groups)
+    check_positive_int("width_per_group", width_per_group)
     if not width_scale > 0:
         raise ValueError(f"`width_scale` must be > 0. Received: width_scale={width_scale!r}")
     if input_normalization not in ("imagenet", None):

@@ -9,7 +9,7 @@ import click
 
 from kerasnuc.cli.common import dataset_path, format_table, json_option
 
-IMPORT_FORMATS = ("monuseg", "consep", "conic", "pannuke", "masks", "geojson")
+IMPORT_FORMATS = ("monuseg", "consep", "lizard", "conic", "pannuke", "masks", "geojson")
 MAX_PROBLEMS_SHOWN = 20
 
 
@@ -80,7 +80,8 @@ def import_(
     FORMAT is one of:
       monuseg  Annotations/*.xml polygons + images with the same stem (.tif/.png)
       consep   Images/*.png + Labels/*.mat (inst_map, type_map or inst_type)
-      conic    images.npy + labels.npy (+ counts.csv, patch_info.csv)
+      lizard   CoNIC challenge release of Lizard: images.npy + labels.npy (+ counts.csv,
+               patch_info.csv); 'conic' is the same format
       pannuke  one fold: images.npy + masks.npy (+ types.npy)
       masks    images/<stem>.* + masks/<stem>.png|tif (+ classes/<stem>.png)
       geojson  images/<stem>.* + annotations/<stem>.geojson (QuPath export)

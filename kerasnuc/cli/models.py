@@ -35,8 +35,7 @@ def models(ctx: click.Context, as_json: bool) -> None:
     """
     if ctx.invoked_subcommand is not None:
         return
-    from kerasnuc.inference.bundle import read_card
-    from kerasnuc.inference.run import DEFAULT_MODEL, bundled_models
+    from kerasnuc.runs import DEFAULT_MODEL, bundled_models, read_card
 
     cards = {name: read_card(path) for name, path in bundled_models().items()}
     if as_json:
@@ -62,8 +61,7 @@ def models(ctx: click.Context, as_json: bool) -> None:
 @click.argument("name")
 def show(name: str) -> None:
     """Print the model card of NAME (a named model or a run folder) as JSON."""
-    from kerasnuc.inference.bundle import read_card
-    from kerasnuc.inference.run import resolve_model
+    from kerasnuc.runs import read_card, resolve_model
 
     click.echo(json.dumps(read_card(resolve_model(name)), indent=2))
 
@@ -81,7 +79,7 @@ def show(name: str) -> None:
 @click.option("--overwrite", is_flag=True, help="Replace DST.")
 def pack(run_dir: Path, dst: Path, card_file: Path | None, float32: bool, overwrite: bool) -> None:
     """Write RUN_DIR as a weights-only named model folder DST with a model card."""
-    from kerasnuc.inference.bundle import pack_run
+    from kerasnuc.runs import pack_run
 
     card = None
     if card_file is not None:

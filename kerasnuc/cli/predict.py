@@ -1,6 +1,6 @@
 """``kerasnuc predict``: nuclei of images and whole slides as GeoJSON, CSV, TIFF, overlay, summary.
 
-A thin wrapper around :func:`kerasnuc.inference.run.predict_inputs`; TensorFlow is imported in
+A thin wrapper around :func:`kerasnuc.inference.job.predict_inputs`; TensorFlow is imported in
 the command body, after ``--device cpu`` has hidden the GPUs.
 """
 
@@ -121,7 +121,8 @@ def example_inputs(values: tuple[str, ...]) -> list[str]:
     "--mpp",
     type=click.FloatRange(min=0, min_open=True),
     default=None,
-    help="Pixel size of the inputs in um/px (overrides the files).",
+    help="Pixel size of the inputs in um/px, overriding their files (not the model's "
+    "resolution, which comes with the model).",
 )
 @click.option(
     "--format",
@@ -207,12 +208,9 @@ def predict(
             f"must be less than half of --tile ({tile}); got {margin}", param_hint="--margin"
         )
     _set_device(device)
-    from kerasnuc.inference.run import (
-        PredictOptions,
-        find_inputs,
-        predict_inputs,
-        resolve_model,
-    )
+    from kerasnuc.inference.inputs import find_inputs
+    from kerasnuc.inference.job import PredictOptions, predict_inputs
+    from kerasnuc.runs import resolve_model
 
     if server is not None and not model:
         raise KerasnucError("--server needs --model NAME, the model's name on the server")

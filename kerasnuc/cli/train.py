@@ -11,6 +11,7 @@ import click
 
 from kerasnuc.cli.common import dataset_path
 from kerasnuc.fileutil import KerasnucError
+from kerasnuc.runs import load_config
 
 SECTIONS = ("model", "pipeline", "train", "data")
 
@@ -55,7 +56,7 @@ def build_run_config(
     Raises:
         KerasnucError: bad values (one line).
     """
-    from kerasnuc.config import DataConfig, RunConfig, TrainConfig
+    from kerasnuc.config import DataConfig, RunConfig, TrainConfig, migrate_model_mpp
     from kerasnuc.data.dataset import Dataset
     from kerasnuc.data.pipeline import PipelineConfig, shared_classes
     from kerasnuc.registry import get_method
@@ -71,6 +72,7 @@ def build_run_config(
 
     num_classes, class_names = shared_classes(datasets)
     try:
+        file_config = migrate_model_mpp(file_config)
         base_model = method.model_config(num_classes=max(1, num_classes)).to_dict()
         model = method.model_config.from_dict(section("model", base_model)).to_dict()
         pipeline_dict = section("pipeline", PipelineConfig(batch_size=4).to_dict())
@@ -80,9 +82,7 @@ def build_run_config(
         mpps = {ds.mpp for ds in datasets}
         data_base = {
             "datasets": [str(d) for d in data_dirs],
-            "mpp": pipeline["target_mpp"]
-            if pipeline["target_mpp"] is not None
-            else (mpps.pop() if len(mpps) == 1 else None),
+            "mpp": mpps.pop() if len(mpps) == 1 else None,
             "class_names": class_names,
         }
         data = DataConfig.from_dict(section("data", data_base))
@@ -137,7 +137,12 @@ def parse_dataset_mpp(values: tuple[str, ...], dirs: list[Path]) -> dict[str, fl
     "kerasnuc[pretrained] extra) or a local weights file (*_notop.h5).",
 )
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), help="Peak learning rate.")
-@click.option("--mpp", type=click.FloatRange(min=0, min_open=True), help="Resample to this um/px.")
+@click.option(
+    "--mpp",
+    type=click.FloatRange(min=0, min_open=True),
+    help="Model resolution in um/px: the training images are resampled to it (stored in the "
+    "run; predict resamples its inputs to it). Default: the datasets' own, when they agree.",
+)
 @click.option(
     "--dataset-mpp",
     "dataset_mpp",
@@ -217,9 +222,7 @@ def train(
     if resume and overwrite:
         raise KerasnucError("--resume and --overwrite exclude each other")
     if resume:
-        from kerasnuc.config import RunConfig
-
-        config = RunConfig.load(run_dir) if (run_dir / "config.json").is_file() else None
+        config = load_config(run_dir) if (run_dir / "config.json").is_file() else None
         if config is None:
             raise KerasnucError(f"{run_dir}: no run to resume (config.json missing)")
     else:
@@ -239,7 +242,7 @@ def train(
         elif encoder_weights is not None and not Path(encoder_weights).is_file():
             raise KerasnucError(f"{encoder_weights}: encoder weights file not found")
         if points is not None:
-            from kerasnuc.data.points import read_points_path
+            from kerasnuc.io.points import read_points_path
 
             if method != "weak":
                 raise KerasnucError(
@@ -254,7 +257,6 @@ def train(
             "pipeline": {
                 "batch_size": batch_size,
                 "crop_size": crop,
-                "target_mpp": mpp,
                 "seed": seed,
                 "importance_sampling": False if no_importance_sampling else None,
             },
@@ -271,6 +273,7 @@ def train(
                 "init_from": str(init_from) if init_from is not None else None,
             },
             "data": {
+                "mpp": mpp,
                 "dataset_mpp": parse_dataset_mpp(dataset_mpp, dirs) or None,
                 "points": str(points) if points is not None else None,
             },

@@ -13,12 +13,6 @@ import click
 from kerasnuc.cli.common import dataset_path, format_table
 from kerasnuc.fileutil import KerasnucError
 
-#: Default grid (60 configurations): foreground / seed thresholds and the minimum size.
-DEFAULT_GRID: dict[str, list[Any]] = {
-    "fg_threshold": [0.3, 0.4, 0.5, 0.6],
-    "seed_threshold": [0.4, 0.5, 0.6, 0.7, 0.8],
-    "min_size": [0, 10, 30],
-}
 SHOWN = 10
 
 
@@ -65,9 +59,9 @@ def tune(
 
     Each image is predicted once; every grid configuration is scored with mPQ+ (PQ for data
     without classes, and for weak runs) over the whole split, and the best one is saved.
-    Default grids: conic foreground/seed thresholds and minimum size; weak peak threshold,
-    minimum detection distance (um) and smoothing; panoptic detection score, mask threshold and
-    extra box NMS.
+    Default grids: conic foreground/seed thresholds and minimum size; unet_sharp foreground
+    threshold, marker distance and minimum size; weak peak threshold, minimum detection
+    distance (um) and smoothing; panoptic detection score, mask threshold and extra box NMS.
     """
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     grid = read_grid(grid_file) if grid_file is not None else None
@@ -75,10 +69,8 @@ def tune(
     for d in dirs:
         if not d.is_dir():
             raise KerasnucError(f"{d}: not a dataset folder")
-    from kerasnuc.config import POSTPROC
     from kerasnuc.data.dataset import Dataset
-    from kerasnuc.data.pipeline import PipelineConfig
-    from kerasnuc.registry import load_run
+    from kerasnuc.runs import POSTPROC, load_run
     from kerasnuc.training.validation import (
         predict_all,
         score_predictions,
@@ -88,61 +80,33 @@ def tune(
     from kerasnuc.training.validation import val_items as load_val_items
 
     run = load_run(run_dir)
-    method = run.config.method
-    if method not in ("conic", "weak", "panoptic"):
-        raise KerasnucError(
-            f"tune supports the conic, weak and panoptic methods only (run is {method})"
-        )
-    from kerasnuc.postprocess import panoptic as pan
-    from kerasnuc.postprocess.conic import tune_postproc
-    from kerasnuc.postprocess.weak import DEFAULT_GRID as WEAK_GRID
-    from kerasnuc.postprocess.weak import tune_weak_postproc
-
-    weak = method == "weak"
+    method = run.method
     if grid is None:
-        grid = {"weak": WEAK_GRID, "panoptic": pan.DEFAULT_GRID}.get(method, DEFAULT_GRID)
-
-    target_mpp = PipelineConfig.from_dict(run.config.pipeline).target_mpp
+        grid = method.tune_grid
     items, num_classes = load_val_items(
         [Dataset(d, mpp=run.config.data.assumed_mpp(d)) for d in dirs],
         split,
-        target_mpp,
+        run.config.data.mpp,
         max_images,
     )
     if tile is not None:
         items = tile_items(items, tile)
-    if not weak and max(1, num_classes) != run.config.model.get("num_classes"):
+    if not method.class_agnostic and max(1, num_classes) != run.config.model.get("num_classes"):
         raise KerasnucError(
             f"the data has {num_classes} classes but the model was trained for "
             f"{run.config.model.get('num_classes')}"
         )
     with click.progressbar(items, label=f"predicting {len(items)} images") as bar:
         maps = predict_all(run.model, list(bar))
-    if weak:  # class-agnostic: scored by PQ whatever the data's classes
+    if method.class_agnostic:  # scored by PQ whatever the data's classes
         num_classes = 0
-    maps_list = [] if method != "conic" else [(m.get("semantic"), m["three_label"]) for m in maps]
-    gt_list = [(it.instances, it.classes) for it in items]
 
-    def score_fn(pred_inst, pred_cls, gt_inst, gt_cls) -> float:
-        summary = score_predictions(pred_inst, pred_cls, items, num_classes)
+    def score_fn(pred_instances: list, pred_classes: list) -> float:
+        summary = score_predictions(pred_instances, pred_classes, items, num_classes)
         return score_summary(summary, num_classes)
 
     try:
-        if weak:
-            best, table = tune_weak_postproc(
-                [m["seg"] for m in maps],
-                grid,
-                lambda inst, cls: score_fn(inst, cls, None, None),
-                base_config=run.postproc,
-            )
-        elif method == "panoptic":
-            best, table = pan.tune_panoptic_postproc(
-                maps, grid, lambda inst, cls: score_fn(inst, cls, None, None), run.postproc
-            )
-        else:
-            best, table = tune_postproc(
-                maps_list, gt_list, grid, score_fn, base_config=run.postproc, batched=True
-            )
+        best, table = method.tune(maps, grid, score_fn, run.postproc)
     except ValueError as exc:
         raise KerasnucError(f"invalid grid: {exc}") from exc
     best.save(run_dir / POSTPROC)

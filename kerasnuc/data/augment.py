@@ -1,6 +1,7 @@
 """Joint image + label-map augmentation as pure, seeded TensorFlow ops (runs in ``tf.data``).
 
-The augmentations are those of Rumberger et al. 2022 (CoNIC challenge, METHODS.md section 1):
+The augmentations are those of Rumberger, Baumann, Hirsch et al., "Panoptic segmentation with
+highly imbalanced semantic labels" (CoNIC challenge, ISBI 2022):
 mirroring, 90-degree rotations, translation, scaling/zoom, rotation, shear and elastic
 deformation (Simard et al. 2003, "Best practices for convolutional neural networks applied to
 visual document analysis"), HED stain augmentation (Tellez et al. 2018, see
@@ -31,6 +32,9 @@ Design:
   hue in that order), emboss, sharpen, channel shuffle (the ``panoptic`` augmentations of Liu et
   al. 2019, off by default), Gaussian blur, Gaussian noise; the image is clipped to ``[0, 1]``
   after each.
+
+One cohesive concept: the joint geometric and colour augmentation is one seeded TF function;
+splitting it would split the order of its operations.
 """
 
 from __future__ import annotations

@@ -28,6 +28,9 @@ target keys match the output names of that method's model:
   mask targets are computed inside the model's training step).
 
 Images are ``(B, S, S, 3)`` float32 in ``[0, 1]``.
+
+One cohesive concept: the order of the tf.data operations is defined once, here, for every
+method; the per-crop numpy targets live in :mod:`kerasnuc.data.targets`.
 """
 
 from __future__ import annotations
@@ -41,13 +44,13 @@ from typing import Any
 import cv2
 import numpy as np
 import tensorflow as tf
-from scipy import ndimage
 
 from kerasnuc.data.augment import AugmentConfig, augment
 from kerasnuc.data.dataset import Dataset
-from kerasnuc.data.points import IGNORE, cached_encode_points, encode_points, points_from_instances
+from kerasnuc.data.points import IGNORE, encode_points, points_from_instances
+from kerasnuc.data.points_cache import cached_encode_points
 from kerasnuc.data.sampling import ImportanceSampler
-from kerasnuc.data.targets import UNKNOWN_CLASS, centre_vectors, three_label_map
+from kerasnuc.data.targets import UNKNOWN_CLASS, conic_targets_numpy, panoptic_box_targets
 from kerasnuc.fileutil import KerasnucError
 
 logger = logging.getLogger(__name__)
@@ -73,7 +76,6 @@ class PipelineConfig:
             (importance sampling then runs within each dataset). None: pool all images (the
             paper's sampling).
         samples_per_epoch: crops per epoch (default: the number of images).
-        target_mpp: resample every image to this pixel size (None: keep the data's own).
         boundary_width: boundary band of the three-label map, pixels.
         vector_units: units of the centre vectors (see ``kerasnuc.data.targets.centre_vectors``).
             Default ``"scale"``: pixels divided by ``vector_scale``, so that the L2 loss of the
@@ -95,7 +97,6 @@ class PipelineConfig:
     importance_sampling: bool = True
     dataset_weights: tuple[float, ...] | None = None
     samples_per_epoch: int | None = None
-    target_mpp: float | None = None
     boundary_width: int = 1
     vector_units: str = "scale"
     vector_scale: float = 10.0
@@ -124,8 +125,6 @@ class PipelineConfig:
                     f"Received: dataset_weights={self.dataset_weights}"
                 )
             object.__setattr__(self, "dataset_weights", weights)
-        if self.target_mpp is not None and self.target_mpp <= 0:
-            raise ValueError(f"`target_mpp` must be > 0. Received: target_mpp={self.target_mpp}")
 
     @property
     def context_size(self) -> int:
@@ -428,22 +427,13 @@ def _finish(ds: tf.data.Dataset, config: PipelineConfig, training: bool) -> tf.d
 # Methods
 
 
-def conic_targets_numpy(
-    instances: np.ndarray, boundary_width: int, vector_units: str, vector_scale: float
-) -> tuple[np.ndarray, np.ndarray]:
-    """Three-label map ``(S, S)`` int32 and ``(dy, dx, fg)`` vectors ``(S, S, 3)`` of a crop."""
-    three = three_label_map(instances, boundary_width).astype(np.int32)
-    vec = centre_vectors(instances, vector_units, vector_scale)
-    fg = (instances > 0).astype(np.float32)[..., None]
-    return three, np.concatenate([vec, fg], axis=-1).astype(np.float32)
-
-
 def conic_dataset(
     datasets: Dataset | Sequence[Dataset],
     split: str | None = "train",
     config: PipelineConfig | None = None,
     training: bool = True,
     start_epoch: int = 0,
+    target_mpp: float | None = None,
 ) -> tf.data.Dataset:
     """``(image, {"semantic", "three_label", "vectors"})`` batches for the ``conic`` method.
 
@@ -454,12 +444,14 @@ def conic_dataset(
         training: sampled, augmented, endless crops (True) or every image tiled once in order,
             without augmentation (False: validation).
         start_epoch: first epoch to draw (resuming a run).
+        target_mpp: resample every image to this pixel size, the model's resolution
+            (``DataConfig.mpp`` of the run; None: keep the data's own).
 
     Returns:
         A ``tf.data.Dataset`` of ``(images (B,S,S,3) float32, targets)`` (see module docstring).
     """
     config = config or PipelineConfig()
-    items, num_classes = load_items(datasets, split, config.target_mpp)
+    items, num_classes = load_items(datasets, split, target_mpp)
     return conic_dataset_from_items(items, num_classes, config, training, start_epoch)
 
 
@@ -510,6 +502,7 @@ def unet_sharp_dataset(
     config: PipelineConfig | None = None,
     training: bool = True,
     start_epoch: int = 0,
+    target_mpp: float | None = None,
     normalizer: Any | None = None,
 ) -> tf.data.Dataset:
     """``(image, {"semantic"})`` batches for ``unet_sharp``.
@@ -520,7 +513,7 @@ def unet_sharp_dataset(
         Other arguments as :func:`conic_dataset`.
     """
     config = config or PipelineConfig()
-    items, num_classes = load_items(datasets, split, config.target_mpp)
+    items, num_classes = load_items(datasets, split, target_mpp)
     if normalizer is not None:
         for it in items:
             it.image = _normalise(normalizer, it)
@@ -547,6 +540,7 @@ def weak_dataset(
     config: PipelineConfig | None = None,
     training: bool = True,
     start_epoch: int = 0,
+    target_mpp: float | None = None,
     points: dict[str, np.ndarray] | None = None,
     cache_dir: str | None = None,
     encode_params: dict[str, Any] | None = None,
@@ -581,7 +575,7 @@ def weak_dataset(
         repel = np.round(enc["filtered_repel"] * REPEL_SCALE)
         return np.stack([enc["voronoi"], enc["cluster"], repel], axis=-1).astype(np.int32)
 
-    items, num_classes = load_items(datasets, split, config.target_mpp, extra=extra)
+    items, num_classes = load_items(datasets, split, target_mpp, extra=extra)
     for it in items:  # instance masks never reach the weak targets
         it.labels[..., 0] = 0
 
@@ -596,81 +590,13 @@ def weak_dataset(
     return _finish(ds, config, training)
 
 
-def panoptic_box_targets(
-    instances: np.ndarray, classes: np.ndarray, max_instances: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Ground-truth boxes of a crop for the ``panoptic`` detector (numpy).
-
-    Args:
-        instances: ``(S, S)`` int instance map of the crop.
-        classes: ``(S, S)`` int class map (``UNKNOWN_CLASS`` or 0 inside a nucleus: class 1).
-        max_instances: number of box slots; when the crop holds more nuclei, the largest
-            ``max_instances`` are kept (the others stay foreground in ``semantic``).
-
-    Returns:
-        ``(instances, boxes, box_classes)``: the instance map relabelled so that box ``k``
-        covers the nucleus with id ``k + 1`` (dropped nuclei become 0), ``(max_instances, 4)``
-        float32 boxes ``(y1, x1, y2, x2)`` (pixel edges: a nucleus on rows 3..5 has ``y1 = 3,
-        y2 = 6``; zeros for empty slots) and ``(max_instances,)`` int32 classes (0 = empty
-        slot), the most frequent class of each nucleus's pixels.
-    """
-    ids, inverse, areas = np.unique(instances, return_inverse=True, return_counts=True)
-    inverse = inverse.reshape(instances.shape)
-    fg = ids > 0
-    order = np.flatnonzero(fg)[np.argsort(-areas[fg], kind="stable")][:max_instances]
-    order = np.sort(order)  # keep id order among the kept nuclei
-    lookup = np.zeros(len(ids), np.int32)
-    lookup[order] = np.arange(1, len(order) + 1, dtype=np.int32)
-    relabelled = lookup[inverse]
-    boxes = np.zeros((max_instances, 4), np.float32)
-    box_classes = np.zeros(max_instances, np.int32)
-    n = len(order)
-    for k, sl in enumerate(ndimage.find_objects(relabelled, max_label=n)):
-        boxes[k] = (sl[0].start, sl[1].start, sl[0].stop, sl[1].stop)
-    if n:
-        # Most frequent class per nucleus: a (nucleus, class) histogram over the pixels.
-        cls = np.maximum(classes.astype(np.int64), 0)  # unknown (-1) -> 0 -> class 1 below
-        width = int(cls.max()) + 1
-        hist = np.bincount(
-            (relabelled.astype(np.int64) * width + cls).ravel(), minlength=(n + 1) * width
-        ).reshape(n + 1, width)[1:]
-        hist[:, 0] = 0  # no typed pixel at all: argmax 0 -> class 1
-        box_classes[:n] = np.maximum(np.argmax(hist, axis=1), 1)
-    return relabelled, boxes, box_classes
-
-
-def panoptic_targets(
-    instances: np.ndarray, max_instances: int, semantic: np.ndarray | None = None
-) -> dict[str, np.ndarray]:
-    """The targets :func:`panoptic_dataset` yields, for a stack of crops (numpy).
-
-    Args:
-        instances: ``(B, S, S)`` int instance maps.
-        max_instances: box slots per crop (:func:`panoptic_box_targets`).
-        semantic: ``(B, S, S)`` int class maps; None: ``1`` inside nuclei.
-
-    Returns:
-        ``{"instances", "semantic", "boxes", "classes"}`` stacked over the crops.
-    """
-    instances = np.asarray(instances)
-    semantic = (instances > 0).astype(np.int32) if semantic is None else np.asarray(semantic)
-    parts = [
-        panoptic_box_targets(i, c, max_instances) for i, c in zip(instances, semantic, strict=True)
-    ]
-    return {
-        "instances": np.stack([p[0] for p in parts]),
-        "semantic": semantic.astype(np.int32),
-        "boxes": np.stack([p[1] for p in parts]),
-        "classes": np.stack([p[2] for p in parts]),
-    }
-
-
 def panoptic_dataset(
     datasets: Dataset | Sequence[Dataset],
     split: str | None = "train",
     config: PipelineConfig | None = None,
     training: bool = True,
     start_epoch: int = 0,
+    target_mpp: float | None = None,
 ) -> tf.data.Dataset:
     """``(image, {"instances", "semantic", "boxes", "classes"})`` batches for ``panoptic``.
 
@@ -680,7 +606,7 @@ def panoptic_dataset(
     (see :func:`panoptic_box_targets`). Default crops 512x512 (Liu et al. 2019).
     """
     config = config or PipelineConfig(crop_size=512, batch_size=2)
-    items, num_classes = load_items(datasets, split, config.target_mpp)
+    items, num_classes = load_items(datasets, split, target_mpp)
     ds = _crops(items, num_classes, config, training, start_epoch)
     n, size = config.max_instances, config.crop_size
 
@@ -701,11 +627,3 @@ def panoptic_dataset(
     par = tf.data.AUTOTUNE if config.parallel_calls < 0 else config.parallel_calls
     ds = ds.map(targets, num_parallel_calls=par, deterministic=config.deterministic)
     return _finish(ds, config, training)
-
-
-PIPELINES = {
-    "conic": conic_dataset,
-    "unet_sharp": unet_sharp_dataset,
-    "weak": weak_dataset,
-    "panoptic": panoptic_dataset,
-}

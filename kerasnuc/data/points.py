@@ -1,7 +1,7 @@
 """Point labels and their pixel-level encodings for the point-supervised ``weak`` method.
 
 Chamanzar & Nie, "Weakly supervised multi-task learning for cell detection and segmentation"
-(ISBI 2020; METHODS.md section 4) turn one point per nucleus into three pixel-level targets:
+(ISBI 2020) turn one point per nucleus into three pixel-level targets:
 
 * **Voronoi label** (after Qu et al., MIDL 2019): Voronoi partition lines = background (0), a small
   disc at each point = nucleus (1), every other pixel = :data:`IGNORE`;
@@ -11,10 +11,11 @@ Chamanzar & Nie, "Weakly supervised multi-task learning for cell detection and s
 * **repel code** (Liang et al. 2019, alpha = 0.05, r = 70) and the "filtered repel" = repel code
   times the clustering mask.
 
-All three come from :func:`encode_points`; :func:`cached_encode_points` stores the result on disk
-so that the pipeline encodes each image once. Point labels can be read from CSV
-(:func:`read_points_csv`) or QuPath GeoJSON (:func:`read_points_geojson`), or derived from an
-instance map (:func:`points_from_instances`) so that every dataset can train ``weak``.
+All three come from :func:`encode_points`;
+:func:`kerasnuc.data.points_cache.cached_encode_points` stores the result on disk so that the
+pipeline encodes each image once. Point labels are read from CSV or QuPath GeoJSON files by
+:mod:`kerasnuc.io.points`, or derived from an instance map (:func:`points_from_instances`) so
+that every dataset can train ``weak``.
 
 Conventions: points are ``(K, 2)`` float arrays of ``(row, col)``; a pixel ``(r, c)`` has its
 centre at ``(row, col) = (r, c)``, and the encodings snap every point to its nearest pixel centre
@@ -24,31 +25,19 @@ cells in Python.
 
 from __future__ import annotations
 
-import csv
-import hashlib
-import inspect
-import json
 import logging
-import os
-import re
-from collections.abc import Mapping, Sequence
-from pathlib import Path
-from typing import Any
 
 import numpy as np
 from scipy import ndimage as ndi
 from scipy.spatial import cKDTree
 
-from kerasnuc.data.targets import instance_centroids, label_boundaries
-from kerasnuc.fileutil import KerasnucError, atomic_path
+from kerasnuc.data.targets import label_boundaries
+from kerasnuc.instances import instance_centroids
 
 logger = logging.getLogger(__name__)
 
 IGNORE = 255
 """Label value of pixels left out of the Voronoi loss (uint8 maps)."""
-
-ENCODING_VERSION = 1
-"""Part of the cache key: bump it whenever an encoding changes its output."""
 
 KEYS = ("voronoi", "cluster", "repel", "filtered_repel")
 
@@ -130,260 +119,6 @@ def points_from_instances(
         index * n_cls + classes[fg].astype(np.int64), minlength=ids.size * n_cls
     ).reshape(ids.size, n_cls)
     return centroids, counts.argmax(axis=1).astype(np.int32)
-
-
-def _class_id(value: Any, class_names: Mapping[int, str] | None, path: Path, where: str) -> int:
-    """Class id of a CSV cell / GeoJSON classification (0 = unclassified)."""
-    if value is None:
-        return 0
-    text = str(value).strip()
-    if not text:
-        return 0
-    if re.fullmatch(r"[+]?\d+", text):
-        return int(text)
-    if class_names:
-        lookup = {str(name).strip().lower(): int(k) for k, name in class_names.items()}
-        if text.lower() in lookup:
-            return lookup[text.lower()]
-        known = ", ".join(sorted(str(v) for v in class_names.values()))
-        raise KerasnucError(f"{path}: {where}: unknown class {text!r} (known: {known})")
-    raise KerasnucError(
-        f"{path}: {where}: class {text!r} is a name; pass the class names of the dataset to map "
-        "it to an id"
-    )
-
-
-_CSV_COORDS = (("y", "x"), ("row", "col"), ("row", "column"))
-_CSV_CLASS = ("class", "label", "type", "classification")
-
-
-def read_points_csv(
-    path: str | os.PathLike, class_names: Mapping[int, str] | None = None
-) -> tuple[np.ndarray, np.ndarray | None]:
-    """Read point labels from a CSV file with a header row.
-
-    Accepted columns (case-insensitive, surrounding spaces ignored; other columns are ignored):
-
-    * coordinates, first pair found in this order: ``x`` and ``y`` (pixel coordinates,
-      ``x`` = column, ``y`` = row), ``row`` and ``col``, ``row`` and ``column``;
-    * optional class, first found of ``class``, ``label``, ``type``, ``classification``: an
-      integer id (0 = unclassified) or a class name looked up (case-insensitive) in
-      ``class_names``; an empty cell means unclassified.
-
-    Args:
-        path: CSV file (UTF-8, optional BOM).
-        class_names: ``{id: name}`` of the dataset (``Dataset.class_names``), to map names to ids.
-
-    Returns:
-        ``(points, classes)``: ``(K, 2)`` float64 ``(row, col)`` and ``(K,)`` int32 class ids,
-        or None when the file has no class column or no row carries a class.
-
-    Raises:
-        KerasnucError: missing file, no header, no coordinate columns, a bad value (the message
-            names the file and the line).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise KerasnucError(f"{path}: file not found")
-    try:
-        with path.open(newline="", encoding="utf-8-sig") as fh:
-            rows = list(csv.reader(fh))
-    except (UnicodeDecodeError, csv.Error) as exc:
-        raise KerasnucError(f"{path}: cannot read CSV ({exc})") from exc
-    if not rows:
-        raise KerasnucError(f"{path}: empty file, expected a header with x,y or row,col columns")
-    header = [h.strip().lower() for h in rows[0]]
-    pair = next((p for p in _CSV_COORDS if p[0] in header and p[1] in header), None)
-    if pair is None:
-        raise KerasnucError(
-            f"{path}: header {rows[0]} has no coordinate columns (expected x,y or row,col)"
-        )
-    i_row, i_col = header.index(pair[0]), header.index(pair[1])
-    cls_name = next((c for c in _CSV_CLASS if c in header), None)
-    i_cls = header.index(cls_name) if cls_name else None
-    points, classes = [], []
-    for line_no, row in enumerate(rows[1:], start=2):
-        if not any(cell.strip() for cell in row):
-            continue
-        where = f"line {line_no}"
-        try:
-            r, c = float(row[i_row]), float(row[i_col])
-        except (IndexError, ValueError) as exc:
-            raise KerasnucError(f"{path}: {where}: bad coordinates {row}") from exc
-        if not (np.isfinite(r) and np.isfinite(c)):
-            raise KerasnucError(f"{path}: {where}: non-finite coordinates {row}")
-        points.append((r, c))
-        if i_cls is not None:
-            cell = row[i_cls] if i_cls < len(row) else ""
-            classes.append(_class_id(cell, class_names, path, where))
-    pts = np.asarray(points, dtype=np.float64).reshape(-1, 2)
-    cls = np.asarray(classes, dtype=np.int32) if classes and any(classes) else None
-    return pts, cls
-
-
-def _geojson_features(data: Any, path: Path) -> list[Any]:
-    if isinstance(data, list):
-        return data
-    if isinstance(data, dict):
-        kind = data.get("type")
-        if kind == "FeatureCollection":
-            features = data.get("features")
-            if isinstance(features, list):
-                return features
-        elif kind == "Feature":
-            return [data]
-        elif kind in ("Point", "MultiPoint"):
-            return [{"type": "Feature", "geometry": data, "properties": {}}]
-    raise KerasnucError(f"{path}: not a GeoJSON FeatureCollection, Feature or list of features")
-
-
-def read_points_geojson(
-    path: str | os.PathLike,
-    class_names: Mapping[int, str] | None = None,
-    corner_origin: bool = True,
-) -> tuple[np.ndarray, np.ndarray | None]:
-    """Read point annotations from a (QuPath) GeoJSON file.
-
-    Accepted: a ``FeatureCollection``, a single ``Feature``, or a JSON list of features (the
-    older QuPath export). ``Point`` and ``MultiPoint`` geometries give points with coordinates
-    ``[x, y]`` in pixels (``x`` along columns, ``y`` along rows; see ``corner_origin``);
-    features with other geometries (e.g. a region-of-interest polygon) are skipped. The class
-    comes from ``properties.classification``, either QuPath's ``{"name": ...}`` object or a plain
-    string/int, mapped like the CSV class column (:func:`read_points_csv`); features without it
-    are unclassified (0).
-
-    Args:
-        path: GeoJSON file.
-        class_names: ``{id: name}`` of the dataset, to map classification names to ids.
-        corner_origin: the coordinates put ``(0, 0)`` at the top-left *corner* of the first
-            pixel, so pixel ``(r, c)`` is centred at ``(x, y) = (c + 0.5, r + 0.5)``; 0.5 is
-            subtracted to get kerasnuc's pixel-centre ``(row, col)``. On by default: this is
-            QuPath's convention, also used by the polygon importer
-            (``kerasnuc.data.importers.geojson``). False reads the coordinates as pixel centres
-            (like :func:`read_points_csv`).
-
-    Returns:
-        ``(points, classes)`` as :func:`read_points_csv`.
-
-    Raises:
-        KerasnucError: missing file, invalid JSON, bad geometry (the message names the file).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise KerasnucError(f"{path}: file not found")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8-sig"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise KerasnucError(f"{path}: invalid JSON ({exc})") from exc
-    features = _geojson_features(data, path)
-    points: list[tuple[float, float]] = []
-    classes: list[int] = []
-    skipped = 0
-    for i, feature in enumerate(features):
-        where = f"feature {i}"
-        geometry = feature.get("geometry") if isinstance(feature, dict) else None
-        if not isinstance(geometry, dict):
-            raise KerasnucError(f"{path}: {where}: no geometry object")
-        kind = geometry.get("type")
-        if kind not in ("Point", "MultiPoint"):
-            skipped += 1
-            continue
-        coords = geometry.get("coordinates")
-        try:
-            xy = np.asarray([coords] if kind == "Point" else coords, dtype=np.float64)
-        except (TypeError, ValueError) as exc:
-            raise KerasnucError(f"{path}: {where}: bad {kind} coordinates {coords!r}") from exc
-        if xy.size == 0 and kind == "MultiPoint":
-            continue
-        if xy.ndim != 2 or xy.shape[1] < 2 or not np.isfinite(xy).all():
-            raise KerasnucError(f"{path}: {where}: bad {kind} coordinates {coords!r}")
-        props = feature.get("properties") or {}
-        classification = props.get("classification") if isinstance(props, dict) else None
-        if isinstance(classification, dict):
-            classification = classification.get("name")
-        cls = _class_id(classification, class_names, path, where)
-        for x, y in xy[:, :2]:
-            points.append((float(y), float(x)))
-            classes.append(cls)
-    if skipped:
-        logger.info("%s: skipped %d non-point features", path, skipped)
-    pts = np.asarray(points, dtype=np.float64).reshape(-1, 2)
-    if corner_origin:
-        pts -= 0.5
-    cls_arr = np.asarray(classes, dtype=np.int32) if any(classes) else None
-    return pts, cls_arr
-
-
-#: File suffixes of point annotation files: CSV and (QuPath) GeoJSON.
-POINT_SUFFIXES = (".csv", ".geojson", ".json")
-
-
-def read_points_file(
-    path: str | os.PathLike, class_names: Mapping[int, str] | None = None
-) -> tuple[np.ndarray, np.ndarray | None]:
-    """Read one point file by its suffix: ``.csv`` (:func:`read_points_csv`), ``.geojson`` /
-    ``.json`` (:func:`read_points_geojson`, QuPath's corner-origin convention).
-
-    Raises:
-        KerasnucError: another suffix, or a bad file.
-    """
-    path = Path(path)
-    suffix = path.suffix.lower()
-    if suffix == ".csv":
-        return read_points_csv(path, class_names)
-    if suffix in (".geojson", ".json"):
-        return read_points_geojson(path, class_names)
-    raise KerasnucError(f"{path}: not a point file (expected one of {', '.join(POINT_SUFFIXES)})")
-
-
-def read_points_path(
-    path: str | os.PathLike,
-    ids: Sequence[str] | None = None,
-    class_names: Mapping[int, str] | None = None,
-) -> dict[str, np.ndarray]:
-    """Point annotations of several images, one file per image, named after the image id.
-
-    Convention: ``path`` is a folder holding ``<image id>.csv``, ``<image id>.geojson`` or
-    ``<image id>.json`` files (CSV: columns ``x,y`` or ``row,col`` in pixels of the image at its
-    own resolution; GeoJSON: QuPath point annotations), or a single such file whose stem is the
-    id of its image. Files of other types in the folder are ignored.
-
-    Args:
-        path: folder or file.
-        ids: read only these image ids (None: every file).
-        class_names: ``{id: name}`` to map class names (classes are read but not returned).
-
-    Returns:
-        ``{image id: (K, 2) float64 (row, col)}``.
-
-    Raises:
-        KerasnucError: no such path, no point file in it, two files for one id, or a bad file.
-    """
-    path = Path(path)
-    if path.is_file():
-        files = [path]
-    elif path.is_dir():
-        files = sorted(
-            p for p in path.iterdir() if p.is_file() and p.suffix.lower() in POINT_SUFFIXES
-        )
-        if not files:
-            raise KerasnucError(
-                f"{path}: no point files (<image id>{'/'.join(POINT_SUFFIXES)}) in this folder"
-            )
-    else:
-        raise KerasnucError(f"{path}: point annotations not found")
-    wanted = None if ids is None else set(ids)
-    out: dict[str, np.ndarray] = {}
-    seen: dict[str, Path] = {}
-    for file in files:
-        id = file.stem
-        if wanted is not None and id not in wanted:
-            continue
-        if id in seen:
-            raise KerasnucError(f"{file}: second point file for image {id!r} (also {seen[id]})")
-        seen[id] = file
-        out[id], _ = read_points_file(file, class_names)
-    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -678,85 +413,3 @@ def encode_points(
         "repel": repel,
         "filtered_repel": repel * cluster,
     }
-
-
-# ----------------------------------------------------------------------------------------------
-# Cache
-
-
-_ENCODE_DEFAULTS = {
-    name: p.default
-    for name, p in inspect.signature(encode_points).parameters.items()
-    if name not in ("image", "points")
-}
-
-
-def encoding_params(**overrides: Any) -> dict[str, Any]:
-    """The full parameter set of :func:`encode_points`: its defaults updated with ``overrides``."""
-    params = dict(_ENCODE_DEFAULTS)
-    unknown = set(overrides) - set(params)
-    if unknown:
-        raise ValueError(
-            f"Unknown encoding parameters {sorted(unknown)}. Expected some of: {sorted(params)}"
-        )
-    params.update(overrides)
-    return params
-
-
-def cache_path(
-    cache_dir: str | os.PathLike,
-    image_id: str,
-    image: np.ndarray,
-    points: np.ndarray,
-    params: Mapping[str, Any],
-) -> Path:
-    """Cache file of one encoding: ``<cache_dir>/<image_id>.<hash>.npz``.
-
-    The hash (SHA-256, 16 hex digits) covers :data:`ENCODING_VERSION`, the parameters, the
-    points and the image pixels, so a changed input never reads a stale file.
-    """
-    digest = hashlib.sha256()
-    digest.update(json.dumps({"version": ENCODING_VERSION, **params}, sort_keys=True).encode())
-    digest.update(np.ascontiguousarray(np.asarray(points, dtype=np.float64)).tobytes())
-    image = np.ascontiguousarray(image)
-    digest.update(f"{image.shape}{image.dtype}".encode())
-    digest.update(image.tobytes())
-    safe_id = re.sub(r"[^A-Za-z0-9._-]", "_", str(image_id))
-    return Path(cache_dir) / f"{safe_id}.{digest.hexdigest()[:16]}.npz"
-
-
-def cached_encode_points(
-    cache_dir: str | os.PathLike,
-    image_id: str,
-    image: np.ndarray,
-    points: np.ndarray,
-    **params: Any,
-) -> dict[str, np.ndarray]:
-    """:func:`encode_points` with an on-disk cache (one compressed ``.npz`` per encoding).
-
-    The file name is given by :func:`cache_path`; it is written atomically
-    (:func:`kerasnuc.fileutil.atomic_path`), so concurrent workers and interrupted runs never
-    leave a partial file. An unreadable cache file is recomputed and replaced.
-
-    Args:
-        cache_dir: folder of the cache files (created when missing).
-        image_id: image id (file stem), the readable part of the file name.
-        image: ``(H, W, 3)`` RGB image.
-        points: ``(K, 2)`` float ``(row, col)``.
-        **params: keyword arguments of :func:`encode_points`.
-
-    Returns:
-        The dict of :func:`encode_points`.
-    """
-    full = encoding_params(**params)
-    path = cache_path(cache_dir, image_id, image, points, full)
-    if path.is_file():
-        try:
-            with np.load(path) as data:
-                return {key: data[key] for key in KEYS}
-        except (OSError, ValueError, KeyError) as exc:
-            logger.warning("%s: unreadable cache file, recomputing (%s)", path, exc)
-    encoded = encode_points(image, points, **full)
-    with atomic_path(path) as tmp:
-        np.savez_compressed(tmp, **encoded)
-    return encoded

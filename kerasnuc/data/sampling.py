@@ -1,6 +1,7 @@
 """Importance sampling of training images (image-level class imbalance).
 
-Rumberger et al., CoNIC 2022 (METHODS.md section 1, Eq. 1-2), adapted from Mosinska et al.:
+Rumberger, Baumann, Hirsch et al., "Panoptic segmentation with highly imbalanced semantic
+labels" (CoNIC challenge, ISBI 2022), Eq. 1-2, adapted from Mosinska et al.:
 
     X_{c,n} = mean_{h,w} m_{c,n,h,w}                    (pixel frequency of class c in image n)
     p_n     = 1/|C| * sum_c X_{c,n} / sum_m X_{c,m}     (probability to draw image n)
@@ -18,28 +19,6 @@ Our choice where the paper is silent: a class with no pixel in any training imag
 from __future__ import annotations
 
 import numpy as np
-
-
-def class_pixel_frequencies(class_map: np.ndarray, num_classes: int) -> np.ndarray:
-    """Per-image class pixel frequencies ``X_{c,n}`` (Eq. 1), background = class 0.
-
-    Args:
-        class_map: ``(H, W)`` int class map, 0 = background, 1..C cell types.
-        num_classes: C, the number of cell types (0 for data without classes).
-
-    Returns:
-        ``(C + 1,)`` float64 frequencies summing to 1.
-    """
-    class_map = np.asarray(class_map)
-    if class_map.size == 0:
-        raise ValueError("`class_map` is empty.")
-    if class_map.min() < 0 or class_map.max() > num_classes:
-        raise ValueError(
-            f"`class_map` values must lie in [0, {num_classes}]. "
-            f"Received: min={class_map.min()}, max={class_map.max()}"
-        )
-    counts = np.bincount(class_map.ravel(), minlength=num_classes + 1)
-    return counts / class_map.size
 
 
 def importance_probabilities(freqs: np.ndarray) -> np.ndarray:

@@ -9,8 +9,9 @@
   units of ``-ln(1e-6) ~= 13.8``) and multiplied by the inverse stain matrix.
 * :func:`hed_augment`: the HED colour augmentation of Tellez et al. 2018 ("Whole-slide mitosis
   detection in H&E breast histology using PHH3 as a reference to train distilled stain-invariant
-  convolutional networks", IEEE TMI) used by Rumberger et al. 2022 (CoNIC challenge, METHODS.md
-  section 1): every HED channel is scaled and shifted at random, then the image goes back to RGB.
+  convolutional networks", IEEE TMI) used by Rumberger, Baumann, Hirsch et al. ("Panoptic
+  segmentation with highly imbalanced semantic labels", CoNIC challenge, ISBI 2022): every HED
+  channel is scaled and shifted at random, then the image goes back to RGB.
 * :class:`MacenkoNormalizer`: stain normalisation of Macenko et al. 2009 ("A method for
   normalizing histology slides for quantitative analysis", ISBI 2009), in numpy.
 """

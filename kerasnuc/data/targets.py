@@ -1,15 +1,18 @@
 """Training targets derived from an instance map (and a class map), computed once per image.
 
-The targets of the ``conic`` method (Rumberger et al., CoNIC 2022, METHODS.md section 1):
+The targets of the ``conic`` method (Rumberger, Baumann, Hirsch et al., "Panoptic segmentation
+with highly imbalanced semantic labels", CoNIC challenge, ISBI 2022):
 
 * **three-label map** (Section II.C of the paper, after Caicedo et al.): 0 background,
   1 nucleus interior, 2 nucleus boundary;
 * **centre vectors** (auxiliary regression task, after Lee et al.): for every nucleus pixel the
   2-D vector ``(dy, dx)`` from the pixel to the centroid of its nucleus;
-* optionally the **HoVer-Net horizontal/vertical maps** (Graham et al., Medical Image Analysis
-  2019): per nucleus, the x and y offsets from the centroid scaled to ``[-1, 1]``;
-* **semantic** class map (or its one-hot encoding with background as channel 0) and the per-image
-  class pixel frequencies ``X_{c,n}`` used by the loss weighting and importance sampling (Eq. 1).
+* the class map itself is the semantic target.
+
+and of the ``panoptic`` method (Liu et al., IJCAI 2019): ground-truth boxes and their classes
+(:func:`panoptic_box_targets`). :func:`conic_targets_numpy` and :func:`panoptic_box_targets` are
+the per-crop functions :mod:`kerasnuc.data.pipeline` runs; :func:`panoptic_targets` stacks them
+for a batch of crops outside tf.data (tests, benchmarks).
 
 Everything here is plain numpy/scipy working on one ``(H, W)`` image, so the tf.data pipeline can
 wrap it with ``tf.numpy_function``. Nothing loops over nuclei in Python: per-nucleus statistics
@@ -26,7 +29,7 @@ from typing import Literal
 import numpy as np
 from scipy import ndimage as ndi
 
-from kerasnuc.data.sampling import class_pixel_frequencies
+from kerasnuc.instances import check_instances, compact_ids, label_centroids
 
 VectorUnits = Literal["pixels", "scale", "instance"]
 
@@ -37,70 +40,6 @@ UNKNOWN_CLASS = -1
 THREE_LABEL_BACKGROUND = 0
 THREE_LABEL_INTERIOR = 1
 THREE_LABEL_BOUNDARY = 2
-
-
-def _check_instances(instances: np.ndarray) -> np.ndarray:
-    instances = np.asarray(instances)
-    if instances.ndim != 2 or not np.issubdtype(instances.dtype, np.integer):
-        raise ValueError(
-            "`instances` must be a 2-D integer array. "
-            f"Received: shape={instances.shape}, dtype={instances.dtype}"
-        )
-    if instances.size and instances.min() < 0:
-        raise ValueError(f"`instances` ids must be >= 0. Received: min={instances.min()}")
-    return instances
-
-
-def _compact_labels(instances: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Relabel an instance map to ``0..N`` (order of the original ids kept).
-
-    Returns:
-        ``(labels, ids)``: ``(H, W)`` int64 map with values ``0..N`` and the ``(N,)`` original ids,
-        ``ids[k - 1]`` being the id of compact label ``k``.
-    """
-    flat = instances.ravel()
-    top = int(flat.max()) if flat.size else 0
-    if top <= 4 * flat.size + 1024:
-        present = np.bincount(flat, minlength=top + 1) > 0
-        present[0] = False
-        ids = np.flatnonzero(present)
-        lut = np.zeros(top + 1, dtype=np.int64)
-        lut[ids] = np.arange(1, ids.size + 1)
-        return lut[instances], ids
-    ids, inverse = np.unique(flat, return_inverse=True)
-    if ids.size and ids[0] == 0:
-        ids = ids[1:]
-    else:
-        inverse = inverse + 1
-    return inverse.reshape(instances.shape).astype(np.int64), ids
-
-
-def _centroids_compact(labels: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """Areas ``(n + 1,)`` and centroids ``(n + 1, 2)`` (row, col) of labels ``0..n`` (0 unused)."""
-    rows, cols = np.indices(labels.shape, dtype=np.float64)
-    flat = labels.ravel()
-    area = np.bincount(flat, minlength=n + 1).astype(np.float64)
-    safe = np.maximum(area, 1.0)
-    cy = np.bincount(flat, weights=rows.ravel(), minlength=n + 1) / safe
-    cx = np.bincount(flat, weights=cols.ravel(), minlength=n + 1) / safe
-    return area, np.stack([cy, cx], axis=1)
-
-
-def instance_centroids(instances: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Centroid of every nucleus of an instance map (mean pixel position).
-
-    Args:
-        instances: ``(H, W)`` integer instance map, 0 = background.
-
-    Returns:
-        ``(ids, centroids)``: ``(N,)`` int64 instance ids in increasing order and ``(N, 2)``
-        float64 centroids ``(row, col)``. A non-convex nucleus may have its centroid outside its
-        own pixels.
-    """
-    instances = _check_instances(instances)
-    labels, ids = _compact_labels(instances)
-    _, centroids = _centroids_compact(labels, ids.size)
-    return ids, centroids[1:]
 
 
 def label_boundaries(labels: np.ndarray, width: int = 1, connectivity: int = 1) -> np.ndarray:
@@ -162,7 +101,7 @@ def three_label_map(
     Returns:
         ``(H, W)`` uint8 with values in {0, 1, 2}.
     """
-    instances = _check_instances(instances)
+    instances = check_instances(instances)
     fg = instances > 0
     boundary = fg & label_boundaries(instances, boundary_width, connectivity)
     out = np.zeros(instances.shape, dtype=np.uint8)
@@ -175,9 +114,9 @@ def three_label_map(
 
 def _add_missing_seeds(instances: np.ndarray, out: np.ndarray, connectivity: int) -> None:
     """Mark one interior pixel in every nucleus that has none (in place, see three_label_map)."""
-    labels, ids = _compact_labels(instances)
+    labels, ids = compact_ids(instances)
     n = ids.size
-    area, centroids = _centroids_compact(labels, n)
+    area, centroids = label_centroids(labels, n)
     interior = np.bincount(labels[out == THREE_LABEL_INTERIOR], minlength=n + 1)
     missing = (area > 0) & (interior == 0)
     missing[0] = False
@@ -222,15 +161,15 @@ def centre_vectors(
     Returns:
         ``(H, W, 2)`` float32, channel 0 = ``dy`` (rows), channel 1 = ``dx`` (columns).
     """
-    instances = _check_instances(instances)
+    instances = check_instances(instances)
     if units not in ("pixels", "scale", "instance"):
         raise ValueError(
             f"`units` must be 'pixels', 'scale' or 'instance'. Received: units={units!r}"
         )
     if units == "scale" and not scale > 0:
         raise ValueError(f"`scale` must be > 0. Received: scale={scale}")
-    labels, ids = _compact_labels(instances)
-    _, centroids = _centroids_compact(labels, ids.size)
+    labels, ids = compact_ids(instances)
+    _, centroids = label_centroids(labels, ids.size)
     rows, cols = np.indices(instances.shape, dtype=np.float64)
     dy = centroids[labels, 0] - rows
     dx = centroids[labels, 1] - cols
@@ -251,153 +190,84 @@ def centre_vectors(
     return np.stack([dy, dx], axis=-1).astype(np.float32)
 
 
-def hover_maps(instances: np.ndarray) -> np.ndarray:
-    """HoVer-Net horizontal and vertical distance maps (Graham et al., 2019).
-
-    Per nucleus with centroid ``(cy, cx)``: ``h = x - cx`` and ``v = y - cy`` (pixel minus
-    centre, the opposite sign of :func:`centre_vectors`); negative values are divided by the
-    largest negative magnitude and positive values by the largest positive value found in that
-    nucleus, separately for ``h`` and ``v``, so each map spans ``[-1, 1]`` inside every nucleus
-    (a side without any pixel stays unscaled: its values are 0). Background is 0. Unlike the
-    reference implementation, the centroid is not rounded to a pixel, so the centre pixel is not
-    necessarily exactly 0.
-
-    Args:
-        instances: ``(H, W)`` integer instance map, 0 = background.
-
-    Returns:
-        ``(H, W, 2)`` float32, channel 0 = horizontal (x), channel 1 = vertical (y), the
-        HoVer-Net channel order.
-    """
-    instances = _check_instances(instances)
-    labels, ids = _compact_labels(instances)
-    n = ids.size
-    _, centroids = _centroids_compact(labels, n)
-    rows, cols = np.indices(instances.shape, dtype=np.float64)
-    fg = labels > 0
-    index = np.arange(1, n + 1)
-    out = np.zeros(instances.shape + (2,), dtype=np.float32)
-    for channel, (coord, centre) in enumerate(((cols, centroids[:, 1]), (rows, centroids[:, 0]))):
-        offset = np.where(fg, coord - centre[labels], 0.0)
-        if n == 0:
-            continue
-        pos = np.ones(n + 1)
-        neg = np.ones(n + 1)
-        pos[1:] = ndi.maximum(offset, labels=labels, index=index)
-        neg[1:] = -ndi.minimum(offset, labels=labels, index=index)
-        pos[pos <= 0] = 1.0
-        neg[neg <= 0] = 1.0
-        scaled = np.where(offset > 0, offset / pos[labels], offset / neg[labels])
-        out[..., channel] = scaled
-    return out
+# ----------------------------------------------------------------------------------------------
+# Targets of each method for one crop (the tf.data pipeline wraps them with tf.numpy_function)
 
 
-def semantic_map(
-    instances: np.ndarray, classes: np.ndarray | None = None, num_classes: int = 0
-) -> np.ndarray:
-    """The class map used as semantic target.
+def conic_targets_numpy(
+    instances: np.ndarray, boundary_width: int, vector_units: str, vector_scale: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Three-label map ``(S, S)`` int32 and ``(dy, dx, fg)`` vectors ``(S, S, 3)`` of a crop."""
+    three = three_label_map(instances, boundary_width).astype(np.int32)
+    vec = centre_vectors(instances, vector_units, vector_scale)
+    fg = (instances > 0).astype(np.float32)[..., None]
+    return three, np.concatenate([vec, fg], axis=-1).astype(np.float32)
+
+
+def panoptic_box_targets(
+    instances: np.ndarray, classes: np.ndarray, max_instances: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Ground-truth boxes of a crop for the ``panoptic`` detector (numpy).
 
     Args:
-        instances: ``(H, W)`` integer instance map, 0 = background.
-        classes: ``(H, W)`` integer class map (0 = background, 1..C) or None. Without classes the
-            nuclei form class 1 (foreground).
-        num_classes: C. With ``classes`` it must be >= every class id; without classes it must be
-            0 or 1.
+        instances: ``(S, S)`` int instance map of the crop.
+        classes: ``(S, S)`` int class map (``UNKNOWN_CLASS`` or 0 inside a nucleus: class 1).
+        max_instances: number of box slots; when the crop holds more nuclei, the largest
+            ``max_instances`` are kept (the others stay foreground in ``semantic``).
 
     Returns:
-        ``(H, W)`` int32 with values in ``0..max(C, 1)``.
+        ``(instances, boxes, box_classes)``: the instance map relabelled so that box ``k``
+        covers the nucleus with id ``k + 1`` (dropped nuclei become 0), ``(max_instances, 4)``
+        float32 boxes ``(y1, x1, y2, x2)`` (pixel edges: a nucleus on rows 3..5 has ``y1 = 3,
+        y2 = 6``; zeros for empty slots) and ``(max_instances,)`` int32 classes (0 = empty
+        slot), the most frequent class of each nucleus's pixels.
     """
-    instances = _check_instances(instances)
-    if classes is None:
-        if num_classes not in (0, 1):
-            raise ValueError(
-                "Without `classes` the nuclei form a single class, so `num_classes` must be 0 "
-                f"or 1. Received: num_classes={num_classes}"
-            )
-        return (instances > 0).astype(np.int32)
-    classes = np.asarray(classes)
-    if classes.shape != instances.shape or not np.issubdtype(classes.dtype, np.integer):
-        raise ValueError(
-            "`classes` must be an integer array shaped like `instances`. "
-            f"Received: shape={classes.shape}, dtype={classes.dtype}, "
-            f"instances shape={instances.shape}"
-        )
-    if classes.size and (classes.min() < 0 or classes.max() > num_classes):
-        raise ValueError(
-            f"`classes` values must lie in [0, num_classes={num_classes}]. "
-            f"Received: min={classes.min()}, max={classes.max()}"
-        )
-    return classes.astype(np.int32)
+    ids, inverse, areas = np.unique(instances, return_inverse=True, return_counts=True)
+    inverse = inverse.reshape(instances.shape)
+    fg = ids > 0
+    order = np.flatnonzero(fg)[np.argsort(-areas[fg], kind="stable")][:max_instances]
+    order = np.sort(order)  # keep id order among the kept nuclei
+    lookup = np.zeros(len(ids), np.int32)
+    lookup[order] = np.arange(1, len(order) + 1, dtype=np.int32)
+    relabelled = lookup[inverse]
+    boxes = np.zeros((max_instances, 4), np.float32)
+    box_classes = np.zeros(max_instances, np.int32)
+    n = len(order)
+    for k, sl in enumerate(ndi.find_objects(relabelled, max_label=n)):
+        boxes[k] = (sl[0].start, sl[1].start, sl[0].stop, sl[1].stop)
+    if n:
+        # Most frequent class per nucleus: a (nucleus, class) histogram over the pixels.
+        cls = np.maximum(classes.astype(np.int64), 0)  # unknown (-1) -> 0 -> class 1 below
+        width = int(cls.max()) + 1
+        hist = np.bincount(
+            (relabelled.astype(np.int64) * width + cls).ravel(), minlength=(n + 1) * width
+        ).reshape(n + 1, width)[1:]
+        hist[:, 0] = 0  # no typed pixel at all: argmax 0 -> class 1
+        box_classes[:n] = np.maximum(np.argmax(hist, axis=1), 1)
+    return relabelled, boxes, box_classes
 
 
-def one_hot(semantic: np.ndarray, num_classes: int) -> np.ndarray:
-    """One-hot encoding with background as channel 0.
-
-    Args:
-        semantic: ``(H, W)`` int class map with values ``0..num_classes``.
-        num_classes: C (cell types, background excluded).
-
-    Returns:
-        ``(H, W, C + 1)`` float32.
-    """
-    semantic = np.asarray(semantic)
-    if semantic.size and (semantic.min() < 0 or semantic.max() > num_classes):
-        raise ValueError(
-            f"`semantic` values must lie in [0, num_classes={num_classes}]. "
-            f"Received: min={semantic.min()}, max={semantic.max()}"
-        )
-    return np.eye(num_classes + 1, dtype=np.float32)[semantic]
-
-
-def make_targets(
-    instances: np.ndarray,
-    classes: np.ndarray | None = None,
-    num_classes: int = 0,
-    boundary_width: int = 1,
-    connectivity: int = 1,
-    keep_seed: bool = True,
-    vector_units: VectorUnits = "pixels",
-    vector_scale: float = 1.0,
-    hover: bool = False,
-    semantic_one_hot: bool = False,
+def panoptic_targets(
+    instances: np.ndarray, max_instances: int, semantic: np.ndarray | None = None
 ) -> dict[str, np.ndarray]:
-    """All training targets of one image, keyed like the outputs of the ``conic`` model.
+    """The targets :func:`panoptic_dataset` yields, for a stack of crops (numpy).
 
     Args:
-        instances: ``(H, W)`` integer instance map, 0 = background (ids need not be consecutive).
-        classes: ``(H, W)`` integer class map (0 = background, 1..C) or None (nuclei = class 1).
-        num_classes: C, the number of cell types (``Dataset.num_classes``; 0 without classes).
-        boundary_width: thickness of the boundary band inside each nucleus in pixels.
-        connectivity: 1 or 2, neighbourhood of the boundary test (:func:`three_label_map`).
-        keep_seed: give every nucleus at least one interior pixel (:func:`three_label_map`).
-        vector_units: ``"pixels"``, ``"scale"`` or ``"instance"`` (:func:`centre_vectors`).
-        vector_scale: divisor for ``vector_units="scale"``.
-        hover: also return the HoVer-Net maps under ``"hover"``.
-        semantic_one_hot: return ``"semantic"`` one-hot instead of as class indices.
+        instances: ``(B, S, S)`` int instance maps.
+        max_instances: box slots per crop (:func:`panoptic_box_targets`).
+        semantic: ``(B, S, S)`` int class maps; None: ``1`` inside nuclei.
 
     Returns:
-        A dict with
-
-        * ``"semantic"``: ``(H, W)`` int32 class indices ``0..C'`` or, with
-          ``semantic_one_hot``, ``(H, W, C' + 1)`` float32, background = channel 0, where
-          ``C' = max(num_classes, 1)``;
-        * ``"three_label"``: ``(H, W)`` uint8, 0 background / 1 interior / 2 boundary;
-        * ``"vectors"``: ``(H, W, 2)`` float32 ``(dy, dx)`` to the nucleus centroid, 0 on
-          background;
-        * ``"foreground"``: ``(H, W)`` uint8, 1 on nucleus pixels (the mask of the vector loss);
-        * ``"class_frequencies"``: ``(C' + 1,)`` float32 ``X_{c,n}``, the mean over pixels of the
-          one-hot mask (background included, sums to 1; Rumberger et al. Eq. 1);
-        * ``"hover"`` (only with ``hover=True``): ``(H, W, 2)`` float32 (h, v) in ``[-1, 1]``.
+        ``{"instances", "semantic", "boxes", "classes"}`` stacked over the crops.
     """
-    semantic = semantic_map(instances, classes, num_classes)
-    n_cls = max(int(num_classes), 1)
-    targets: dict[str, np.ndarray] = {
-        "semantic": one_hot(semantic, n_cls) if semantic_one_hot else semantic,
-        "three_label": three_label_map(instances, boundary_width, connectivity, keep_seed),
-        "vectors": centre_vectors(instances, vector_units, vector_scale),
-        "foreground": (np.asarray(instances) > 0).astype(np.uint8),
-        "class_frequencies": class_pixel_frequencies(semantic, n_cls).astype(np.float32),
+    instances = np.asarray(instances)
+    semantic = (instances > 0).astype(np.int32) if semantic is None else np.asarray(semantic)
+    parts = [
+        panoptic_box_targets(i, c, max_instances) for i, c in zip(instances, semantic, strict=True)
+    ]
+    return {
+        "instances": np.stack([p[0] for p in parts]),
+        "semantic": semantic.astype(np.int32),
+        "boxes": np.stack([p[1] for p in parts]),
+        "classes": np.stack([p[2] for p in parts]),
     }
-    if hover:
-        targets["hover"] = hover_maps(instances)
-    return targets

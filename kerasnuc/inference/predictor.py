@@ -1,6 +1,7 @@
 """Predictor: test-time augmentation, MC dropout and ensembles behind one API.
 
-Rumberger et al. 2022 (CoNIC challenge, METHODS.md section 1, "Inference") average 16 stochastic
+Rumberger, Baumann, Hirsch et al., "Panoptic segmentation with highly imbalanced semantic
+labels" (CoNIC challenge, ISBI 2022, "Inference") average 16 stochastic
 forward passes pixel-wise: every pass sees the image with a random HED stain-intensity change
 of up to 10 %, a random flip / 90-degree rotation, and the decoder dropout kept active (Monte
 Carlo dropout, Gal & Ghahramani 2016); an ensemble of two models does 8 passes each.
@@ -38,13 +39,15 @@ from typing import Any
 import keras
 import numpy as np
 
-from kerasnuc.config import DataConfig, RunConfig
+from kerasnuc.checks import check_int
+from kerasnuc.config import DataConfig
 from kerasnuc.data.stain import hed_to_rgb, rgb_to_hed
 from kerasnuc.fileutil import KerasnucError
-from kerasnuc.inference.maps import predict_maps_batch
 from kerasnuc.layers.dropout import MCDropout, set_mc_dropout
+from kerasnuc.models.maps import predict_maps_batch
 from kerasnuc.postprocess.common import PostprocResult
-from kerasnuc.registry import Method, load_run
+from kerasnuc.registry import Method
+from kerasnuc.runs import load_config, load_run
 
 logger = logging.getLogger(__name__)
 
@@ -226,12 +229,6 @@ def _mc_dropout_state(model: keras.Model, active: bool) -> Iterator[None]:
             layer.mc = state
 
 
-def _check_int(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < minimum:
-        raise ValueError(f"`{name}` must be an int >= {minimum}. Received: {name}={value!r}")
-    return int(value)
-
-
 def _as_float_images(images: Any) -> np.ndarray:
     images = np.asarray(images)
     if images.ndim != 4 or images.shape[-1] != 3:
@@ -251,7 +248,7 @@ class Predictor:
     Assumptions: images are RGB at the models' resolution (``data_config.mpp``; resample or use
     :mod:`kerasnuc.inference.tiling` otherwise) and small enough to predict in one piece; every
     model accepts any height and width divisible by 32 (inputs are padded and the maps cropped
-    by :func:`~kerasnuc.inference.maps.predict_maps_batch`), so rotated non-square images work;
+    by :func:`~kerasnuc.models.maps.predict_maps_batch`), so rotated non-square images work;
     all models return the same output names and channel counts. Exact TTA inversion of vector
     outputs assumes they hold ``(dy, dx)`` in (row, column) pixel axes.
 
@@ -295,15 +292,15 @@ class Predictor:
             )
         if isinstance(tta, bool):
             tta = DEFAULT_TTA_PASSES if tta else 0
-        self.tta = _check_int("tta", tta, 0)
+        self.tta = check_int("tta", tta, 0)
         if self.tta > 1 and not getattr(method, "dense_outputs", True):
             raise KerasnucError(
                 f"test-time augmentation (tta={self.tta}) is not available for the "
                 f"{method.name!r} method: its outputs are detections, not maps that can be "
                 "flipped back and averaged (use --tta 0)"
             )
-        self.batch_size = _check_int("batch_size", batch_size, 1)
-        self.seed = _check_int("seed", seed, 0)
+        self.batch_size = check_int("batch_size", batch_size, 1)
+        self.seed = check_int("seed", seed, 0)
         if not isinstance(hed_intensity, int | float) or not 0 <= hed_intensity < 1:
             raise ValueError(
                 "`hed_intensity` must be a float in [0, 1). "
@@ -348,7 +345,7 @@ class Predictor:
         run_dirs = list(run_dirs)
         if not run_dirs:
             raise KerasnucError("no run directory given")
-        configs = [RunConfig.load(d) for d in run_dirs]
+        configs = [load_config(d) for d in run_dirs]
         # Compare the configs before building any model, then the loaded models' outputs.
         for run_dir, config in zip(run_dirs[1:], configs[1:], strict=True):
             _check_same(

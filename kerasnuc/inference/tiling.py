@@ -68,6 +68,9 @@ the same checkpoint and tiling parameters skips finished tiles and continues the
 must keep what it received before the interruption: :class:`ResumableSink` stores each tile's
 instances in a work folder (one ``.npz`` per tile, written atomically, rewritten if a tile is
 redone) and replays them, in tile order, into any final sink on ``close()``.
+
+One cohesive concept: the overlap-tile engine (grid, reading, ownership, stitching, streaming,
+checkpoint) whose parts share the tile geometry and the ownership rule above.
 """
 
 from __future__ import annotations
@@ -90,8 +93,9 @@ import cv2
 import numpy as np
 from scipy import ndimage as ndi
 
+from kerasnuc.checks import check_int
 from kerasnuc.fileutil import KerasnucError, atomic_path, write_json_atomic
-from kerasnuc.inference.readers import ArraySource, ImageSource, check_mpp, open_image
+from kerasnuc.io.readers import ArraySource, ImageSource, check_mpp, open_image
 from kerasnuc.postprocess.common import PostprocResult
 
 logger = logging.getLogger(__name__)
@@ -183,12 +187,6 @@ class TileGrid:
         return np.stack([y0, x0, y0 + side, x0 + side], axis=1).astype(np.float64)
 
 
-def _check_int(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < minimum:
-        raise ValueError(f"`{name}` must be an int >= {minimum}. Received: {name}={value!r}")
-    return int(value)
-
-
 def make_grid(
     source: ImageSource,
     tile_size: int = 512,
@@ -210,8 +208,8 @@ def make_grid(
     Returns:
         The :class:`TileGrid`.
     """
-    tile_size = _check_int("tile_size", tile_size, 1)
-    margin = _check_int("margin", margin, 0)
+    tile_size = check_int("tile_size", tile_size, 1)
+    margin = check_int("margin", margin, 0)
     if tile_size - 2 * margin < 1:
         raise ValueError(
             "`tile_size` must exceed 2 * `margin` (the core is tile_size - 2 * margin). "
@@ -678,7 +676,7 @@ def _as_source(image: Any, mpp: float | None, grey: str = "error") -> tuple[Imag
 
 def _tissue_selection(source: ImageSource, grid: TileGrid, tissue: Any) -> np.ndarray:
     if tissue is True:
-        from kerasnuc.inference.tissue import tissue_mask
+        from kerasnuc.io.tissue import tissue_mask
 
         mask, _ = tissue_mask(source)
         return select_tiles(grid, mask)
@@ -723,7 +721,7 @@ def predict_streaming(
         mpp_tolerance: relative pixel-size difference tolerated without resampling.
         batch_size: tiles per ``predict_fn`` call.
         tissue: True detects tissue on a thumbnail and skips tiles without any
-            (:func:`~kerasnuc.inference.tissue.tissue_mask`); a bool array is used as the mask
+            (:func:`~kerasnuc.io.tissue.tissue_mask`); a bool array is used as the mask
             (any uniform scale); False/None predicts every tile.
         checkpoint: JSON file recording finished tiles, to resume an interrupted run.
         progress: ``progress(done, total)`` after every batch (and once at the start).
@@ -736,7 +734,7 @@ def predict_streaming(
     Raises:
         KerasnucError: unreadable input or a checkpoint from another run.
     """
-    batch_size = _check_int("batch_size", batch_size, 1)
+    batch_size = check_int("batch_size", batch_size, 1)
     source, opened = _as_source(image, mpp)
     try:
         return _stream(

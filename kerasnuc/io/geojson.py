@@ -35,8 +35,10 @@ asks: exterior rings counter-clockwise, holes clockwise, *in the coordinate numb
 shoelace area for exteriors); on screen, where y points down, exteriors therefore look
 clockwise. QuPath ignores the winding.
 
-Reading back (:func:`read_geojson_instances`): a pixel belongs to a polygon when its centre
-``(c + 0.5, r + 0.5)`` lies inside, the rule of ``kerasnuc.data.importers.geojson``; for our
+Reading: :func:`read_features` is the one GeoJSON parser (the polygon importer, the point
+annotations and :func:`read_geojson_instances` use it); :func:`polygon_rings` takes the rings of
+a Polygon/MultiPolygon and :func:`polygon_pixels` rasterises them, holes removed. A pixel belongs
+to a polygon when its centre ``(c + 0.5, r + 0.5)`` lies inside (or on the boundary); for our
 pixel-edge outlines the centres never lie on an edge, so a write/read round trip is exact.
 """
 
@@ -55,10 +57,10 @@ from typing import IO, Any
 import cv2
 import numpy as np
 from scipy import ndimage as ndi
-from skimage.draw import polygon as draw_polygon
 
 from kerasnuc.fileutil import KerasnucError, atomic_path
-from kerasnuc.postprocess.measure import NucleusTable, compact_ids
+from kerasnuc.instances import compact_ids
+from kerasnuc.postprocess.measure import NucleusTable
 
 logger = logging.getLogger(__name__)
 
@@ -373,20 +375,113 @@ def write_geojson(
     return writer.count
 
 
-def _polygon_mask(rings: list[np.ndarray], shape: tuple[int, int]) -> tuple[np.ndarray, ...]:
-    """Pixels whose centre lies inside the exterior ring and outside the holes."""
-    outer = rings[0]
-    rr, cc = draw_polygon(outer[:, 1] - 0.5, outer[:, 0] - 0.5, shape=shape)
+def read_features(
+    path: str | os.PathLike, bare_geometries: Sequence[str] = ()
+) -> list[dict[str, Any]]:
+    """The features of a GeoJSON file: the one GeoJSON parser of kerasnuc.
+
+    Accepted: a ``FeatureCollection``, a single ``Feature``, a JSON list of features (QuPath's
+    older "Export as GeoJSON"), and a bare geometry object of one of the ``bare_geometries``
+    types (read as one feature without properties).
+
+    Args:
+        path: the file (UTF-8, optional BOM).
+        bare_geometries: geometry types accepted without a feature around them (e.g.
+            ``("Point", "MultiPoint")`` for point annotations).
+
+    Returns:
+        The features (dicts) in file order.
+
+    Raises:
+        KerasnucError: missing file, invalid JSON, or not GeoJSON features (the message names
+            the file).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise KerasnucError(f"{path}: file not found")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise KerasnucError(f"{path}: cannot read GeoJSON ({exc})") from exc
+    except json.JSONDecodeError as exc:
+        raise KerasnucError(f"{path}: invalid JSON ({exc})") from exc
+    features: Any = None
+    if isinstance(data, list):
+        features = data
+    elif isinstance(data, dict):
+        kind = data.get("type")
+        if kind == "FeatureCollection":
+            features = data.get("features")
+        elif kind == "Feature":
+            features = [data]
+        elif kind in bare_geometries:
+            features = [{"type": "Feature", "geometry": data, "properties": {}}]
+    if not isinstance(features, list) or not all(isinstance(f, dict) for f in features):
+        raise KerasnucError(f"{path}: not a GeoJSON FeatureCollection, Feature or list of features")
+    return features
+
+
+def polygon_rings(geometry: Any, path: Path, index: int) -> list[list[np.ndarray]] | None:
+    """Rings of a Polygon/MultiPolygon as ``[[outer, hole, ...], ...]`` of ``(K, 2)`` x,y arrays.
+
+    Returns None for other geometries (and no geometry); ``path`` and ``index`` (of the feature)
+    name malformed coordinates in the KerasnucError.
+    """
+    if not isinstance(geometry, dict):
+        return None
+    kind = geometry.get("type")
+    coords = geometry.get("coordinates")
+    if kind == "Polygon":
+        polys = [coords]
+    elif kind == "MultiPolygon":
+        polys = coords
+    else:
+        return None
+    try:
+        out = []
+        for poly in polys:
+            rings = [np.asarray(ring, dtype=np.float64) for ring in poly]
+            for ring in rings:
+                if ring.ndim != 2 or ring.shape[1] < 2 or not np.all(np.isfinite(ring)):
+                    raise ValueError("bad ring")
+            out.append([ring[:, :2] for ring in rings])
+    except (TypeError, ValueError):
+        raise KerasnucError(f"{path}: feature {index} has malformed {kind} coordinates") from None
+    return out
+
+
+def polygon_pixels(
+    rings: Sequence[tuple[np.ndarray, np.ndarray]], shape: tuple[int, int]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Pixels of a polygon with optional holes, clipped to ``shape``.
+
+    A pixel ``(r, c)`` belongs to a ring with vertex rows/cols ``(y, x)`` when the point
+    ``(r, c)`` lies inside it or on its boundary (``skimage.draw.polygon``). The first ring is
+    the outer boundary; later rings are holes and are removed.
+
+    Args:
+        rings: ``[(rows, cols), ...]`` float vertex coordinates in the pixel-index frame.
+        shape: ``(H, W)`` of the image.
+
+    Returns:
+        ``(rr, cc)`` int arrays of the pixels.
+    """
+    from skimage.draw import polygon
+
+    rr, cc = polygon(rings[0][0], rings[0][1], shape=shape)
     if len(rings) == 1 or rr.size == 0:
         return rr, cc
     r0, c0 = rr.min(), cc.min()
-    local = np.zeros((rr.max() - r0 + 1, cc.max() - c0 + 1), dtype=bool)
-    local[rr - r0, cc - c0] = True
-    for hole in rings[1:]:
-        hr, hc = draw_polygon(hole[:, 1] - 0.5 - r0, hole[:, 0] - 0.5 - c0, shape=local.shape)
-        local[hr, hc] = False
-    lr, lc = np.nonzero(local)
-    return lr + r0, lc + c0
+    mask = np.zeros((rr.max() - r0 + 1, cc.max() - c0 + 1), dtype=bool)
+    mask[rr - r0, cc - c0] = True
+    for hr, hc in rings[1:]:
+        h_rr, h_cc = polygon(hr, hc, shape=shape)
+        keep = (
+            (h_rr >= r0) & (h_rr < r0 + mask.shape[0]) & (h_cc >= c0) & (h_cc < c0 + mask.shape[1])
+        )
+        mask[h_rr[keep] - r0, h_cc[keep] - c0] = False
+    mr, mc = np.nonzero(mask)
+    return mr + r0, mc + c0
 
 
 def read_geojson_instances(
@@ -413,28 +508,19 @@ def read_geojson_instances(
     """
     path = Path(path)
     row0, col0 = _check_offset(offset)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise KerasnucError(f"{path}: cannot read GeoJSON ({exc})") from exc
-    features = data.get("features") if isinstance(data, dict) else data
-    if not isinstance(features, list):
-        raise KerasnucError(f"{path}: not a GeoJSON FeatureCollection or list of features")
     out = np.zeros(tuple(shape), dtype=np.int32)
     shift = np.array([col0, row0], dtype=np.float64)
     k = 0
-    for feature in features:
-        geometry = feature.get("geometry") if isinstance(feature, dict) else None
-        kind = geometry.get("type") if isinstance(geometry, dict) else None
-        if kind not in ("Polygon", "MultiPolygon"):
+    for index, feature in enumerate(read_features(path)):
+        polys = polygon_rings(feature.get("geometry"), path, index)
+        if polys is None:
             continue
         k += 1
-        polys = [geometry["coordinates"]] if kind == "Polygon" else geometry["coordinates"]
         nucleus_id = ((feature.get("properties") or {}).get("measurements") or {}).get("id")
         if not (isinstance(nucleus_id, int) and nucleus_id > 0):
             nucleus_id = k
-        for poly in polys:
-            rings = [np.asarray(ring, dtype=np.float64)[:, :2] - shift for ring in poly]
-            rr, cc = _polygon_mask(rings, out.shape)
+        for rings in polys:
+            xy = [ring - shift for ring in rings]
+            rr, cc = polygon_pixels([(r[:, 1] - 0.5, r[:, 0] - 0.5) for r in xy], out.shape)
             out[rr, cc] = nucleus_id
     return out

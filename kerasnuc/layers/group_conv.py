@@ -16,11 +16,7 @@ from __future__ import annotations
 import keras
 from keras import ops
 
-
-def _positive_int(value, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"`{name}` must be a positive int. Received: {name}={value!r}")
-    return value
+from kerasnuc.checks import check_positive_int
 
 
 def _seeded_per_group(initializer, index: int):
@@ -82,8 +78,8 @@ class GroupConv2D(keras.layers.Layer):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        self.filters = _positive_int(filters, "filters")
-        self.groups = _positive_int(groups, "groups")
+        self.filters = check_positive_int("filters", filters)
+        self.groups = check_positive_int("groups", groups)
         if filters % groups:
             raise ValueError(
                 "`filters` must be divisible by `groups`. "

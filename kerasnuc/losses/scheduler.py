@@ -1,7 +1,7 @@
 """Combining the task losses of a multi-task model: the cyclic scheduler and its alternatives.
 
-`weak` method (METHODS.md section 4; Chamanzar & Nie, ISBI 2020, Eq. 4). Three modes, chosen by
-name for ablations:
+`weak` method (Chamanzar & Nie, "Weakly Supervised Multi-Task Learning for Cell Detection and
+Segmentation", ISBI 2020, Eq. 4). Three modes, chosen by name for ablations:
 
 * ``"cyclic"`` (the paper's multi-task scheduler): training iteration ``i`` uses only the loss of
   task ``tasks[i % len(tasks)]``. With the default ``tasks = ("voronoi", "repel", "cluster")``

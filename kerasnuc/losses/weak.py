@@ -1,4 +1,4 @@
-"""Losses of the `weak` method: point-supervised multi-task U-Net (METHODS.md section 4).
+"""Losses of the `weak` method: point-supervised multi-task U-Net.
 
 Chamanzar & Nie, "Weakly Supervised Multi-Task Learning for Cell Detection and Segmentation"
 (ISBI 2020), Eq. 1-3. The model has one output, named ``seg``: ``(B, H, W, 2)`` float softmax

@@ -15,7 +15,6 @@ from kerasnuc.metrics.counts import class_counts, concordance_cc, multiclass_r2,
 from kerasnuc.metrics.detection import (
     DetectionResult,
     detection_scores,
-    instance_centroids,
     match_points,
 )
 from kerasnuc.metrics.evaluation import (
@@ -67,7 +66,6 @@ __all__ = [
     "dice_coefficient",
     "evaluate_pair",
     "hausdorff_distance",
-    "instance_centroids",
     "iou_dice_from_confusion",
     "match_points",
     "max_weight_matching",

@@ -18,23 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.spatial import cKDTree
 
-from kerasnuc.data.targets import instance_centroids as centroids_of
-from kerasnuc.metrics.instance import check_label_map
 from kerasnuc.metrics.matching import max_weight_matching
-
-
-def instance_centroids(instances: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Centroid (mean pixel position) of every instance.
-
-    Args:
-        instances: ``(H, W)`` integer instance map, 0 = background.
-
-    Returns:
-        ``(ids, centroids)``: ``(K,)`` int64 ids in increasing order and ``(K, 2)`` float64
-        ``(row, col)`` centroids (computed by :func:`kerasnuc.data.targets.instance_centroids`;
-        boolean maps are accepted here too).
-    """
-    return centroids_of(check_label_map("instances", instances))
 
 
 def _check_points(name: str, pts: np.ndarray) -> np.ndarray:

@@ -35,8 +35,9 @@ from typing import Any
 
 import numpy as np
 
+from kerasnuc.instances import instance_centroids
 from kerasnuc.metrics.counts import concordance_cc, multiclass_r2
-from kerasnuc.metrics.detection import DetectionResult, detection_scores, instance_centroids
+from kerasnuc.metrics.detection import DetectionResult, detection_scores
 from kerasnuc.metrics.instance import (
     PQResult,
     check_label_map,
@@ -132,8 +133,8 @@ def evaluate_pair(
     pq = stats.pq(match_iou)
     inter, px_gt, px_pred = stats.foreground_counts()
     pixel = binary_scores_from_counts(inter, px_gt, px_pred, stats.n_pixels)
-    _, gt_pts = instance_centroids(gt_inst)
-    _, pred_pts = instance_centroids(pred_inst)
+    _, gt_pts = instance_centroids(check_label_map("gt_inst", gt_inst))
+    _, pred_pts = instance_centroids(check_label_map("pred_inst", pred_inst))
     det = detection_scores(gt_pts, pred_pts, max_dist)
 
     row: dict[str, Any] = {

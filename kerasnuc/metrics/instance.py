@@ -12,6 +12,9 @@ Conventions shared by all functions here:
 * Instances are sorted by id; "ties go to the smallest id" wherever a definition takes an argmax.
 * A metric that is 0/0 because both the ground truth and the prediction are empty is ``nan``
   (undefined; aggregations skip it). If only one side is empty the ratio metrics are 0.
+
+One cohesive concept: every instance metric here derives from the one contingency table of
+:func:`pair_stats`.
 """
 
 from __future__ import annotations

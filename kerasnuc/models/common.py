@@ -4,12 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
-
-
-def is_int(value: Any) -> bool:
-    """A Python or NumPy integer, not a bool."""
-    return isinstance(value, int | np.integer) and not isinstance(value, bool)
+from kerasnuc.checks import is_int
 
 
 def check_input_shape(input_shape: Any) -> tuple:

@@ -38,7 +38,7 @@ from kerasnuc.backbones.efficientnet_lite import (
     EFFICIENTNET_LITE_NAMES,
     build_efficientnet_lite_encoder,
 )
-from kerasnuc.config import strict_from_dict
+from kerasnuc.config import builder_kwargs, config_to_dict, strict_from_dict
 from kerasnuc.layers.dropout import MCDropout
 from kerasnuc.models.common import check_input_shape
 
@@ -265,15 +265,7 @@ class ConicModelConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable dict (tuples become lists)."""
-        return {
-            "encoder": self.encoder,
-            "num_classes": self.num_classes,
-            "decoder_filters": list(self.decoder_filters),
-            "dropout": self.dropout,
-            "encoder_weights": self.encoder_weights,
-            "input_shape": list(self.input_shape),
-            "encoder_features": self.encoder_features,
-        }
+        return config_to_dict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ConicModelConfig:
@@ -287,12 +279,4 @@ class ConicModelConfig:
 
 def build_conic_from_config(config: ConicModelConfig) -> ConicModel:
     """Build the model described by ``config`` (see :func:`build_conic`)."""
-    return build_conic(
-        encoder=config.encoder,
-        num_classes=config.num_classes,
-        decoder_filters=config.decoder_filters,
-        dropout=config.dropout,
-        encoder_weights=config.encoder_weights,
-        input_shape=config.input_shape,
-        encoder_features=config.encoder_features,
-    )
+    return build_conic(**builder_kwargs(build_conic, config))

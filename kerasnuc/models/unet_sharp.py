@@ -1,7 +1,7 @@
 """``unet_sharp``: U-Net# for multi-class semantic nuclei segmentation.
 
 Stagys et al., "U-Net#: a U-Net-like redesigned skip connections architecture for multi-class
-semantic nuclei segmentation" (METHODS.md section 3): a ResNeXt encoder (ResNeXt-101 32x4d in
+semantic nuclei segmentation": a ResNeXt encoder (ResNeXt-101 32x4d in
 the paper), UNet 3+ full-scale skip connections (Huang et al. 2020), attention gates on the skips
 (Oktay et al. 2018), an ASPP bridge (DeepLabV3), Mish activations in the decoder, a softmax head
 over background + ``C`` classes, and Macenko stain normalisation as the first preprocessing step.
@@ -29,16 +29,16 @@ Architecture (levels by stride: encoder ``E1..E5 = P1..P5`` at strides 2..32):
   -> BN -> Mish`` -> ``conv1x1(C + 1)`` -> softmax (float32).
 
 Choices where the paper is silent: the UNet 3+ widths (64 per branch, 320 after fusion), the
-deeper encoder branches (the METHODS digest asks for *all* encoder levels; UNet 3+ itself uses
-only the shallower and same-scale ones), the attention gating signal, the stride-2 -> stride-1
-head block and the ASPP width (256, DeepLabV3). With ResNeXt-101 and these defaults the model
-has 74.2 M trainable parameters, 42.1 M of them in the encoder and 15.5 M in the ASPP on the
-2048-channel ``E5``; U-Net# reports 57.2 M without giving its decoder widths (narrow them with
-``skip_filters`` / ``decoder_filters`` / ``aspp_filters``).
+deeper encoder branches (skips from *all* encoder levels into every decoder level; UNet 3+
+itself uses only the shallower and same-scale ones), the attention gating signal, the
+stride-2 -> stride-1 head block and the ASPP width (256, DeepLabV3). With ResNeXt-101 and these
+defaults the model has 74.2 M trainable parameters, 42.1 M of them in the encoder and 15.5 M in
+the ASPP on the 2048-channel ``E5``; U-Net# reports 57.2 M without giving its decoder widths
+(narrow them with ``skip_filters`` / ``decoder_filters`` / ``aspp_filters``).
 
 Training schedule fields (``freeze_encoder_epochs``, ``freeze_encoder_batchnorm``) live in the
 config so they travel with the run; they do not change the architecture (see
-:mod:`kerasnuc.training.freeze`).
+:mod:`kerasnuc.models.freeze`).
 """
 
 from __future__ import annotations
@@ -52,12 +52,13 @@ from typing import Any
 import keras
 
 from kerasnuc.backbones.resnext import build_resnext_encoder
-from kerasnuc.config import strict_from_dict
+from kerasnuc.checks import is_int
+from kerasnuc.config import builder_kwargs, config_to_dict, strict_from_dict
 from kerasnuc.layers.aspp import ASPP
 from kerasnuc.layers.attention_gate import AttentionGate
 from kerasnuc.layers.macenko import MacenkoNormalization
 from kerasnuc.layers.resize import ResizeLike
-from kerasnuc.models.common import check_input_shape, is_int
+from kerasnuc.models.common import check_input_shape
 
 logger = logging.getLogger(__name__)
 
@@ -364,11 +365,7 @@ class UnetSharpModelConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable dict (tuples become lists)."""
-        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        out["aspp_rates"] = list(self.aspp_rates)
-        out["input_shape"] = list(self.input_shape)
-        out["encoder_blocks"] = None if self.encoder_blocks is None else list(self.encoder_blocks)
-        return out
+        return config_to_dict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> UnetSharpModelConfig:
@@ -393,21 +390,7 @@ def build_unet_sharp_from_config(config: UnetSharpModelConfig) -> keras.Model:
             "MacenkoNormalizer on training images and store its to_dict() as stain_reference "
             "(kerasnuc train does this when a run starts), or set stain_normalization=False"
         )
-    return build_unet_sharp(
-        encoder=config.encoder,
-        num_classes=config.num_classes,
-        skip_filters=config.skip_filters,
-        decoder_filters=config.decoder_filters,
-        head_filters=config.head_filters,
-        aspp_filters=config.aspp_filters,
-        aspp_rates=config.aspp_rates,
-        aspp_dropout=config.aspp_dropout,
-        attention=config.attention,
-        encoder_width_scale=config.encoder_width_scale,
-        encoder_groups=config.encoder_groups,
-        encoder_width_per_group=config.encoder_width_per_group,
-        encoder_blocks=config.encoder_blocks,
-        encoder_weights=config.encoder_weights,
-        stain_reference=config.stain_reference if config.stain_normalization else None,
-        input_shape=config.input_shape,
-    )
+    kwargs = builder_kwargs(build_unet_sharp, config)
+    if not config.stain_normalization:
+        kwargs["stain_reference"] = None
+    return build_unet_sharp(**kwargs)

@@ -1,7 +1,7 @@
 """``weak``: point-supervised multi-task U-Net for cell detection and segmentation.
 
 Chamanzar & Nie, "Weakly supervised multi-task learning for cell detection and segmentation",
-ISBI 2020 (METHODS.md section 4): a U-Net with a ResNet-50 encoder and **two output channels**
+ISBI 2020: a U-Net with a ResNet-50 encoder and **two output channels**
 (background / nucleus probability), trained from point labels only through three pixel-level
 encodings (Voronoi labels, local-clustering labels, filtered repel code; see
 :mod:`kerasnuc.data.points`) and a multi-task scheduler: iteration ``i`` uses only the Voronoi
@@ -47,10 +47,11 @@ import numpy as np
 from keras import ops
 
 from kerasnuc.backbones.resnet import build_resnet50_encoder
-from kerasnuc.config import strict_from_dict
+from kerasnuc.checks import is_int
+from kerasnuc.config import builder_kwargs, config_to_dict, strict_from_dict
 from kerasnuc.losses.scheduler import MODES, WEAK_TASKS, MultiTaskLoss
 from kerasnuc.losses.weak import ClusterLoss, RepelLoss, VoronoiLoss
-from kerasnuc.models.common import check_input_shape, is_int
+from kerasnuc.models.common import check_input_shape
 
 logger = logging.getLogger(__name__)
 
@@ -290,17 +291,7 @@ class WeakModelConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable dict (tuples become lists)."""
-        return {
-            "encoder": self.encoder,
-            "encoder_width": self.encoder_width,
-            "decoder_filters": list(self.decoder_filters),
-            "encoder_weights": self.encoder_weights,
-            "input_shape": list(self.input_shape),
-            "input_mean": None if self.input_mean is None else list(self.input_mean),
-            "input_std": None if self.input_std is None else list(self.input_std),
-            "loss_mode": self.loss_mode,
-            "num_classes": self.num_classes,
-        }
+        return config_to_dict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> WeakModelConfig:
@@ -314,16 +305,7 @@ class WeakModelConfig:
 
 def build_weak_from_config(config: WeakModelConfig) -> WeakModel:
     """Build the model described by ``config`` (see :func:`build_weak`)."""
-    return build_weak(
-        encoder=config.encoder,
-        encoder_width=config.encoder_width,
-        decoder_filters=config.decoder_filters,
-        encoder_weights=config.encoder_weights,
-        input_shape=config.input_shape,
-        input_mean=config.input_mean,
-        input_std=config.input_std,
-        loss_mode=config.loss_mode,
-    )
+    return build_weak(**builder_kwargs(build_weak, config))
 
 
 def fit_input_normalisation(images: Sequence[np.ndarray]) -> tuple[tuple, tuple]:

@@ -2,7 +2,8 @@
 
 Lookahead: Zhang, Lucas, Hinton, Ba, "Lookahead Optimizer: k steps forward, 1 step back",
 NeurIPS 2019 (arXiv:1907.08610), Algorithm 1. Ranger: L. Wright (2019), RAdam wrapped in
-Lookahead; the `weak` method (METHODS.md section 4, Chamanzar & Nie) trains with Ranger, lr 1e-3.
+Lookahead; the `weak` method (Chamanzar & Nie, "Weakly Supervised Multi-Task Learning for Cell
+Detection and Segmentation", ISBI 2020) trains with Ranger, lr 1e-3.
 
 The inner optimizer updates the "fast" weights ``theta`` (the model's variables) at every step.
 The wrapper keeps one "slow" copy ``phi`` per variable, set to ``theta`` before the first step.

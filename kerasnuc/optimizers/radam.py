@@ -1,8 +1,8 @@
 """Rectified Adam (RAdam).
 
 Liu et al., "On the Variance of the Adaptive Learning Rate and Beyond", ICLR 2020
-(arXiv:1908.03265), Algorithm 2. Used by the `weak` method (METHODS.md section 4) inside Ranger
-(RAdam + Lookahead, see :mod:`kerasnuc.optimizers.lookahead`).
+(arXiv:1908.03265), Algorithm 2. Used by the `weak` method (Chamanzar & Nie, ISBI 2020) inside
+Ranger (RAdam + Lookahead, see :mod:`kerasnuc.optimizers.lookahead`).
 
 At step ``t = 1, 2, ...`` with gradient ``g_t``::
 

@@ -24,6 +24,7 @@ from scipy import ndimage as ndi
 from skimage.measure import label as _sk_label
 
 from kerasnuc.fileutil import KerasnucError, write_json_atomic
+from kerasnuc.instances import instance_centroids
 
 PerClass = float | int | Mapping[int, float | int | None] | None
 
@@ -244,17 +245,14 @@ def instance_areas(instances: np.ndarray) -> np.ndarray:
     return np.bincount(np.asarray(instances).ravel(), minlength=1).astype(np.int64)
 
 
-def instance_centroids(instances: np.ndarray) -> np.ndarray:
-    """``(max_id + 1, 2)`` float64 ``(row, col)`` centroids indexed by id (NaN for absent ids)."""
-    instances = np.asarray(instances)
-    flat = instances.ravel()
-    size = int(flat.max(initial=0)) + 1
-    rows, cols = np.indices(instances.shape)
-    area = np.bincount(flat, minlength=size).astype(np.float64)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        r = np.bincount(flat, weights=rows.ravel(), minlength=size) / area
-        c = np.bincount(flat, weights=cols.ravel(), minlength=size) / area
-    return np.stack([r, c], axis=1)
+def centroids_by_id(instances: np.ndarray, n: int) -> np.ndarray:
+    """``(n, 2)`` float64 ``(row, col)`` centroids of ids 1..n, row ``k - 1`` for id ``k`` (NaN
+    for absent ids): the table layout of the post-processors, from
+    :func:`kerasnuc.instances.instance_centroids`."""
+    out = np.full((n, 2), np.nan)
+    ids, centroids = instance_centroids(instances)
+    out[ids - 1] = centroids
+    return out
 
 
 def instance_sums(instances: np.ndarray, values: np.ndarray) -> np.ndarray:
@@ -340,27 +338,53 @@ def instance_solidity(instances: np.ndarray) -> np.ndarray:
     return out
 
 
+@dataclass(frozen=True)
+class Stage:
+    """One step of a post-processor split into stages, for :func:`grid_search`.
+
+    Attributes:
+        fields: the settings this step reads; configurations that agree on them (and on the
+            fields of every earlier stage) share its output.
+        run: ``run(state, input, config) -> state``: ``state`` is the previous stage's output
+            (the input itself for the first stage); the last stage returns the
+            :class:`PostprocResult`.
+    """
+
+    fields: tuple[str, ...]
+    run: Callable[[Any, Any, Any], Any]
+
+
 def grid_search(
     inputs: Sequence[Any],
     grid: Mapping[str, Sequence[Any]],
-    postprocess: Callable[[Any, Any], PostprocResult],
+    postprocess: Callable[[Any, Any], PostprocResult] | None,
     base_config: Any,
     score_fn: Callable[[list[np.ndarray], list[np.ndarray]], float],
+    stages: Sequence[Stage] | None = None,
 ) -> tuple[Any, list[dict[str, Any]]]:
     """Grid search of the settings of a post-processor (a frozen dataclass config).
+
+    The one grid search of kerasnuc: every registry method tunes its ``postproc.json`` with it.
+    A post-processor given as ``stages`` is evaluated depth first with its intermediate results
+    shared: each stage but the last runs once per image and distinct setting of its fields (and
+    those of the stages before it), so e.g. a watershed is not repeated for configurations that
+    differ only in a size filter applied after it; the last stage and ``score_fn`` run once per
+    configuration. Memory holds one result per stage and image at a time.
 
     Args:
         inputs: per image what ``postprocess`` takes (e.g. the model's output maps).
         grid: setting name -> candidate values; every combination is tried (grid order, the last
             name varying fastest).
-        postprocess: ``(input, config) -> PostprocResult``.
+        postprocess: ``(input, config) -> PostprocResult``; ignored when ``stages`` is given.
         base_config: the settings not in ``grid`` (a dataclass instance).
         score_fn: ``score_fn(pred_instances, pred_classes) -> float`` over the whole set, higher
             is better (e.g. PQ or mPQ+ of the set).
+        stages: the post-processor as :class:`Stage` steps (None: one step, ``postprocess``).
 
     Returns:
         ``(best_config, table)``: the best configuration (the first on ties; NaN never wins) and
-        one row per configuration: the grid values and ``"score"``.
+        one row per configuration: the grid values (their JSON form for settings files) and
+        ``"score"``.
 
     Raises:
         ValueError: an unknown setting, an empty value list, a bad value (from the config's own
@@ -369,22 +393,64 @@ def grid_search(
     if not inputs:
         raise ValueError("tuning needs at least one image")
     names = list(grid)
-    unknown = sorted(set(names) - {f.name for f in dataclasses.fields(base_config)})
+    known = {f.name for f in dataclasses.fields(base_config)}
+    unknown = sorted(set(names) - known)
     if unknown:
-        raise ValueError(f"Unknown post-processing setting(s) {unknown} in the grid")
-    if any(
-        isinstance(grid[n], str) or not isinstance(grid[n], Sequence) or not grid[n] for n in names
-    ):
-        raise ValueError("every grid entry must be a non-empty list of values")
+        raise ValueError(
+            f"Unknown post-processing setting(s) {unknown} in the grid (`grid` names an unknown "
+            f"setting; expected a subset of {sorted(known)})"
+        )
+    for name in names:
+        values = grid[name]
+        if isinstance(values, str | bytes) or not isinstance(values, Sequence) or not values:
+            raise ValueError(
+                f"every grid entry must be a non-empty list of values. "
+                f"Received: grid[{name!r}]={values!r}"
+            )
     configs = [
         dataclasses.replace(base_config, **dict(zip(names, values, strict=True)))
         for values in itertools.product(*(grid[n] for n in names))
     ]
+    if stages is None:
+        stages = (Stage(tuple(sorted(known)), lambda state, x, config: postprocess(x, config)),)
+    scores: dict[int, float] = {}
+
+    def key(config: Any, stage: Stage) -> str:
+        values = _json_form(config)
+        return json.dumps({n: values[n] for n in stage.fields}, sort_keys=True, default=str)
+
+    def run(indices: list[int], level: int, states: list[Any]) -> None:
+        stage = stages[level]
+        if level + 1 == len(stages):  # the last stage runs (and is scored) per configuration
+            for index in indices:
+                out = [
+                    stage.run(state, x, configs[index])
+                    for state, x in zip(states, inputs, strict=True)
+                ]
+                scores[index] = float(
+                    score_fn([r.instances for r in out], [r.classes for r in out])
+                )
+            return
+        groups: dict[str, list[int]] = {}
+        for index in indices:
+            groups.setdefault(key(configs[index], stage), []).append(index)
+        for group in groups.values():
+            config = configs[group[0]]
+            out = [stage.run(state, x, config) for state, x in zip(states, inputs, strict=True)]
+            run(group, level + 1, out)
+
+    run(list(range(len(configs))), 0, list(inputs))
     table = []
-    for config in configs:
-        results = [postprocess(x, config) for x in inputs]
-        score = float(score_fn([r.instances for r in results], [r.classes for r in results]))
-        table.append({n: getattr(config, n) for n in names} | {"score": score})
+    for index, config in enumerate(configs):
+        values = _json_form(config)
+        table.append({n: values[n] for n in names} | {"score": scores[index]})
     finite = [i for i, row in enumerate(table) if not math.isnan(row["score"])]
     best = max(finite, key=lambda i: table[i]["score"]) if finite else 0
     return configs[best], table
+
+
+def _json_form(config: Any) -> dict[str, Any]:
+    """The settings of a config as in its JSON file (``to_dict``) or as they are."""
+    if hasattr(config, "to_dict"):
+        return config.to_dict()
+    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}

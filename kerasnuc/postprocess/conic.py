@@ -1,7 +1,7 @@
 """Post-processing of the ``conic`` method: probability maps -> instance map, class map, table.
 
-Paper: Rumberger et al., "Panoptic segmentation with highly imbalanced semantic labels", CoNIC
-2022 (``conic2022-rumberger-imbalanced-panoptic-full.txt``, Section II.G). The paper draws
+Paper: Rumberger, Baumann, Hirsch et al., "Panoptic segmentation with highly imbalanced semantic
+labels", CoNIC challenge, ISBI 2022, Section II.G. The paper draws
 per-class seeds from the predicted nucleus interior, delineates instances with a watershed
 (after Hirsch & Kainmueller, MIDL 2020), splits distant false merges with connected components
 inside each instance, removes instances outside class-specific size limits or below a
@@ -34,11 +34,8 @@ output table all describe the final mask (a hole is not a concavity).
 
 from __future__ import annotations
 
-import dataclasses
-import itertools
 import json
 import logging
-import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -49,13 +46,16 @@ from scipy import ndimage as ndi
 from skimage.morphology import disk
 from skimage.segmentation import watershed
 
+from kerasnuc.checks import is_int, is_number
 from kerasnuc.postprocess.common import (
     PerClass,
     PostprocResult,
     SettingsFile,
+    Stage,
+    centroids_by_id,
     fill_instance_holes,
+    grid_search,
     instance_areas,
-    instance_centroids,
     instance_solidity,
     instance_sums,
     per_class_table,
@@ -67,7 +67,7 @@ logger = logging.getLogger(__name__)
 
 SURFACES = ("interior", "boundary")
 _PER_CLASS_FIELDS = ("fg_threshold", "seed_threshold", "min_size", "max_size", "min_solidity")
-# Fields each pipeline stage depends on (tune_postproc caches a stage's output per key).
+# Fields each pipeline stage depends on (the grid search shares a stage's output per key).
 _PIXEL_FIELDS = (
     "fg_threshold",
     "seed_threshold",
@@ -80,14 +80,6 @@ _PIXEL_FIELDS = (
 )
 _REFINE_FIELDS = ("split_components", "fill_holes", "max_hole_size")
 _SELECT_FIELDS = ("min_size", "max_size", "min_solidity")
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float | np.integer | np.floating) and not isinstance(value, bool)
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int | np.integer) and not isinstance(value, bool)
 
 
 def _normalise_per_class(name: str, value: Any, allow_none: bool) -> PerClass:
@@ -120,7 +112,7 @@ def _check_values(name: str, value: PerClass, check: Callable[[Any], bool], expe
 
 
 @dataclass(frozen=True)
-class PostprocConfig(SettingsFile):
+class ConicPostprocConfig(SettingsFile):
     """Thresholds of the ``conic`` post-processing (Rumberger et al. 2022, Section II.G).
 
     Per-class fields (``fg_threshold``, ``seed_threshold``, ``min_size``, ``max_size``,
@@ -181,27 +173,27 @@ class PostprocConfig(SettingsFile):
             _check_values(
                 name,
                 getattr(self, name),
-                lambda v: _is_number(v) and 0.0 <= v <= 1.0,
+                lambda v: is_number(v) and 0.0 <= v <= 1.0,
                 "a number in [0, 1] or a mapping {class_id: number in [0, 1]}",
             )
         _check_values(
             "min_size",
             self.min_size,
-            lambda v: _is_int(v) and v >= 0,
+            lambda v: is_int(v) and v >= 0,
             "an int >= 0 or a mapping {class_id: int >= 0}",
         )
         _check_values(
             "max_size",
             self.max_size,
-            lambda v: v is None or (_is_int(v) and v >= 0),
+            lambda v: v is None or (is_int(v) and v >= 0),
             "None, an int >= 0 or a mapping {class_id: int >= 0 or None}",
         )
         for name in ("seed_erosion", "seed_min_size"):
             value = getattr(self, name)
-            if not _is_int(value) or value < 0:
+            if not is_int(value) or value < 0:
                 raise ValueError(f"`{name}` must be an int >= 0. Received: {name}={value!r}")
         if self.max_hole_size is not None and (
-            not _is_int(self.max_hole_size) or self.max_hole_size < 0
+            not is_int(self.max_hole_size) or self.max_hole_size < 0
         ):
             raise ValueError(
                 "`max_hole_size` must be None or an int >= 0. "
@@ -228,15 +220,9 @@ class PostprocConfig(SettingsFile):
         return json.dumps(self.to_dict(), sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> PostprocConfig:
+    def from_json(cls, text: str) -> ConicPostprocConfig:
         """Parse :meth:`to_json` output."""
         return cls.from_dict(json.loads(text))
-
-    def stage_key(self, stage: str) -> str:
-        """JSON text of the fields one pipeline stage depends on (``pixel|refine|select``)."""
-        fields = {"pixel": _PIXEL_FIELDS, "refine": _REFINE_FIELDS, "select": _SELECT_FIELDS}
-        full = self.to_dict()
-        return json.dumps({name: full[name] for name in fields[stage]}, sort_keys=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -293,7 +279,7 @@ def _pixel_threshold(
     """Scalar threshold, or a per-pixel ``(H, W)`` threshold looked up by pixel class."""
     if not isinstance(value, Mapping):
         return float(value)
-    default = PostprocConfig.__dataclass_fields__[name].default
+    default = ConicPostprocConfig.__dataclass_fields__[name].default
     table = per_class_table(value, num_classes, default, name).astype(np.float32)
     return table[pixel_class()]
 
@@ -301,7 +287,7 @@ def _pixel_threshold(
 def _pixel_stage(
     semantic: np.ndarray,
     three_label: np.ndarray,
-    config: PostprocConfig,
+    config: ConicPostprocConfig,
     timings: dict[str, float] | None = None,
 ) -> np.ndarray:
     """Seeded watershed: ``(H, W)`` int32 instance map, ids not consecutive, not split yet."""
@@ -354,7 +340,7 @@ def _pixel_stage(
 
 
 @dataclass(frozen=True)
-class _Candidates:
+class Candidates:
     """Instances after splitting and hole filling, before the filters (ids 1..M)."""
 
     instances: np.ndarray  # (H, W) int32
@@ -366,12 +352,21 @@ class _Candidates:
     num_classes: int
 
 
-def _refine_stage(
+def refine_stage(
     raw: np.ndarray,
     semantic: np.ndarray,
-    config: PostprocConfig,
+    config: ConicPostprocConfig,
     timings: dict[str, float] | None = None,
-) -> _Candidates:
+) -> Candidates:
+    """Refine stage: split components, fill holes, class by summed softmax, area and shape.
+
+    Args:
+        raw: ``(H, W)`` int32 instance map of the watershed stage.
+        semantic: ``(H, W, C + 1)`` float32 softmax.
+        config: the settings (``split_components``, ``connectivity``, ``fill_holes``,
+            ``max_hole_size``).
+        timings: collects the seconds per step when given.
+    """
     timer = _Timer(timings)
     if config.split_components:
         instances = split_instance_components(raw, config.connectivity)
@@ -389,19 +384,20 @@ def _refine_stage(
     with np.errstate(invalid="ignore", divide="ignore"):
         probabilities = (sums / area[:, None]).astype(np.float32)
     timer("classes")
-    centroid = instance_centroids(instances)[1:]
+    centroid = centroids_by_id(instances, area.shape[0])
     solidity = instance_solidity(instances)[1:]
     timer("shape")
-    return _Candidates(instances, classes, probabilities, area, centroid, solidity, num_classes)
+    return Candidates(instances, classes, probabilities, area, centroid, solidity, num_classes)
 
 
-def _select_stage(
-    candidates: _Candidates, config: PostprocConfig, timings: dict[str, float] | None = None
+def select_stage(
+    candidates: Candidates, config: ConicPostprocConfig, timings: dict[str, float] | None = None
 ) -> PostprocResult:
+    """Select stage: the class-specific size and solidity filters, then the result table."""
     timer = _Timer(timings)
     c = candidates
     k = c.num_classes
-    fields = PostprocConfig.__dataclass_fields__
+    fields = ConicPostprocConfig.__dataclass_fields__
     low = per_class_table(config.min_size, k, fields["min_size"].default, "min_size")
     high = per_class_table(config.max_size, k, fields["max_size"].default, "max_size")
     solid = per_class_table(config.min_solidity, k, fields["min_solidity"].default, "min_solidity")
@@ -426,7 +422,7 @@ def _select_stage(
 def postprocess_conic(
     semantic: np.ndarray | None,
     three_label: np.ndarray,
-    config: PostprocConfig | None = None,
+    config: ConicPostprocConfig | None = None,
     timings: dict[str, float] | None = None,
 ) -> PostprocResult:
     """Turn the two softmax maps of the ``conic`` model into nuclei (Rumberger et al. 2022).
@@ -435,7 +431,7 @@ def postprocess_conic(
         semantic: ``(H, W, C + 1)`` float32 semantic softmax, channel 0 = background; or None
             for a class-agnostic run (then ``C = 1`` with ``P(nucleus) = 1 - P_three(bg)``).
         three_label: ``(H, W, 3)`` float32 softmax: background, nucleus interior, boundary.
-        config: thresholds; default :class:`PostprocConfig()`.
+        config: thresholds; default :class:`ConicPostprocConfig()`.
         timings: optional dict that receives the seconds spent per stage (``thresholds``,
             ``seeds``, ``watershed``, ``unseeded``, ``split``, ``fill_holes``, ``classes``,
             ``shape``, ``select``).
@@ -446,95 +442,70 @@ def postprocess_conic(
         per-instance ``id``, ``class``, ``probabilities`` ``(N, C + 1)`` (mean softmax),
         ``area``, ``centroid`` ``(row, col)``, ``solidity``.
     """
-    config = PostprocConfig() if config is None else config
+    config = ConicPostprocConfig() if config is None else config
     semantic, three_label = _check_maps(semantic, three_label)
     raw = _pixel_stage(semantic, three_label, config, timings)
-    candidates = _refine_stage(raw, semantic, config, timings)
-    result = _select_stage(candidates, config, timings)
+    candidates = refine_stage(raw, semantic, config, timings)
+    result = select_stage(candidates, config, timings)
     logger.debug("conic post-processing: %d instances", result.num_instances)
     return result
 
 
 # ---------------------------------------------------------------------------------------------
-# Task 2 of CoNIC: cellular composition
+# Tuning: the stages for the shared grid search
 
-
-def composition_counts(
-    instance_map: np.ndarray, class_map: np.ndarray, num_classes: int, crop: int | None = 224
-) -> np.ndarray:
-    """Number of nuclei per cell type in the central ``crop x crop`` window (CoNIC task 2).
-
-    As in the challenge's reference code (TissueImageAnalytics/CoNIC, ``process_composition``)
-    and in the paper ("center-cropping the masks to 224 x 224 and count the number of
-    instances per class"): the label maps are cropped first, so a nucleus counts when **any**
-    of its pixels lies in the window, whatever its centroid. The window starts at
-    ``((H - crop) // 2, (W - crop) // 2)``, i.e. rows/cols 16..239 of a 256 x 256 tile.
-
-    Args:
-        instance_map: ``(H, W)`` integer, 0 = background.
-        class_map: ``(H, W)`` integer, 0 = background, 1..C; one class per nucleus.
-        num_classes: number of cell types C.
-        crop: window side in pixels, or None for the whole map.
-
-    Returns:
-        ``(C,)`` int64, entry ``c - 1`` = number of nuclei of class ``c``.
-
-    Raises:
-        ValueError: shapes differ, the crop does not fit, or a nucleus has no single class in
-            1..C.
-    """
-    instance_map = np.asarray(instance_map)
-    class_map = np.asarray(class_map)
-    if instance_map.ndim != 2 or instance_map.shape != class_map.shape:
-        raise ValueError(
-            "`instance_map` and `class_map` must be 2-D with the same shape. "
-            f"Received: {instance_map.shape} and {class_map.shape}"
-        )
-    if not _is_int(num_classes) or num_classes < 1:
-        raise ValueError(f"`num_classes` must be an int >= 1. Received: num_classes={num_classes}")
-    if crop is not None:
-        h, w = instance_map.shape
-        if not _is_int(crop) or not 0 < crop <= min(h, w):
-            raise ValueError(
-                f"`crop` must be None or an int in 1..{min(h, w)} for a {h}x{w} map. "
-                f"Received: crop={crop}"
-            )
-        r0, c0 = (h - crop) // 2, (w - crop) // 2
-        instance_map = instance_map[r0 : r0 + crop, c0 : c0 + crop]
-        class_map = class_map[r0 : r0 + crop, c0 : c0 + crop]
-    fg = instance_map > 0
-    pairs = np.unique(np.stack([instance_map[fg], class_map[fg]], axis=1), axis=0)
-    ids, classes = pairs[:, 0], pairs[:, 1]
-    if np.unique(ids).size != ids.size:
-        raise ValueError("every nucleus must have a single class in `class_map`")
-    if classes.size and (classes.min() < 1 or classes.max() > num_classes):
-        raise ValueError(
-            f"nucleus classes must lie in 1..{num_classes}. Received classes {np.unique(classes)}"
-        )
-    return np.bincount(classes.astype(np.int64), minlength=num_classes + 1)[1:].astype(np.int64)
-
-
-# ---------------------------------------------------------------------------------------------
-# Grid search
+#: Default ``kerasnuc tune`` grid (60 configurations): foreground / seed thresholds and the
+#: minimum size.
+DEFAULT_GRID: dict[str, list[Any]] = {
+    "fg_threshold": [0.3, 0.4, 0.5, 0.6],
+    "seed_threshold": [0.4, 0.5, 0.6, 0.7, 0.8],
+    "min_size": [0, 10, 30],
+}
 
 ScoreFn = Callable[[Any, Any, Any, Any], float]
 
 
-def _grid_configs(base: PostprocConfig, grid: Mapping[str, Sequence[Any]]) -> list[PostprocConfig]:
-    names = {field.name for field in dataclasses.fields(PostprocConfig)}
-    unknown = sorted(set(grid) - names)
-    if unknown:
-        raise ValueError(f"`grid` names unknown setting(s) {unknown}; expected {sorted(names)}")
-    for name, values in grid.items():
-        if isinstance(values, str | bytes) or not isinstance(values, Sequence) or not values:
-            raise ValueError(
-                f"`grid[{name!r}]` must be a non-empty list of values. Received: {values!r}"
-            )
-    keys = list(grid)
-    return [
-        dataclasses.replace(base, **dict(zip(keys, combo, strict=True)))
-        for combo in itertools.product(*(grid[k] for k in keys))
-    ]
+def tuning_stages() -> tuple[Stage, ...]:
+    """:func:`postprocess_conic` as :class:`~kerasnuc.postprocess.common.Stage` steps on
+    ``(semantic, three_label)`` inputs checked by :func:`tune_conic`: the watershed, the
+    refine stage, the filters."""
+    return (
+        Stage(_PIXEL_FIELDS, lambda maps, _, config: _pixel_stage(maps[0], maps[1], config)),
+        Stage(_REFINE_FIELDS, lambda raw, maps, config: refine_stage(raw, maps[0], config)),
+        Stage(_SELECT_FIELDS, lambda candidates, _, config: select_stage(candidates, config)),
+    )
+
+
+def tune_conic(
+    maps_list: Sequence[tuple[np.ndarray | None, np.ndarray]],
+    grid: Mapping[str, Sequence[Any]],
+    score_fn: Callable[[list[np.ndarray], list[np.ndarray]], float],
+    base_config: ConicPostprocConfig | None = None,
+) -> tuple[ConicPostprocConfig, list[dict[str, Any]]]:
+    """Grid search of the post-processing thresholds on validation maps (paper Section II.G).
+
+    :func:`~kerasnuc.postprocess.common.grid_search` over :func:`tuning_stages`: the watershed
+    runs once per image and distinct setting of its fields, hole filling and the shape table
+    once per distinct refine setting, and configurations that differ only in the size /
+    solidity filters reuse them.
+
+    Args:
+        maps_list: per image ``(semantic, three_label)`` as for :func:`postprocess_conic`.
+        grid: setting name -> list of candidate values (a per-class value is one entry, e.g.
+            ``{"min_size": [{1: 10, 2: 30}, {1: 20, 2: 30}]}``).
+        score_fn: ``score_fn(pred_instances, pred_classes) -> float`` over the whole set.
+        base_config: settings not in ``grid``; default :class:`ConicPostprocConfig()`.
+
+    Returns:
+        ``(best_config, table)`` of :func:`~kerasnuc.postprocess.common.grid_search`.
+    """
+    if not maps_list:
+        raise ValueError("`maps_list` must hold at least one image")
+    base = ConicPostprocConfig() if base_config is None else base_config
+    maps = [_check_maps(semantic, three_label) for semantic, three_label in maps_list]
+    best, table = grid_search(maps, grid, None, base, score_fn, stages=tuning_stages())
+    logger.info("tune_conic: best %s", best)
+    return best, table
 
 
 def tune_postproc(
@@ -543,17 +514,10 @@ def tune_postproc(
     grid: Mapping[str, Sequence[Any]],
     score_fn: ScoreFn,
     *,
-    base_config: PostprocConfig | None = None,
+    base_config: ConicPostprocConfig | None = None,
     batched: bool = False,
-) -> tuple[PostprocConfig, list[dict[str, Any]]]:
-    """Grid search of the post-processing thresholds on validation maps (paper Section II.G).
-
-    Every combination of ``grid`` (the Cartesian product; a per-class value is one grid entry,
-    e.g. ``{"min_size": [{1: 10, 2: 30}, {1: 20, 2: 30}]}``) is applied on top of
-    ``base_config`` and scored. The pipeline stages are cached: the watershed runs once per image
-    and distinct setting of its fields, hole filling and the shape table once per distinct
-    refine setting, and configurations that differ only in the size / solidity filters reuse
-    them. Memory holds one watershed result and one refine result per image at a time.
+) -> tuple[ConicPostprocConfig, list[dict[str, Any]]]:
+    """:func:`tune_conic` with a score computed against ground truth.
 
     Args:
         maps_list: per image ``(semantic, three_label)`` as for :func:`postprocess_conic`.
@@ -562,7 +526,7 @@ def tune_postproc(
         score_fn: higher is better. ``batched=False``: ``score_fn(pred_inst, pred_cls, gt_inst,
             gt_cls) -> float`` per image, averaged over images. ``batched=True``: called once
             per configuration with four lists (e.g. for mPQ+ accumulated over the whole set).
-        base_config: settings not in ``grid``; default :class:`PostprocConfig()`.
+        base_config: settings not in ``grid``; default :class:`ConicPostprocConfig()`.
         batched: see ``score_fn``.
 
     Returns:
@@ -575,61 +539,16 @@ def tune_postproc(
             f"`maps_list` and `gt_list` must have the same length. "
             f"Received: {len(maps_list)} and {len(gt_list)}"
         )
-    if not maps_list:
-        raise ValueError("`maps_list` must hold at least one image")
-    base = PostprocConfig() if base_config is None else base_config
-    configs = _grid_configs(base, grid)
-    maps = [_check_maps(semantic, three_label) for semantic, three_label in maps_list]
-    scores: dict[int, float] = {}
+    gt_instances = [g[0] for g in gt_list]
+    gt_classes = [g[1] for g in gt_list]
 
-    by_pixel: dict[str, list[int]] = {}
-    for index, config in enumerate(configs):
-        by_pixel.setdefault(config.stage_key("pixel"), []).append(index)
-    for pixel_indices in by_pixel.values():
-        pixel_config = configs[pixel_indices[0]]
-        raws = [_pixel_stage(sem, tl, pixel_config) for sem, tl in maps]
-        by_refine: dict[str, list[int]] = {}
-        for index in pixel_indices:
-            by_refine.setdefault(configs[index].stage_key("refine"), []).append(index)
-        for refine_indices in by_refine.values():
-            refine_config = configs[refine_indices[0]]
-            candidates = [
-                _refine_stage(raw, sem, refine_config)
-                for raw, (sem, _) in zip(raws, maps, strict=True)
-            ]
-            for index in refine_indices:
-                preds = [_select_stage(cand, configs[index]) for cand in candidates]
-                scores[index] = _score(preds, gt_list, score_fn, batched)
+    def score(pred_instances: list[np.ndarray], pred_classes: list[np.ndarray]) -> float:
+        if batched:
+            return float(score_fn(pred_instances, pred_classes, gt_instances, gt_classes))
+        values = [
+            float(score_fn(*args))
+            for args in zip(pred_instances, pred_classes, gt_instances, gt_classes, strict=True)
+        ]
+        return float(np.mean(values))
 
-    table = []
-    for index, config in enumerate(configs):
-        full = config.to_dict()
-        row = {name: full[name] for name in grid}
-        row["score"] = scores[index]
-        table.append(row)
-    finite = [i for i in range(len(configs)) if not math.isnan(scores[i])]
-    best = max(finite, key=lambda i: scores[i]) if finite else 0
-    logger.info("tune_postproc: best score %.4f with %s", scores[best], table[best])
-    return configs[best], table
-
-
-def _score(
-    preds: list[PostprocResult],
-    gt_list: Sequence[tuple[np.ndarray, np.ndarray | None]],
-    score_fn: ScoreFn,
-    batched: bool,
-) -> float:
-    if batched:
-        return float(
-            score_fn(
-                [p.instances for p in preds],
-                [p.classes for p in preds],
-                [g[0] for g in gt_list],
-                [g[1] for g in gt_list],
-            )
-        )
-    values = [
-        float(score_fn(p.instances, p.classes, g[0], g[1]))
-        for p, g in zip(preds, gt_list, strict=True)
-    ]
-    return float(np.mean(values))
+    return tune_conic(maps_list, grid, score, base_config)

@@ -61,10 +61,10 @@ import numpy as np
 from scipy import ndimage as ndi
 from skimage.color import hed_from_rgb
 
+from kerasnuc.instances import compact_ids
 from kerasnuc.postprocess.common import (
-    PostprocResult,
+    centroids_by_id,
     instance_areas,
-    instance_centroids,
     instance_solidity,
 )
 
@@ -172,33 +172,6 @@ class NucleusTable:
             else np.concatenate([t.probabilities for t in tables], axis=0)
         )
         return NucleusTable(columns, probs, dict(first.class_names), first.mpp)
-
-
-def compact_ids(instances: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Relabel an instance map with any positive ids to 1..N, keeping the order of the ids.
-
-    Args:
-        instances: ``(H, W)`` non-negative integer map.
-
-    Returns:
-        ``(labels, ids)``: ``(H, W)`` int32 map with labels 1..N (0 = background) and ``(N,)``
-        int64 original id of each label (``ids[k - 1]`` is label ``k``), increasing.
-    """
-    instances = np.asarray(instances)
-    flat = instances.ravel()
-    max_id = int(flat.max(initial=0))
-    if max_id <= 4 * flat.size + 1024:
-        present = np.bincount(flat, minlength=max_id + 1) > 0
-        present[0] = False
-        ids = np.flatnonzero(present).astype(np.int64)
-        lut = np.zeros(max_id + 1, dtype=np.int32)
-        lut[ids] = np.arange(1, ids.size + 1, dtype=np.int32)
-        return lut[instances], ids
-    uniq, inverse = np.unique(flat, return_inverse=True)
-    if uniq[0] != 0:
-        uniq = np.concatenate([[0], uniq])
-        inverse = inverse + 1
-    return inverse.reshape(instances.shape).astype(np.int32), uniq[1:].astype(np.int64)
 
 
 def _check_map(arr: Any, name: str, shape: tuple[int, ...] | None = None) -> np.ndarray:
@@ -349,7 +322,7 @@ def measure_instances(
     fg = np.flatnonzero(labels)
     lab = labels.ravel()[fg]
     area = instance_areas(labels)[1:]
-    centroids = instance_centroids(labels)
+    centroids = np.vstack([np.full((1, 2), np.nan), centroids_by_id(labels, n)])
     l1, l2, ecc = _second_moments(labels, n, centroids, fg, lab)
     centroids = centroids[1:]
     boxes = np.zeros((n, 4), dtype=np.int64)
@@ -392,32 +365,3 @@ def measure_instances(
     if uncertainty is not None:
         cols["uncertainty"] = uncertainty
     return NucleusTable(cols, probabilities, names, None if mpp is None else float(mpp))
-
-
-def measure_result(
-    result: PostprocResult,
-    image: np.ndarray | None = None,
-    mpp: float | None = None,
-    offset: tuple[int, int] = (0, 0),
-    class_names: Mapping[int, str] | None = None,
-    uncertainty: np.ndarray | None = None,
-) -> NucleusTable:
-    """:func:`measure_instances` on a post-processor's output (its class map and probabilities).
-
-    Args:
-        result: a :class:`~kerasnuc.postprocess.common.PostprocResult`.
-        image, mpp, offset, class_names, uncertainty: as for :func:`measure_instances`.
-
-    Returns:
-        :class:`NucleusTable`.
-    """
-    return measure_instances(
-        result.instances,
-        image=image,
-        classes=result.classes,
-        probabilities=result.table.get("probabilities"),
-        uncertainty=uncertainty,
-        mpp=mpp,
-        offset=offset,
-        class_names=class_names,
-    )

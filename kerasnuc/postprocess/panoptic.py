@@ -27,9 +27,9 @@ from kerasnuc.fileutil import KerasnucError
 from kerasnuc.postprocess.common import (
     PostprocResult,
     SettingsFile,
+    centroids_by_id,
     grid_search,
     instance_areas,
-    instance_centroids,
     instance_solidity,
     relabel_by_lut,
 )
@@ -122,7 +122,7 @@ def detections_from_maps(maps: Mapping[str, np.ndarray]) -> dict[str, np.ndarray
     Args:
         maps: ``{"boxes": (1, 4, N), "scores": (1, 1, N), "classes": (1, 1, N),
             "masks": (M, M, N), "semantic": (H, W, 2)}`` (one image of
-            :func:`kerasnuc.inference.maps.predict_maps`).
+            :func:`kerasnuc.models.maps.predict_maps`).
 
     Returns:
         ``{"boxes": (N, 4), "scores": (N,), "classes": (N,) int, "masks": (N, M, M),
@@ -192,7 +192,7 @@ def postprocess_panoptic(
         "class": classes,
         "probabilities": probabilities,
         "area": instance_areas(instances)[1:].astype(np.int64),
-        "centroid": instance_centroids(instances)[1:].reshape(n, 2),
+        "centroid": centroids_by_id(instances, n),
         "solidity": instance_solidity(instances)[1:],
     }
     class_lut = np.concatenate([[0], classes]).astype(np.int32)

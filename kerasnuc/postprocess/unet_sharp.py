@@ -29,8 +29,7 @@ from skimage.segmentation import watershed
 from kerasnuc.postprocess.common import PerClass, PostprocResult, SettingsFile
 
 # The refine / select stages are shared with the conic post-processing.
-from kerasnuc.postprocess.conic import PostprocConfig as _ConicConfig
-from kerasnuc.postprocess.conic import _refine_stage, _select_stage
+from kerasnuc.postprocess.conic import ConicPostprocConfig, refine_stage, select_stage
 
 
 @dataclass(frozen=True)
@@ -86,9 +85,9 @@ class UnetSharpPostprocConfig(SettingsFile):
         # Validates connectivity and the per-class filters.
         self.conic_config()
 
-    def conic_config(self) -> _ConicConfig:
-        """The settings of the shared refine / select stages as a conic ``PostprocConfig``."""
-        return _ConicConfig(
+    def conic_config(self) -> ConicPostprocConfig:
+        """The settings of the shared refine / select stages as a conic ``ConicPostprocConfig``."""
+        return ConicPostprocConfig(
             connectivity=self.connectivity,
             split_components=True,
             fill_holes=self.fill_holes,
@@ -179,4 +178,13 @@ def postprocess_unet_sharp(
         structure = ndi.generate_binary_structure(2, config.connectivity)
         raw = ndi.label(foreground, structure=structure)[0].astype(np.int32)
     conic_cfg = config.conic_config()
-    return _select_stage(_refine_stage(raw, semantic, conic_cfg), conic_cfg)
+    return select_stage(refine_stage(raw, semantic, conic_cfg), conic_cfg)
+
+
+#: Default ``kerasnuc tune`` grid (36 configurations): foreground threshold, marker distance,
+#: minimum size.
+DEFAULT_GRID: dict[str, list[Any]] = {
+    "fg_threshold": [0.3, 0.4, 0.5, 0.6],
+    "min_distance": [4, 6, 8],
+    "min_size": [0, 10, 30],
+}

@@ -1,6 +1,7 @@
 """Post-processing of the ``weak`` model: detection by local maxima, instances by watershed.
 
-Chamanzar & Nie, ISBI 2020 (METHODS.md section 4): "binary segmentation masks using an argmax
+Chamanzar & Nie, "Weakly Supervised Multi-Task Learning for Cell Detection and Segmentation",
+ISBI 2020: "binary segmentation masks using an argmax
 function applied on the output probability maps" and cells detected "by finding the location of
 local maxima, with minimum distance of 2.5 um, in the nuclei output probability map using the
 maximum filter" (scipy's, through ``skimage.feature.peak_local_max``). The paper scores AJI, so
@@ -36,12 +37,13 @@ from scipy import ndimage as ndi
 from skimage.feature import peak_local_max
 from skimage.segmentation import watershed
 
+from kerasnuc.checks import is_number
 from kerasnuc.postprocess.common import (
     PostprocResult,
     SettingsFile,
+    centroids_by_id,
     grid_search,
     instance_areas,
-    instance_centroids,
     instance_solidity,
     instance_sums,
     relabel_by_lut,
@@ -52,10 +54,6 @@ logger = logging.getLogger(__name__)
 #: Pixel size assumed when neither the settings nor the run give one: the paper's 20x images
 #: (2.5 um = 5 px at 0.5 um/px).
 DEFAULT_MPP = 0.5
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float | np.integer | np.floating) and not isinstance(value, bool)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,20 +79,20 @@ class WeakPostprocConfig(SettingsFile):
     min_size: int = 0
 
     def __post_init__(self) -> None:
-        if not _is_number(self.min_distance_um) or not self.min_distance_um > 0:
+        if not is_number(self.min_distance_um) or not self.min_distance_um > 0:
             raise ValueError(
                 "`min_distance_um` must be a number > 0. "
                 f"Received: min_distance_um={self.min_distance_um!r}"
             )
-        if self.mpp is not None and (not _is_number(self.mpp) or not self.mpp > 0):
+        if self.mpp is not None and (not is_number(self.mpp) or not self.mpp > 0):
             raise ValueError(f"`mpp` must be None or a number > 0. Received: mpp={self.mpp!r}")
-        if not _is_number(self.peak_threshold) or not 0 <= self.peak_threshold <= 1:
+        if not is_number(self.peak_threshold) or not 0 <= self.peak_threshold <= 1:
             raise ValueError(
                 "`peak_threshold` must be a number in [0, 1]. "
                 f"Received: peak_threshold={self.peak_threshold!r}"
             )
         sigma = self.smooth_sigma
-        if not _is_number(sigma) or sigma < 0:
+        if not is_number(sigma) or sigma < 0:
             raise ValueError(
                 f"`smooth_sigma` must be a number >= 0. Received: smooth_sigma={sigma!r}"
             )
@@ -239,7 +237,7 @@ def postprocess_weak(seg: np.ndarray, config: WeakPostprocConfig | None = None) 
         "class": np.ones(n, dtype=np.int32),
         "probabilities": probs.reshape(n, 2),
         "area": areas.astype(np.int64),
-        "centroid": instance_centroids(instances)[1:].reshape(n, 2),
+        "centroid": centroids_by_id(instances, n),
         "solidity": instance_solidity(instances)[1:],
     }
     classes = (instances > 0).astype(np.int32)

@@ -2,7 +2,7 @@
 
 :class:`ServingClient` is a drop-in for running the model locally:
 :meth:`ServingClient.predict_maps_batch` has the contract of
-:func:`kerasnuc.inference.maps.predict_maps_batch` (images in, ``{name: (B, H, W, K) float32}``
+:func:`kerasnuc.models.maps.predict_maps_batch` (images in, ``{name: (B, H, W, K) float32}``
 probability maps at the input size out), so the existing post-processing consumes its output,
 and :meth:`ServingClient.metadata` returns the export's ``kerasnuc.json`` (method, classes,
 colours, resolution, post-processing thresholds), so no run directory is needed.
@@ -171,7 +171,7 @@ class ServingClient:
     def predict_maps_batch(self, images: np.ndarray, batch_size: int = 4) -> dict[str, np.ndarray]:
         """Probability maps of a batch of same-size images (one request per ``batch_size``).
 
-        Same contract as :func:`kerasnuc.inference.maps.predict_maps_batch`; the padding to a
+        Same contract as :func:`kerasnuc.models.maps.predict_maps_batch`; the padding to a
         multiple of 32 and the crop happen in the served graph.
 
         Args:

@@ -10,9 +10,9 @@ Signatures (all take a batch of same-size images, any batch size, height and wid
 
 ``serving_default``
     input ``images``: ``(batch, height, width, 3)`` uint8 RGB. The graph divides by 255, pads
-    the bottom/right to a multiple of 32 (:data:`kerasnuc.inference.maps.STRIDE`; reflect
+    the bottom/right to a multiple of 32 (:data:`kerasnuc.models.maps.STRIDE`; reflect
     padding, or edge where a side is shorter than its padding, as
-    :func:`kerasnuc.inference.maps.pad_to_multiple`), runs the model with ``training=False``
+    :func:`kerasnuc.models.maps.pad_to_multiple`), runs the model with ``training=False``
     and MC dropout off, and crops every output back to ``(batch, height, width, K)`` float32
     (``semantic``, ``three_label``, ``vectors`` for the ``conic`` method).
 ``serving_float``
@@ -50,9 +50,9 @@ import tensorflow as tf
 
 from kerasnuc import __version__
 from kerasnuc.fileutil import KerasnucError, write_text_atomic
-from kerasnuc.inference.maps import STRIDE
 from kerasnuc.layers.dropout import set_mc_dropout
-from kerasnuc.registry import LoadedRun, load_run
+from kerasnuc.models.maps import STRIDE
+from kerasnuc.runs import LoadedRun, load_run
 from kerasnuc.serving.warmup import DEFAULT_WARMUP_SHAPES, write_warmup_requests
 
 logger = logging.getLogger(__name__)
@@ -91,7 +91,7 @@ class ExportResult:
 def pad_images(images: tf.Tensor, multiple: int = STRIDE, mode: str = "reflect") -> tf.Tensor:
     """Pad ``(B, H, W, C)`` at the bottom/right to multiples of ``multiple`` inside the graph.
 
-    Same result as :func:`kerasnuc.inference.maps.pad_to_multiple`: ``"reflect"`` mirrors
+    Same result as :func:`kerasnuc.models.maps.pad_to_multiple`: ``"reflect"`` mirrors
     without repeating the edge row/column and falls back to ``"edge"`` (repeat the last
     row/column) when the height or width is not larger than its padding. Implemented as a
     gather with computed indices so it works for unknown ``H, W`` without control flow.

@@ -1,1 +1,2 @@
-"""Fit wiring, callbacks, distribution strategy."""
+"""Fit wiring (``trainer``), callbacks, checkpoints, validation with the real post-processing,
+distribution strategy."""

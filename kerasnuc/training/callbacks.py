@@ -25,8 +25,8 @@ from typing import Any
 import keras
 import numpy as np
 
-from kerasnuc.config import BEST_WEIGHTS, CHECKPOINT_DIR, EPOCH_WEIGHTS_DIR, HISTORY
 from kerasnuc.fileutil import atomic_path, write_text_atomic
+from kerasnuc.runs import BEST_WEIGHTS, CHECKPOINT_DIR, EPOCH_WEIGHTS_DIR, HISTORY
 from kerasnuc.training.checkpoint import save_training_state
 from kerasnuc.training.validation import ValItem, validate
 

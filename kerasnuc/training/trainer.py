@@ -33,9 +33,21 @@ from typing import Any
 
 import keras
 
-from kerasnuc.config import CHECKPOINT_DIR, LOG_DIR, POSTPROC, RUN_CONFIG, DataConfig, RunConfig
+from kerasnuc.config import DataConfig, RunConfig
 from kerasnuc.data.dataset import Dataset
 from kerasnuc.fileutil import KerasnucError
+from kerasnuc.optimizers.schedules import build_optimizer, set_clip_norm
+from kerasnuc.runs import (
+    BEST_WEIGHTS,
+    CHECKPOINT_DIR,
+    HISTORY,
+    LOG_DIR,
+    POSTPROC,
+    RUN_CONFIG,
+    load_config,
+    load_initial_weights,
+    save_config,
+)
 from kerasnuc.training.callbacks import (
     BestCheckpoint,
     EpochScalars,
@@ -43,7 +55,6 @@ from kerasnuc.training.callbacks import (
     TrainingState,
 )
 from kerasnuc.training.checkpoint import has_checkpoint, restore_training_state
-from kerasnuc.training.schedules import build_optimizer, set_clip_norm
 from kerasnuc.training.strategy import get_strategy, precision_policy
 from kerasnuc.training.validation import val_items
 
@@ -92,26 +103,6 @@ def open_datasets(
     return out
 
 
-def load_initial_weights(model: keras.Model, source: str | os.PathLike) -> Path:
-    """Load the weights of a run folder (its best weights) or a ``.weights.h5`` file into ``model``.
-
-    Raises:
-        KerasnucError: no such file, or weights of another architecture.
-    """
-    from kerasnuc.config import BEST_WEIGHTS
-
-    path = Path(source)
-    if path.is_dir():
-        path = path / BEST_WEIGHTS
-    if not path.is_file():
-        raise KerasnucError(f"{path}: weights to start from not found (train.init_from)")
-    try:
-        model.load_weights(path)
-    except (ValueError, OSError) as exc:
-        raise KerasnucError(f"{path}: cannot start from these weights ({exc})") from exc
-    return path
-
-
 def resolve_config(config: RunConfig, datasets: Sequence[Dataset]) -> RunConfig:
     """Fill in what depends on the data: steps per epoch and samples per epoch.
 
@@ -149,7 +140,7 @@ def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
             raise KerasnucError(
                 f"{run_dir}: already exists (use --resume to continue it or --overwrite)"
             )
-        for name in (RUN_CONFIG, "history.csv", "model.weights.h5", POSTPROC):
+        for name in (RUN_CONFIG, HISTORY, BEST_WEIGHTS, POSTPROC):
             (run_dir / name).unlink(missing_ok=True)
         import shutil
 
@@ -174,7 +165,7 @@ def train_run(
         config: run config; ``data.datasets`` names the dataset folders; the ``model`` section
             must have ``num_classes = max(1, C)`` of the data. Ignored when resuming (the run's
             ``config.json`` is used).
-        run_dir: output folder (see :mod:`kerasnuc.config` for its files).
+        run_dir: output folder (see :mod:`kerasnuc.runs` for its files).
         resume: continue the run from ``run_dir/checkpoint``.
         overwrite: replace the outputs of an existing run folder.
         verbose: Keras ``fit`` verbosity (1: progress bar).
@@ -193,7 +184,7 @@ def train_run(
     run_dir = Path(run_dir)
     prepare_run_dir(run_dir, resume, overwrite)
     if resume:
-        config = RunConfig.load(run_dir)
+        config = load_config(run_dir)
     method = get_method(config.method)
     datasets = open_datasets(config.data.datasets, config.data)
     num_classes, _ = shared_classes(datasets)
@@ -207,7 +198,7 @@ def train_run(
         config = resolve_config(config, datasets)
         if method.prepare_config is not None:
             config = method.prepare_config(config, datasets)
-        config.save(run_dir)
+        save_config(config, run_dir)
         if not (run_dir / POSTPROC).is_file():
             method.new_postproc(config).save(run_dir / POSTPROC)
     pipeline_cfg = _pipeline_config(config)
@@ -215,7 +206,7 @@ def train_run(
     postproc = method.postproc_config.load(run_dir / POSTPROC)
     try:
         items, _ = val_items(
-            datasets, config.data.val_split, pipeline_cfg.target_mpp, train_cfg.val_max_images
+            datasets, config.data.val_split, config.data.mpp, train_cfg.val_max_images
         )
     except KerasnucError as exc:
         logger.warning("no validation (%s): the last epoch's weights are kept", exc)
@@ -257,6 +248,7 @@ def train_run(
             pipeline_cfg,
             training=True,
             start_epoch=start,
+            target_mpp=config.data.mpp,
             **options,
         )
         if method.initialize is not None and start == 0 and not train_cfg.init_from:

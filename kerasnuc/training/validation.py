@@ -1,7 +1,7 @@
 """Validation with the real post-processing: predict full images, post-process, score.
 
 Used by the training callback (checkpoint selection by mPQ+ / PQ) and by ``kerasnuc tune``
-(threshold grid search). Images are predicted whole (:func:`kerasnuc.inference.maps.predict_maps`
+(threshold grid search). Images are predicted whole (:func:`kerasnuc.models.maps.predict_maps`
 pads them to a multiple of 32 and crops the maps back), never as training crops.
 """
 
@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from kerasnuc.inference.maps import predict_maps
 from kerasnuc.metrics import MetricAccumulator
+from kerasnuc.models.maps import predict_maps
 
 logger = logging.getLogger(__name__)
 

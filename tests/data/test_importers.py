@@ -19,9 +19,9 @@ from kerasnuc.data.importers import (
     scan,
 )
 from kerasnuc.data.importers.base import per_instance_classes
-from kerasnuc.data.importers.conic import composition_counts
 from kerasnuc.data.importers.masks import is_binary_mask
 from kerasnuc.fileutil import KerasnucError, write_png
+from kerasnuc.instances import composition_counts
 
 
 def rgb(h: int, w: int, seed: int = 0) -> np.ndarray:
@@ -257,7 +257,7 @@ def test_composition_counts_by_hand():
     inst[16, 20], cls[16, 20] = 2, 4  # row 16 is inside
     inst[239, 239], cls[239, 239] = 3, 5  # last inside pixel
     inst[240, 240], cls[240, 240] = 4, 5  # outside
-    np.testing.assert_array_equal(composition_counts(inst, cls), [0, 0, 0, 1, 1, 0])
+    np.testing.assert_array_equal(composition_counts(inst, cls, 6), [0, 0, 0, 1, 1, 0])
 
 
 def test_conic_bad_arrays(tmp_path):

@@ -1,11 +1,10 @@
-"""Ground-truth boxes of the panoptic pipeline (kerasnuc.data.pipeline.panoptic_box_targets)."""
+"""Ground-truth boxes of the panoptic pipeline (kerasnuc.data.targets.panoptic_box_targets)."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from kerasnuc.data.pipeline import panoptic_box_targets
-from kerasnuc.data.targets import UNKNOWN_CLASS
+from kerasnuc.data.targets import UNKNOWN_CLASS, panoptic_box_targets
 
 
 def _scene():
@@ -49,7 +48,7 @@ def test_empty_crop():
 
 
 def test_panoptic_targets_stacks_crops_by_hand():
-    from kerasnuc.data.pipeline import panoptic_targets
+    from kerasnuc.data.targets import panoptic_targets
 
     inst = np.zeros((2, 4, 4), np.int32)
     inst[0, 0:2, 1:3] = 7  # one nucleus, rows 0-1, cols 1-2

@@ -2,12 +2,11 @@
 
 import numpy as np
 import pytest
+import tensorflow as tf
 
-tf = pytest.importorskip("tensorflow")
-
-from kerasnuc.data.augment import AugmentConfig  # noqa: E402
-from kerasnuc.data.dataset import Dataset, DatasetWriter  # noqa: E402
-from kerasnuc.data.pipeline import (  # noqa: E402
+from kerasnuc.data.augment import AugmentConfig
+from kerasnuc.data.dataset import Dataset, DatasetWriter
+from kerasnuc.data.pipeline import (
     PipelineConfig,
     conic_dataset,
     load_items,
@@ -15,8 +14,8 @@ from kerasnuc.data.pipeline import (  # noqa: E402
     unet_sharp_dataset,
     weak_dataset,
 )
-from kerasnuc.data.points import IGNORE  # noqa: E402
-from kerasnuc.fileutil import KerasnucError  # noqa: E402
+from kerasnuc.data.points import IGNORE
+from kerasnuc.fileutil import KerasnucError
 
 S = 64
 
@@ -152,7 +151,7 @@ def test_errors_are_clear(consep_small, shared_data):
 
 
 def test_config_round_trip():
-    cfg = PipelineConfig(crop_size=128, augment=AugmentConfig.none(), target_mpp=0.5)
+    cfg = PipelineConfig(crop_size=128, augment=AugmentConfig.none(), batch_size=3)
     assert PipelineConfig.from_dict(cfg.to_dict()) == cfg
 
 

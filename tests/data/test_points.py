@@ -7,25 +7,22 @@ import json
 import numpy as np
 import pytest
 
-from kerasnuc.data import points as P
+from kerasnuc.data import points_cache
 from kerasnuc.data.points import (
     IGNORE,
-    cache_path,
-    cached_encode_points,
     cluster_label,
     encode_points,
-    encoding_params,
     nearest_two_distances,
     points_from_instances,
-    read_points_csv,
-    read_points_geojson,
     repel_code,
     snap_points,
     voronoi_cells,
     voronoi_label,
     voronoi_lines,
 )
+from kerasnuc.data.points_cache import cache_path, cached_encode_points, encoding_params
 from kerasnuc.fileutil import KerasnucError
+from kerasnuc.io.points import read_points_csv, read_points_geojson
 
 THREE = np.array([[4, 4], [4, 15], [15, 4]])
 
@@ -356,7 +353,7 @@ def test_cache_writes_once_and_reloads(tmp_path, rng, monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("encode_points called although the result is cached")
 
-    monkeypatch.setattr(P, "encode_points", fail)
+    monkeypatch.setattr(points_cache, "encode_points", fail)
     again = cached_encode_points(tmp_path, "img/01", img, pts, disc_radius=3)
     for key in fresh:
         np.testing.assert_array_equal(again[key], fresh[key])

@@ -3,19 +3,8 @@ import pytest
 
 from kerasnuc.data.sampling import (
     ImportanceSampler,
-    class_pixel_frequencies,
     importance_probabilities,
 )
-
-
-def test_class_pixel_frequencies_by_hand():
-    cm = np.array([[0, 0, 1, 1], [0, 2, 2, 2]])
-    np.testing.assert_allclose(class_pixel_frequencies(cm, 3), [3 / 8, 2 / 8, 3 / 8, 0.0])
-
-
-def test_class_pixel_frequencies_rejects_out_of_range():
-    with pytest.raises(ValueError, match="must lie in"):
-        class_pixel_frequencies(np.array([[0, 4]]), 3)
 
 
 def test_importance_probabilities_by_hand():

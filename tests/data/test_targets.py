@@ -7,14 +7,11 @@ import pytest
 
 from kerasnuc.data.targets import (
     centre_vectors,
-    hover_maps,
-    instance_centroids,
+    conic_targets_numpy,
     label_boundaries,
-    make_targets,
-    one_hot,
-    semantic_map,
     three_label_map,
 )
+from kerasnuc.instances import instance_centroids
 
 
 def _grid(text: str) -> np.ndarray:
@@ -160,30 +157,6 @@ def test_centre_vectors_two_nuclei_use_their_own_centroid():
     np.testing.assert_allclose(vec[2, 6], [-1, 0])
 
 
-def test_hover_maps_asymmetric_shape_by_hand():
-    # Pixels (0,0) (0,1) (0,2) (0,3) (1,0): centroid x = 6/5 = 1.2, y = 1/5 = 0.2.
-    inst = np.zeros((3, 5), dtype=np.int32)
-    inst[0, 0:4] = 7
-    inst[1, 0] = 7
-    hv = hover_maps(inst)
-    assert hv.shape == (3, 5, 2) and hv.dtype == np.float32
-    # h = x - 1.2 -> -1.2, -0.2, 0.8, 1.8 (row 0), -1.2 (row 1); negatives / 1.2, positives / 1.8
-    np.testing.assert_allclose(hv[0, 0:4, 0], [-1.0, -0.2 / 1.2, 0.8 / 1.8, 1.0], rtol=1e-6)
-    np.testing.assert_allclose(hv[1, 0, 0], -1.0)
-    # v = y - 0.2 -> -0.2 (row 0) / 0.2 = -1, 0.8 (row 1) / 0.8 = 1
-    np.testing.assert_allclose(hv[0, 0:4, 1], [-1, -1, -1, -1])
-    np.testing.assert_allclose(hv[1, 0, 1], 1.0)
-    assert np.all(hv[inst == 0] == 0)
-
-
-def test_hover_maps_square_linear_ramp():
-    inst = np.zeros((7, 7), dtype=np.int32)
-    inst[1:6, 1:6] = 1  # centre (3, 3), offsets -2..2
-    hv = hover_maps(inst)
-    np.testing.assert_allclose(hv[3, 1:6, 0], [-1, -0.5, 0, 0.5, 1])
-    np.testing.assert_allclose(hv[1:6, 3, 1], [-1, -0.5, 0, 0.5, 1])
-
-
 def test_instance_centroids_by_hand():
     inst = np.zeros((6, 6), dtype=np.int32)
     inst[0:2, 0:2] = 9  # centroid (0.5, 0.5)
@@ -204,63 +177,14 @@ def test_huge_ids_are_handled():
     np.testing.assert_allclose(cen, [[3, 3], [0, 0.5]])
 
 
-def test_semantic_one_hot_and_frequencies():
-    inst = np.array([[0, 1, 1], [0, 2, 2], [3, 3, 0]], dtype=np.int32)
-    cls = np.array([[0, 2, 2], [0, 1, 1], [2, 2, 0]], dtype=np.int32)
-    t = make_targets(inst, cls, num_classes=3)
-    np.testing.assert_array_equal(t["semantic"], cls)
-    assert t["semantic"].dtype == np.int32
-    # 3 background, 2 class-1, 4 class-2, 0 class-3 pixels out of 9
-    np.testing.assert_allclose(t["class_frequencies"], [3 / 9, 2 / 9, 4 / 9, 0], rtol=1e-6)
-    assert t["class_frequencies"].dtype == np.float32
-    oh = make_targets(inst, cls, num_classes=3, semantic_one_hot=True)["semantic"]
-    assert oh.shape == (3, 3, 4) and oh.dtype == np.float32
-    np.testing.assert_array_equal(oh[0, 0], [1, 0, 0, 0])
-    np.testing.assert_array_equal(oh[0, 1], [0, 0, 1, 0])
-    np.testing.assert_array_equal(oh[1, 1], [0, 1, 0, 0])
-    np.testing.assert_array_equal(one_hot(np.array([[3]]), 3)[0, 0], [0, 0, 0, 1])
-
-
-def test_semantic_without_classes_is_foreground():
-    inst = np.array([[0, 5], [5, 0]], dtype=np.int32)
-    t = make_targets(inst)
-    np.testing.assert_array_equal(t["semantic"], [[0, 1], [1, 0]])
-    np.testing.assert_allclose(t["class_frequencies"], [0.5, 0.5])
-    with pytest.raises(ValueError, match="`num_classes` must be 0 or 1"):
-        semantic_map(inst, None, num_classes=4)
-    with pytest.raises(ValueError, match="must lie in"):
-        semantic_map(inst, np.array([[0, 5], [5, 0]]), num_classes=4)
-
-
-def test_make_targets_keys_shapes_dtypes():
-    inst = _two_touching_squares()
-    t = make_targets(inst, boundary_width=2, hover=True)
-    assert set(t) == {
-        "semantic",
-        "three_label",
-        "vectors",
-        "foreground",
-        "class_frequencies",
-        "hover",
-    }
-    assert t["three_label"].dtype == np.uint8
-    np.testing.assert_array_equal(t["three_label"], three_label_map(inst, boundary_width=2))
-    assert t["vectors"].shape == (10, 16, 2) and t["vectors"].dtype == np.float32
-    np.testing.assert_array_equal(t["foreground"], (inst > 0).astype(np.uint8))
-    assert t["foreground"].dtype == np.uint8
-    assert t["hover"].shape == (10, 16, 2)
-    # Square A (rows 1..8, cols 1..6) has centroid (4.5, 3.5).
-    np.testing.assert_allclose(t["vectors"][1, 1], [3.5, 2.5])
-    assert "hover" not in make_targets(inst)
-
-
 def test_targets_on_real_crop(shared_data):
     from kerasnuc.data.dataset import Dataset
 
     ds = Dataset(shared_data / "consep")
     sample = ds.sample(ds.ids[0])
-    inst, cls = sample.instances[:96, :96], sample.classes[:96, :96]
-    t = make_targets(inst, cls, num_classes=ds.num_classes)
+    inst = sample.instances[:96, :96]
+    three, vectors = conic_targets_numpy(inst, 1, "scale", 10.0)  # the training targets
+    t = {"three_label": three, "vectors": vectors}
     fg = inst > 0
     # Definitions: three-label is 0 exactly on background; vectors vanish on background;
     # every nucleus of the crop has at least one interior pixel (keep_seed).
@@ -268,5 +192,3 @@ def test_targets_on_real_crop(shared_data):
     assert np.all(t["vectors"][~fg] == 0)
     ids = np.unique(inst[fg])
     assert set(np.unique(inst[t["three_label"] == 1])) == set(ids.tolist())
-    assert t["class_frequencies"].shape == (ds.num_classes + 1,)
-    np.testing.assert_allclose(t["class_frequencies"].sum(), 1.0, rtol=1e-6)

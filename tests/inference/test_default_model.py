@@ -6,12 +6,18 @@ import h5py
 import numpy as np
 import pytest
 
-from kerasnuc.config import BEST_WEIGHTS
 from kerasnuc.data.dataset import Dataset
 from kerasnuc.examples import example_dataset
-from kerasnuc.inference.bundle import CARD_KEYS, read_card
-from kerasnuc.inference.run import BUNDLED_DIR, DEFAULT_MODEL, bundled_models, resolve_model
 from kerasnuc.metrics.evaluation import evaluate_pair
+from kerasnuc.runs import (
+    BEST_WEIGHTS,
+    BUNDLED_DIR,
+    CARD_KEYS,
+    DEFAULT_MODEL,
+    bundled_models,
+    read_card,
+    resolve_model,
+)
 
 
 def test_default_model_is_bundled_small_and_documented():

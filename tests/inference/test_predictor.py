@@ -2,10 +2,9 @@ import keras
 import numpy as np
 import pytest
 
-from kerasnuc.config import BEST_WEIGHTS, DataConfig, RunConfig
+from kerasnuc.config import DataConfig, RunConfig
 from kerasnuc.data.dataset import Dataset
 from kerasnuc.fileutil import KerasnucError
-from kerasnuc.inference import maps as maps_lib
 from kerasnuc.inference.predictor import (
     Predictor,
     apply_transform,
@@ -15,10 +14,12 @@ from kerasnuc.inference.predictor import (
     plan_passes,
 )
 from kerasnuc.layers.dropout import MCDropout, set_mc_dropout
+from kerasnuc.models import maps as maps_lib
 from kerasnuc.models.conic import ConicModelConfig
 from kerasnuc.postprocess.common import PostprocResult
-from kerasnuc.postprocess.conic import PostprocConfig
-from kerasnuc.registry import METHODS, build_model
+from kerasnuc.postprocess.conic import ConicPostprocConfig
+from kerasnuc.registry import METHODS
+from kerasnuc.runs import BEST_WEIGHTS, build_model, save_config
 
 CONIC = METHODS["conic"]
 CLASSES = {1: "other", 2: "inflammatory", 3: "epithelial", 4: "spindle"}
@@ -208,16 +209,18 @@ def run_dirs(tmp_path_factory):
     for name in ("a", "b"):
         run = root / name
         run.mkdir()
-        config.save(run)
+        save_config(config, run)
         model.save_weights(run / BEST_WEIGHTS)
         model.set_weights([w + rng.normal(0, 0.05, w.shape) for w in model.get_weights()])
         dirs[name] = run
     other = root / "c"
     other.mkdir()
-    RunConfig("conic", model_cfg.to_dict(), DataConfig(mpp=0.25, class_names={1: "x"})).save(other)
+    save_config(
+        RunConfig("conic", model_cfg.to_dict(), DataConfig(mpp=0.25, class_names={1: "x"})), other
+    )
     (other / BEST_WEIGHTS).write_bytes((dirs["a"] / BEST_WEIGHTS).read_bytes())
     dirs["c"] = other
-    PostprocConfig().save(dirs["a"] / "postproc.json")
+    ConicPostprocConfig().save(dirs["a"] / "postproc.json")
     return dirs
 
 

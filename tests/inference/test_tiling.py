@@ -12,7 +12,6 @@ from scipy import ndimage as ndi
 
 from kerasnuc.data.dataset import Dataset
 from kerasnuc.fileutil import KerasnucError
-from kerasnuc.inference.readers import ArraySource, ImageSource, TiffSource
 from kerasnuc.inference.tiling import (
     ResumableSink,
     StitchSink,
@@ -23,6 +22,7 @@ from kerasnuc.inference.tiling import (
     select_tiles,
     tile_instances,
 )
+from kerasnuc.io.readers import ArraySource, ImageSource, TiffSource
 from kerasnuc.metrics import pair_stats, panoptic_quality
 
 # --- fake predictors ------------------------------------------------------------------------

@@ -8,12 +8,12 @@ import keras
 import pytest
 from click.testing import CliRunner
 
+from kerasnuc import runs
 from kerasnuc.cli import main
 from kerasnuc.cli.train import parse_dataset_mpp
-from kerasnuc.config import BEST_WEIGHTS, DataConfig, RunConfig
+from kerasnuc.config import DataConfig, RunConfig
 from kerasnuc.fileutil import KerasnucError
-from kerasnuc.inference import run as run_module
-from kerasnuc.registry import build_model
+from kerasnuc.runs import BEST_WEIGHTS, build_model, save_config
 
 
 @pytest.fixture(scope="module")
@@ -27,16 +27,27 @@ def run_dir(tmp_path_factory):
     model = build_model(config)
     path = tmp_path_factory.mktemp("run")
     model.save_weights(path / BEST_WEIGHTS)
-    config.save(path)
+    save_config(config, path)
     return path
+
+
+class _NamedModels:
+    """The named models of a test: ``named[name] = run_dir`` links it into a temporary
+    ``BUNDLED_DIR`` (the package's own bundled folder is hidden)."""
+
+    def __init__(self, folder):
+        self.folder = folder
+        folder.mkdir()
+
+    def __setitem__(self, name, run_dir):
+        (self.folder / name).symlink_to(run_dir, target_is_directory=True)
 
 
 @pytest.fixture
 def only_registered(monkeypatch, tmp_path):
-    """Named models = BUNDLED_MODELS only (the package's own bundled folder is hidden)."""
-    monkeypatch.setattr(run_module, "BUNDLED_DIR", tmp_path / "no_bundled_models")
-    monkeypatch.setattr(run_module, "BUNDLED_MODELS", {})
-    return run_module.BUNDLED_MODELS
+    named = _NamedModels(tmp_path / "named_models")
+    monkeypatch.setattr(runs, "BUNDLED_DIR", named.folder)
+    return named
 
 
 def test_pack_then_list_and_show(run_dir, tmp_path, only_registered):

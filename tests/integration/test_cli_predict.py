@@ -13,6 +13,7 @@ from click.testing import CliRunner
 
 from kerasnuc.cli import main
 from kerasnuc.fileutil import read_image, write_png
+from kerasnuc.runs import save_config
 
 CLASS_NAMES = {1: "other", 2: "inflammatory", 3: "epithelial", 4: "spindle"}
 FAST = ["--tile", "256", "--margin", "32", "--batch-size", "4"]
@@ -24,7 +25,7 @@ def run_dir(tmp_path_factory):
     import keras
 
     from kerasnuc.config import DataConfig, RunConfig
-    from kerasnuc.registry import build_model
+    from kerasnuc.runs import build_model
 
     config = RunConfig(
         method="conic",
@@ -35,7 +36,7 @@ def run_dir(tmp_path_factory):
     model = build_model(config)
     path = tmp_path_factory.mktemp("run")
     model.save_weights(path / "model.weights.h5")
-    config.save(path)
+    save_config(config, path)
     return path
 
 
@@ -166,9 +167,9 @@ def test_grey_convert_and_pyramidal_slide_streams(run_dir, inputs, tmp_path):
 
 
 def test_missing_model_and_bad_format_fail_with_one_line(tmp_path, monkeypatch):
-    from kerasnuc.inference import run as run_module
+    from kerasnuc import runs
 
-    monkeypatch.setattr(run_module, "BUNDLED_DIR", tmp_path / "none")
+    monkeypatch.setattr(runs, "BUNDLED_DIR", tmp_path / "none")
     result = invoke(tmp_path, "--out", tmp_path / "out")
     assert result.exit_code == 1 and "pass --model" in result.output
     result = invoke(tmp_path, "--out", tmp_path / "out", "--format", "geojson,pdf")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
+import itertools
 import json
 
 import numpy as np
@@ -10,9 +12,11 @@ import pytest
 from click.testing import CliRunner
 
 from kerasnuc.cli import main
-from kerasnuc.config import RunConfig
-from kerasnuc.data.dataset import DatasetWriter
-from kerasnuc.postprocess.conic import PostprocConfig
+from kerasnuc.data.dataset import Dataset, DatasetWriter
+from kerasnuc.metrics import MetricAccumulator
+from kerasnuc.models.maps import predict_maps
+from kerasnuc.postprocess.conic import ConicPostprocConfig, postprocess_conic
+from kerasnuc.runs import load_config, load_run
 
 
 def write_discs(root, classes: bool, n_train=2, n_val=2, size=64, seed=0):
@@ -87,7 +91,7 @@ def test_train_then_tune_class_agnostic(tmp_path, agnostic):
         "--no-importance-sampling", "--val-max-images", "1",
     )  # fmt: skip
     assert res.exit_code == 0, res.output
-    config = RunConfig.load(out)
+    config = load_config(out)
     # defaults < file < flags
     assert config.model["num_classes"] == 1 and config.model["decoder_filters"] == [8] * 5
     assert config.train.learning_rate == 0.002 and config.train.seed == 5
@@ -100,10 +104,25 @@ def test_train_then_tune_class_agnostic(tmp_path, agnostic):
         rows = list(csv.DictReader(f))
     assert len(rows) == 1 and "val_pq" in rows[0] and "val_mpq_plus" not in rows[0]
 
+    base = ConicPostprocConfig.load(out / "postproc.json")
     res = invoke("tune", out, "--data", agnostic, "--grid", grid)
     assert res.exit_code == 0, res.output
     assert "4 configurations on 2 images" in res.output
-    tuned = PostprocConfig.load(out / "postproc.json")
+    tuned = ConicPostprocConfig.load(out / "postproc.json")
     # min_size 10^6 removes every nucleus: PQ 0, never better than keeping them.
     assert tuned.min_size == 0
-    assert tuned.fg_threshold in (0.3, 0.5)
+    # The tuned thresholds are those a brute-force evaluation of the grid picks (first best).
+    model = load_run(out).model
+    ds = Dataset(agnostic)
+    val = [(ds.instances(i), predict_maps(model, ds.image(i))) for i in ds.split("val")]
+    scores = {}
+    for fg, min_size in itertools.product([0.3, 0.5], [0, 1000000]):
+        config = dataclasses.replace(base, fg_threshold=fg, min_size=min_size)
+        acc = MetricAccumulator(num_classes=0, hausdorff=False)
+        for gt, maps in val:
+            acc.add(
+                gt, postprocess_conic(maps.get("semantic"), maps["three_label"], config).instances
+            )
+        scores[fg, min_size] = acc.summary()["pq"]
+    best = max(scores, key=lambda k: (scores[k], -list(scores).index(k)))
+    assert (tuned.fg_threshold, tuned.min_size) == best

@@ -21,13 +21,12 @@ from click.testing import CliRunner
 from skimage.segmentation import relabel_sequential
 
 from kerasnuc.cli import main
-from kerasnuc.config import RunConfig
 from kerasnuc.data.dataset import Dataset, DatasetWriter
 from kerasnuc.data.stain import fit_macenko_reference
 from kerasnuc.fileutil import read_image
-from kerasnuc.inference.maps import predict_maps_batch
-from kerasnuc.registry import build_model, load_run
-from kerasnuc.training.freeze import batchnorm_layers
+from kerasnuc.models.freeze import batchnorm_layers
+from kerasnuc.models.maps import predict_maps_batch
+from kerasnuc.runs import build_model, load_config, load_run
 
 pytestmark = pytest.mark.slow
 
@@ -92,7 +91,7 @@ def run(shared_data, tmp_path_factory):
         "--seed", "3", "--no-importance-sampling",
     )  # fmt: skip
     assert res.exit_code == 0, res.output
-    config = RunConfig.load(out)
+    config = load_config(out)
     keras.utils.set_random_seed(config.train.seed)
     model = build_model(config)  # the initial weights of the run (same seed, same order)
     names = [v.path for v in model.variables]

@@ -18,11 +18,12 @@ from kerasnuc.cli import main
 from kerasnuc.config import RunConfig
 from kerasnuc.data.dataset import Dataset
 from kerasnuc.data.points import points_from_instances
-from kerasnuc.inference.maps import predict_maps_batch
+from kerasnuc.models.maps import predict_maps_batch
 from kerasnuc.optimizers.lookahead import Lookahead
 from kerasnuc.optimizers.radam import RAdam
 from kerasnuc.postprocess.weak import WeakPostprocConfig
-from kerasnuc.registry import get_method, load_run
+from kerasnuc.registry import get_method
+from kerasnuc.runs import load_config, load_run
 from tests.integration.test_cli_train import write_discs
 
 TINY = {
@@ -81,7 +82,7 @@ def test_weak_registry_hooks():
 def test_train_with_derived_points(setup):
     result, run = setup["train"], setup["run"]
     assert result.exit_code == 0, result.output
-    config = RunConfig.load(run)
+    config = load_config(run)
     assert config.method == "weak" and config.train.optimizer == "ranger"
     assert config.data.points is None and config.data.mpp == 0.5
     assert config.model["encoder_width"] == 4 and len(config.model["input_mean"]) == 3
@@ -106,8 +107,8 @@ def test_train_with_points_files(setup, tmp_path):
     result = invoke("train", "--method", "weak", "--data", data, "--out", run, "--config", cfg,
                     "--points", points, *FLAGS)  # fmt: skip
     assert result.exit_code == 0, result.output
-    assert RunConfig.load(run).data.points == str(points)
-    assert get_method("weak").dataset_options(RunConfig.load(run))["points"].keys() == set(
+    assert load_config(run).data.points == str(points)
+    assert get_method("weak").dataset_options(load_config(run))["points"].keys() == set(
         ds.split("train")
     )
 

@@ -5,10 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from kerasnuc.fileutil import read_image
-from kerasnuc.io.overlay import SlideOverlay, draw_overlay, outline_mask, write_overlay
+from kerasnuc.io.overlay import draw_overlay, outline_mask, write_overlay
 
 RED, BLUE, GREEN = (255, 0, 0), (0, 0, 255), (0, 255, 0)
 
@@ -60,55 +59,3 @@ def test_draw_overlay_colours(tmp_path: Path) -> None:
     assert (plain[edge] == GREEN).all()
     partial = draw_overlay(image, inst, classes, {1: RED}, default_color=(1, 2, 3))
     assert (partial[edge & (inst == 9)] == (1, 2, 3)).all()
-
-
-def test_slide_overlay_area_mean_and_nearest_labels() -> None:
-    rng = np.random.default_rng(0)
-    image = rng.integers(0, 256, (8, 12, 3), dtype=np.uint8)
-    inst = np.zeros((8, 12), dtype=np.int32)
-    inst[0:6, 0:8] = 3
-    classes = (inst > 0).astype(np.int32) * 2
-    overview = SlideOverlay((8, 12), scale=0.5, class_colors={2: RED})
-    # four uneven tiles, offsets not aligned with the 2 x 2 blocks
-    for r0, r1 in ((0, 3), (3, 8)):
-        for c0, c1 in ((0, 5), (5, 12)):
-            overview.add(
-                image[r0:r1, c0:c1],
-                inst[r0:r1, c0:c1],
-                classes[r0:r1, c0:c1],
-                offset=(r0, c0),
-            )
-    out = overview.render()
-    assert out.shape == (4, 6, 3)
-    # colour = mean of each 2 x 2 block; labels sampled at (2R + 1, 2C + 1): nucleus 3 covers
-    # overview rows 0..2, cols 0..3, whose 1-px ring is red
-    small_inst = inst[1::2, 1::2]
-    assert small_inst[0:3, 0:4].all() and not small_inst[3].any()
-    ring = outline_mask(small_inst)
-    expected = np.rint(image.reshape(4, 2, 6, 2, 3).astype(np.float64).mean(axis=(1, 3)))
-    np.testing.assert_array_equal(out[~ring], expected.astype(np.uint8)[~ring])
-    assert (out[ring] == RED).all()
-    assert ring.sum() == 10  # 3 x 4 block minus its 1 x 2 interior
-
-
-def test_slide_overlay_tiles_equal_whole_and_uncovered_is_white() -> None:
-    rng = np.random.default_rng(1)
-    image = rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)
-    inst = np.zeros((30, 40), dtype=np.int32)
-    inst[3:20, 5:25] = 1
-    inst[22:29, 30:39] = 2
-    whole = SlideOverlay((30, 40), scale=0.3)
-    whole.add(image, inst)
-    tiled = SlideOverlay((30, 40), scale=0.3)
-    for r0 in range(0, 30, 7):
-        for c0 in range(0, 40, 9):
-            tile = np.s_[r0 : r0 + 7, c0 : c0 + 9]
-            tiled.add(image[tile], inst[tile], offset=(r0, c0))
-    np.testing.assert_array_equal(tiled.render(), whole.render())
-    blank = SlideOverlay((30, 40), scale=0.25)
-    blank.add(image[:8, :8], offset=(0, 0))
-    out = blank.render()
-    assert out.shape == (8, 10, 3)
-    assert (out[2:, :] == 255).all() and (out[:, 2:] == 255).all()
-    with pytest.raises(ValueError, match="inside the slide"):
-        blank.add(image, offset=(5, 5))

@@ -7,7 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from kerasnuc.metrics import detection_scores, instance_centroids, match_points
+from kerasnuc.instances import instance_centroids
+from kerasnuc.metrics import detection_scores, match_points
 
 
 def test_simple_matching_and_scores():

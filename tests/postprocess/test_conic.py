@@ -10,16 +10,18 @@ from skimage.segmentation import find_boundaries
 
 from kerasnuc.data.dataset import Dataset
 from kerasnuc.fileutil import KerasnucError
+from kerasnuc.instances import composition_counts
 from kerasnuc.postprocess import conic
 from kerasnuc.postprocess.common import (
     fill_instance_holes,
+    grid_search,
     instance_solidity,
     split_instance_components,
 )
 from kerasnuc.postprocess.conic import (
-    PostprocConfig,
-    composition_counts,
+    ConicPostprocConfig,
     postprocess_conic,
+    tune_conic,
     tune_postproc,
 )
 
@@ -105,7 +107,7 @@ def test_one_blob_with_two_interior_peaks_is_split_by_watershed():
     three[..., 0] = np.where(blob, 0.05, 0.9)
     three[..., 1] = np.where(blob, interior, 0.05)
     three[..., 2] = 1.0 - three[..., 0] - three[..., 1]
-    result = postprocess_conic(None, three, PostprocConfig(seed_threshold=0.6))
+    result = postprocess_conic(None, three, ConicPostprocConfig(seed_threshold=0.6))
 
     # Seeds: interior > 0.6 <=> within 7.5 px of a centre: two separate discs. The relief rises
     # with the distance to the nearest centre, so the basins meet on the mid column 30.
@@ -122,7 +124,9 @@ def test_boundary_surface_also_separates_touching_discs():
     labels = np.where(union, INTERIOR, BG)
     labels[outline(union)] = BOUNDARY
     labels[union & (np.indices(shape)[1] == 32)] = BOUNDARY
-    result = postprocess_conic(None, three_from_labels(labels), PostprocConfig(surface="boundary"))
+    result = postprocess_conic(
+        None, three_from_labels(labels), ConicPostprocConfig(surface="boundary")
+    )
     assert result.num_instances == 2
     np.testing.assert_array_equal(result.instances > 0, union)
 
@@ -141,10 +145,10 @@ def _two_blobs_one_seed() -> np.ndarray:
 
 def test_unseeded_foreground_component_kept_or_dropped():
     three = _two_blobs_one_seed()
-    kept = postprocess_conic(None, three, PostprocConfig(seed_threshold=0.5))
+    kept = postprocess_conic(None, three, ConicPostprocConfig(seed_threshold=0.5))
     assert kept.num_instances == 2
     assert (kept.instances[5:15, 5:15] == 1).all() and (kept.instances[5:15, 25:35] == 2).all()
-    dropped = postprocess_conic(None, three, PostprocConfig(keep_unseeded=False))
+    dropped = postprocess_conic(None, three, ConicPostprocConfig(keep_unseeded=False))
     assert dropped.num_instances == 1
     assert (dropped.instances[5:15, 5:15] == 1).all() and (dropped.instances[:, 20:] == 0).all()
 
@@ -153,12 +157,12 @@ def test_flooded_background_merge_is_split_by_connected_components():
     three = _two_blobs_one_seed()
     # Flooding the whole image from the only seed gives both blobs the same id ...
     merged = postprocess_conic(
-        None, three, PostprocConfig(flood_background=True, split_components=False)
+        None, three, ConicPostprocConfig(flood_background=True, split_components=False)
     )
     assert merged.num_instances == 1
     assert (merged.instances[5:15, 25:35] == 1).all()
     # ... and the connected-components step splits the distant false merge.
-    split = postprocess_conic(None, three, PostprocConfig(flood_background=True))
+    split = postprocess_conic(None, three, ConicPostprocConfig(flood_background=True))
     assert split.num_instances == 2
     assert np.unique(split.instances[5:15, 5:15]).size == 1
     assert np.unique(split.instances[5:15, 25:35]).size == 1
@@ -187,14 +191,14 @@ def test_seed_min_size_and_erosion_drop_small_seeds():
     three[...] = (0.9, 0.05, 0.05)
     three[5:15, 5:15] = (0.1, 0.8, 0.1)  # 100 px seed
     three[5:7, 25:27] = (0.1, 0.8, 0.1)  # 4 px seed
-    cfg = PostprocConfig(keep_unseeded=False)
+    cfg = ConicPostprocConfig(keep_unseeded=False)
     assert postprocess_conic(None, three, cfg).num_instances == 2
-    cfg = PostprocConfig(keep_unseeded=False, seed_min_size=5)
+    cfg = ConicPostprocConfig(keep_unseeded=False, seed_min_size=5)
     result = postprocess_conic(None, three, cfg)
     assert result.num_instances == 1 and result.table["area"][0] == 100
     # Erosion with a radius-1 disc removes the 2x2 seed, the 10x10 one survives as 8x8 and
     # the watershed grows it back over its whole foreground blob.
-    cfg = PostprocConfig(keep_unseeded=False, seed_erosion=1)
+    cfg = ConicPostprocConfig(keep_unseeded=False, seed_erosion=1)
     result = postprocess_conic(None, three, cfg)
     assert result.num_instances == 1 and result.table["area"][0] == 100
 
@@ -209,18 +213,18 @@ def test_per_class_seed_and_foreground_thresholds():
         classes[5:15, c0 : c0 + 10] = cls
     semantic = semantic_from_classes(classes, 2, high=0.8)
 
-    base = postprocess_conic(semantic, three, PostprocConfig(keep_unseeded=False))
+    base = postprocess_conic(semantic, three, ConicPostprocConfig(keep_unseeded=False))
     assert base.num_instances == 3
     # Class-2 pixels need interior > 0.7 to seed: blob B loses its seed.
-    cfg = PostprocConfig(seed_threshold={2: 0.7}, keep_unseeded=False)
+    cfg = ConicPostprocConfig(seed_threshold={2: 0.7}, keep_unseeded=False)
     result = postprocess_conic(semantic, three, cfg)
     assert result.num_instances == 2
     assert (result.instances[5:15, 25:35] == 0).all() and (result.instances[5:15, 5:15] > 0).all()
     # Foreground needs 1 - P(bg) = 0.9 > 0.95 on class-1 pixels: blob A disappears.
-    result = postprocess_conic(semantic, three, PostprocConfig(fg_threshold={1: 0.95}))
+    result = postprocess_conic(semantic, three, ConicPostprocConfig(fg_threshold={1: 0.95}))
     assert result.num_instances == 2 and (result.instances[5:15, 5:15] == 0).all()
     # Key 0 applies where the semantic head says background: only blob C disappears.
-    result = postprocess_conic(semantic, three, PostprocConfig(fg_threshold=[0.95]))
+    result = postprocess_conic(semantic, three, ConicPostprocConfig(fg_threshold=[0.95]))
     assert result.num_instances == 2 and (result.instances[5:15, 45:55] == 0).all()
     assert (result.instances[5:15, 5:15] > 0).all() and (result.instances[5:15, 25:35] > 0).all()
 
@@ -231,14 +235,14 @@ def test_per_class_seed_and_foreground_thresholds():
 def test_min_and_max_size_per_class():
     semantic, three = squares_maps([(2, 5, 2, 5, 2), (10, 18, 10, 18, 1)])  # 9 px, 64 px
     assert postprocess_conic(semantic, three).num_instances == 2
-    result = postprocess_conic(semantic, three, PostprocConfig(min_size=10))
+    result = postprocess_conic(semantic, three, ConicPostprocConfig(min_size=10))
     assert result.num_instances == 1 and result.table["area"].tolist() == [64]
-    assert postprocess_conic(semantic, three, PostprocConfig(min_size=9)).num_instances == 2
-    result = postprocess_conic(semantic, three, PostprocConfig(max_size=63))
+    assert postprocess_conic(semantic, three, ConicPostprocConfig(min_size=9)).num_instances == 2
+    result = postprocess_conic(semantic, three, ConicPostprocConfig(max_size=63))
     assert result.table["area"].tolist() == [9]
-    assert postprocess_conic(semantic, three, PostprocConfig(max_size=64)).num_instances == 2
+    assert postprocess_conic(semantic, three, ConicPostprocConfig(max_size=64)).num_instances == 2
     # Class 1 (the 64 px square) needs >= 100 px, class 2 (9 px) needs >= 5 px.
-    result = postprocess_conic(semantic, three, PostprocConfig(min_size={1: 100, 2: 5}))
+    result = postprocess_conic(semantic, three, ConicPostprocConfig(min_size={1: 100, 2: 5}))
     assert result.table["area"].tolist() == [9] and result.table["class"].tolist() == [2]
     assert_consecutive(result)
 
@@ -251,10 +255,10 @@ def test_low_solidity_c_shape_removed():
     labels[5:11, 4:12] = BG
     labels[5:11, 18:24] = INTERIOR
     three = three_from_labels(labels)
-    result = postprocess_conic(None, three, PostprocConfig(min_solidity=0.5))
+    result = postprocess_conic(None, three, ConicPostprocConfig(min_solidity=0.5))
     assert result.num_instances == 2
     np.testing.assert_allclose(sorted(result.table["solidity"]), [0.52, 1.0])
-    result = postprocess_conic(None, three, PostprocConfig(min_solidity=0.6))
+    result = postprocess_conic(None, three, ConicPostprocConfig(min_solidity=0.6))
     assert result.num_instances == 1
     assert result.table["area"].tolist() == [36]
     assert (result.instances[3:13, 2:12] == 0).all()
@@ -280,9 +284,9 @@ def test_ring_hole_filled_and_max_hole_size():
     assert result.num_instances == 1
     np.testing.assert_array_equal(result.instances > 0, outer)
     assert result.table["area"][0] == outer.sum()
-    kept = postprocess_conic(None, three, PostprocConfig(max_hole_size=int(hole.sum()) - 1))
+    kept = postprocess_conic(None, three, ConicPostprocConfig(max_hole_size=int(hole.sum()) - 1))
     np.testing.assert_array_equal(kept.instances > 0, outer & ~hole)
-    off = postprocess_conic(None, three, PostprocConfig(fill_holes=False))
+    off = postprocess_conic(None, three, ConicPostprocConfig(fill_holes=False))
     np.testing.assert_array_equal(off.instances > 0, outer & ~hole)
 
 
@@ -347,7 +351,7 @@ def test_table_area_centroid_and_consecutive_ids_after_removal():
         (30, 35, 30, 35, 1),  # 25 px, centroid (32, 32)
     ]
     semantic, three = squares_maps(boxes)
-    result = postprocess_conic(semantic, three, PostprocConfig(min_size=5))
+    result = postprocess_conic(semantic, three, ConicPostprocConfig(min_size=5))
     assert_consecutive(result)
     assert result.num_instances == 3
     np.testing.assert_array_equal(result.table["area"], [9, 24, 25])
@@ -394,7 +398,7 @@ def test_input_checks():
         postprocess_conic(
             semantic_from_classes(np.zeros((8, 8), np.int32), 2),
             three,
-            PostprocConfig(min_size={5: 10}),
+            ConicPostprocConfig(min_size={5: 10}),
         )
 
 
@@ -430,7 +434,7 @@ def test_composition_counts_central_crop_by_hand():
 
 
 def test_config_json_round_trip_and_per_class_forms(tmp_path):
-    cfg = PostprocConfig(
+    cfg = ConicPostprocConfig(
         fg_threshold=[0.4, 0.5, 0.6],
         seed_threshold={"2": 0.7},
         min_size={1: 10, 2: 30},
@@ -443,32 +447,32 @@ def test_config_json_round_trip_and_per_class_forms(tmp_path):
     assert cfg.seed_threshold == {2: 0.7}
     data = cfg.to_dict()
     assert data["min_size"] == {"1": 10, "2": 30} and data["max_size"] == {"1": 500, "2": None}
-    again = PostprocConfig.from_dict(json.loads(json.dumps(data)))
+    again = ConicPostprocConfig.from_dict(json.loads(json.dumps(data)))
     assert again == cfg and hash(again) == hash(cfg)
-    assert PostprocConfig.from_json(cfg.to_json()) == cfg
+    assert ConicPostprocConfig.from_json(cfg.to_json()) == cfg
     cfg.save(tmp_path / "postproc.json")
-    assert PostprocConfig.load(tmp_path / "postproc.json") == cfg
-    assert PostprocConfig.from_dict({}) == PostprocConfig()
+    assert ConicPostprocConfig.load(tmp_path / "postproc.json") == cfg
+    assert ConicPostprocConfig.from_dict({}) == ConicPostprocConfig()
 
 
 def test_config_rejects_bad_values(tmp_path):
     with pytest.raises(ValueError, match="fg_threshold"):
-        PostprocConfig(fg_threshold=1.5)
+        ConicPostprocConfig(fg_threshold=1.5)
     with pytest.raises(ValueError, match="min_size"):
-        PostprocConfig(min_size={1: -3})
+        ConicPostprocConfig(min_size={1: -3})
     with pytest.raises(ValueError, match="min_size"):
-        PostprocConfig(min_size=2.5)
+        ConicPostprocConfig(min_size=2.5)
     with pytest.raises(ValueError, match="keys must be class ids"):
-        PostprocConfig(seed_threshold={"a": 0.5})
+        ConicPostprocConfig(seed_threshold={"a": 0.5})
     with pytest.raises(ValueError, match="surface"):
-        PostprocConfig(surface="distance")
+        ConicPostprocConfig(surface="distance")
     with pytest.raises(ValueError, match="connectivity"):
-        PostprocConfig(connectivity=3)
+        ConicPostprocConfig(connectivity=3)
     with pytest.raises(ValueError, match="Unknown"):
-        PostprocConfig.from_dict({"fg_thresh": 0.5})
+        ConicPostprocConfig.from_dict({"fg_thresh": 0.5})
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(KerasnucError, match="bad.json"):
-        PostprocConfig.load(tmp_path / "bad.json")
+        ConicPostprocConfig.load(tmp_path / "bad.json")
 
 
 # --------------------------------------------------------------------------- tuning
@@ -494,7 +498,7 @@ def _tuning_data():
 def test_tune_postproc_picks_best_and_caches(monkeypatch):
     maps, gts = _tuning_data()
     calls = {"pixel": 0, "refine": 0}
-    pixel_stage, refine_stage = conic._pixel_stage, conic._refine_stage
+    pixel_stage, refine_stage = conic._pixel_stage, conic.refine_stage
 
     def counting_pixel(*args, **kwargs):
         calls["pixel"] += 1
@@ -505,12 +509,12 @@ def test_tune_postproc_picks_best_and_caches(monkeypatch):
         return refine_stage(*args, **kwargs)
 
     monkeypatch.setattr(conic, "_pixel_stage", counting_pixel)
-    monkeypatch.setattr(conic, "_refine_stage", counting_refine)
+    monkeypatch.setattr(conic, "refine_stage", counting_refine)
     best, table = tune_postproc(maps, gts, {"min_size": [0, 5, 100]}, _count_score)
     # Predictions: 2 nuclei (min 0), 1 (min 5: the 4 px square goes), 0 (min 100); GT has 1.
     assert [row["score"] for row in table] == [-1.0, 0.0, -1.0]
     assert [row["min_size"] for row in table] == [0, 5, 100]
-    assert best == PostprocConfig(min_size=5)
+    assert best == ConicPostprocConfig(min_size=5)
     assert calls == {"pixel": 2, "refine": 2}  # once per image, shared by the 3 configs
 
     calls.update(pixel=0, refine=0)
@@ -538,14 +542,30 @@ def test_tune_postproc_batched_score():
         gts,
         {"min_size": [0, 5]},
         batch_score,
-        base_config=PostprocConfig(max_size=1000),
+        base_config=ConicPostprocConfig(max_size=1000),
         batched=True,
     )
     assert seen == [2, 2]
     assert [row["score"] for row in table] == [-2.0, 0.0]
-    assert best == PostprocConfig(min_size=5, max_size=1000)
+    assert best == ConicPostprocConfig(min_size=5, max_size=1000)
     with pytest.raises(ValueError, match="unknown setting"):
         tune_postproc(maps, gts, {"min_area": [1]}, _count_score)
+
+
+def test_staged_grid_search_equals_the_plain_one():
+    """The stages share results but score exactly what postprocess_conic gives per config."""
+    maps, gts = _tuning_data()
+    grid = {"fg_threshold": [0.3, 0.6], "seed_threshold": [0.5, 0.95], "min_size": [0, 5]}
+
+    def score(pred_insts, pred_clss):
+        return -float(sum(abs(int(p.max()) - 1) for p in pred_insts))
+
+    staged, staged_table = tune_conic(maps, grid, score)
+    plain, plain_table = grid_search(
+        maps, grid, lambda m, c: postprocess_conic(m[0], m[1], c), ConicPostprocConfig(), score
+    )
+    assert staged_table == plain_table and staged == plain
+    assert len({row["score"] for row in plain_table}) > 1  # the grid matters
 
 
 # --------------------------------------------------------------------------- real data

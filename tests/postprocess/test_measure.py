@@ -10,13 +10,9 @@ from scipy import ndimage as ndi
 from skimage.measure import perimeter, regionprops
 from skimage.segmentation import watershed
 
+from kerasnuc.instances import compact_ids
 from kerasnuc.postprocess.common import PostprocResult
-from kerasnuc.postprocess.measure import (
-    NucleusTable,
-    compact_ids,
-    measure_instances,
-    measure_result,
-)
+from kerasnuc.postprocess.measure import NucleusTable, measure_instances
 
 # Ruifrok & Johnston stain OD vectors (rows H, E, DAB) as in scikit-image.
 RGB_FROM_HED = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]])
@@ -137,14 +133,19 @@ def test_class_from_probabilities_without_class_map() -> None:
     assert table["class_name"].tolist() == ["2", "1"]
 
 
-def test_measure_result_uses_table_probabilities() -> None:
+def test_measure_uses_the_post_processing_probabilities() -> None:
     inst = np.zeros((5, 5), dtype=np.int32)
     inst[1:3, 1:3] = 1
     inst[4, 4] = 2
     classes = np.where(inst == 1, 1, np.where(inst == 2, 2, 0)).astype(np.int32)
     probs = np.array([[0.0, 0.9, 0.1], [0.2, 0.2, 0.6]], dtype=np.float32)
     result = PostprocResult(inst, classes, {"id": np.array([1, 2]), "probabilities": probs})
-    table = measure_result(result, mpp=0.25)
+    table = measure_instances(
+        result.instances,
+        classes=result.classes,
+        probabilities=result.table["probabilities"],
+        mpp=0.25,
+    )
     assert table["class"].tolist() == [1, 2]
     assert table["class_probability"].tolist() == pytest.approx([0.9, 0.6])
     assert table["area_um2"].tolist() == pytest.approx([4 * 0.0625, 0.0625])

@@ -13,9 +13,9 @@ import pytest
 import tensorflow as tf
 
 from kerasnuc.fileutil import KerasnucError
-from kerasnuc.inference.maps import predict_maps_batch
-from kerasnuc.postprocess.conic import PostprocConfig
-from kerasnuc.registry import load_run
+from kerasnuc.models.maps import predict_maps_batch
+from kerasnuc.postprocess.conic import ConicPostprocConfig
+from kerasnuc.runs import load_run
 from kerasnuc.serving.client import ServingClient
 from kerasnuc.serving.export import read_metadata, save_serving_model
 from tests.serving.test_export import make_tiny_run
@@ -190,7 +190,7 @@ def test_rest_metadata(served, rest_server):
 def test_postproc_config_from_metadata(rest_server, monkeypatch):
     _, url = rest_server
     client = ServingClient(url, "tiny", retries=0)
-    custom = PostprocConfig(fg_threshold=0.3)
+    custom = ConicPostprocConfig(fg_threshold=0.3)
     monkeypatch.setattr(
         client, "_metadata", {"method": "conic", "postproc": custom.to_dict()}, raising=True
     )

@@ -13,7 +13,8 @@ DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 
 
 def _parse_model_server_config(text: str):
-    text_format = pytest.importorskip("google.protobuf.text_format")
+    from google.protobuf import text_format
+
     config_pb2 = pytest.importorskip("tensorflow_serving.config.model_server_config_pb2")
     return text_format.Parse(text, config_pb2.ModelServerConfig())
 

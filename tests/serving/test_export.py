@@ -15,9 +15,9 @@ import tensorflow as tf
 from kerasnuc import __version__
 from kerasnuc.config import DataConfig, RunConfig
 from kerasnuc.fileutil import KerasnucError
-from kerasnuc.inference.maps import predict_maps_batch
-from kerasnuc.postprocess.conic import PostprocConfig
-from kerasnuc.registry import build_model, load_run
+from kerasnuc.models.maps import predict_maps_batch
+from kerasnuc.postprocess.conic import ConicPostprocConfig
+from kerasnuc.runs import build_model, load_run, save_config
 from kerasnuc.serving import warmup
 from kerasnuc.serving.export import (
     export_run,
@@ -39,8 +39,8 @@ def make_tiny_run(run_dir: Path) -> Path:
     )
     run_dir.mkdir(parents=True, exist_ok=True)
     build_model(config).save_weights(run_dir / "model.weights.h5")
-    config.save(run_dir)
-    PostprocConfig().save(run_dir / "postproc.json")
+    save_config(config, run_dir)
+    ConicPostprocConfig().save(run_dir / "postproc.json")
     return run_dir
 
 
@@ -241,7 +241,7 @@ def test_metadata_asset_and_signature(exported, session):
     assert meta["mpp"] == 0.5
     assert meta["class_names"] == {"1": "a", "2": "b"}
     assert meta["class_colours"] == {"1": [255, 215, 0], "2": [220, 20, 60]}
-    assert PostprocConfig.from_dict(meta["postproc"]) == PostprocConfig()
+    assert ConicPostprocConfig.from_dict(meta["postproc"]) == ConicPostprocConfig()
     assert meta["padding"] == "reflect" and meta["stride"] == 32
     assert RunConfig.from_dict(meta["run_config"]) == exported["run"].config
     assert meta["signatures"]["serving_default"]["inputs"] == {

@@ -9,18 +9,16 @@ from http.server import ThreadingHTTPServer
 
 import numpy as np
 import pytest
+import tensorflow as tf
+from click.testing import CliRunner
 
-tf = pytest.importorskip("tensorflow")
-
-from click.testing import CliRunner  # noqa: E402
-
-from kerasnuc.cli import main  # noqa: E402
-from kerasnuc.data.dataset import Dataset  # noqa: E402
-from kerasnuc.fileutil import read_image, write_png  # noqa: E402
-from kerasnuc.registry import load_run  # noqa: E402
-from kerasnuc.serving.export import export_metadata, save_serving_model  # noqa: E402
-from tests.serving.test_client import _Handler  # noqa: E402
-from tests.serving.test_export import make_tiny_run  # noqa: E402
+from kerasnuc.cli import main
+from kerasnuc.data.dataset import Dataset
+from kerasnuc.fileutil import read_image, write_png
+from kerasnuc.runs import load_run
+from kerasnuc.serving.export import export_metadata, save_serving_model
+from tests.serving.test_client import _Handler
+from tests.serving.test_export import make_tiny_run
 
 pytestmark = pytest.mark.slow
 

@@ -19,11 +19,11 @@ import keras
 import numpy as np
 import pytest
 
-from kerasnuc.config import BEST_WEIGHTS, HISTORY, POSTPROC, DataConfig, RunConfig, TrainConfig
+from kerasnuc.config import DataConfig, RunConfig, TrainConfig
 from kerasnuc.data.dataset import DatasetWriter
 from kerasnuc.data.pipeline import PipelineConfig
 from kerasnuc.models.conic import ConicModelConfig, build_conic
-from kerasnuc.registry import load_run
+from kerasnuc.runs import BEST_WEIGHTS, HISTORY, POSTPROC, load_run
 from kerasnuc.training.trainer import train_run
 
 CLASSES = {"1": "dark", "2": "pale"}
@@ -139,7 +139,7 @@ MIRRORED_SCRIPT = textwrap.dedent(
     from kerasnuc.config import TrainConfig
     from kerasnuc.losses.conic import conic_losses
     from kerasnuc.models.conic import build_conic
-    from kerasnuc.training.schedules import build_optimizer
+    from kerasnuc.optimizers.schedules import build_optimizer
     from kerasnuc.training.strategy import get_strategy
 
     def build():
@@ -235,7 +235,7 @@ def test_init_from_starts_from_the_weights_of_another_run(discs, tmp_path):
 
 def test_init_from_a_missing_or_foreign_weights_file_fails_in_one_line(discs, tmp_path):
     from kerasnuc.fileutil import KerasnucError
-    from kerasnuc.training.trainer import load_initial_weights
+    from kerasnuc.runs import load_initial_weights
 
     model = build_conic(num_classes=2, decoder_filters=(8,) * 5)
     with pytest.raises(KerasnucError, match="not found"):

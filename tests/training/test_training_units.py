@@ -11,13 +11,13 @@ import pytest
 from kerasnuc.config import DataConfig, RunConfig, TrainConfig
 from kerasnuc.data.dataset import Dataset, DatasetWriter
 from kerasnuc.fileutil import KerasnucError
+from kerasnuc.optimizers.schedules import build_optimizer, cosine_learning_rate
 from kerasnuc.training.callbacks import write_history_csv
 from kerasnuc.training.checkpoint import (
     has_checkpoint,
     restore_training_state,
     save_training_state,
 )
-from kerasnuc.training.schedules import build_optimizer, cosine_learning_rate
 from kerasnuc.training.strategy import get_strategy, precision_policy
 from kerasnuc.training.trainer import prepare_run_dir, resolve_config
 from kerasnuc.training.validation import ValItem, score_predictions, score_summary

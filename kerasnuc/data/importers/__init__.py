@@ -12,7 +12,8 @@ Formats:
 
 * ``monuseg``: MoNuSeg XML polygons + images (:mod:`.monuseg`).
 * ``consep``: CoNSeP / HoVer-Net ``.mat`` labels + PNG images (:mod:`.consep`).
-* ``conic``: CoNIC / Lizard ``images.npy`` + ``labels.npy`` (:mod:`.conic`).
+* ``lizard`` (or ``conic``): the CoNIC challenge release of Lizard, ``images.npy`` +
+  ``labels.npy`` (:mod:`.lizard`; a dataset, not the ``conic`` method).
 * ``pannuke``: one PanNuke fold, ``images.npy`` + ``masks.npy`` (:mod:`.pannuke`).
 * ``masks``: folders of images and instance / binary masks (:mod:`.masks`).
 * ``geojson``: QuPath GeoJSON polygons + images (:mod:`.geojson`).
@@ -34,9 +35,9 @@ from kerasnuc.data.importers.base import (
     check_destination,
     write_plan,
 )
-from kerasnuc.data.importers.conic import scan_conic
 from kerasnuc.data.importers.consep import scan_consep
 from kerasnuc.data.importers.geojson import scan_geojson
+from kerasnuc.data.importers.lizard import scan_lizard
 from kerasnuc.data.importers.masks import scan_masks
 from kerasnuc.data.importers.monuseg import scan_monuseg
 from kerasnuc.data.importers.pannuke import scan_pannuke
@@ -44,7 +45,8 @@ from kerasnuc.data.importers.pannuke import scan_pannuke
 FORMATS: dict[str, Callable[..., ImportPlan]] = {
     "monuseg": scan_monuseg,
     "consep": scan_consep,
-    "conic": scan_conic,
+    "lizard": scan_lizard,
+    "conic": scan_lizard,  # the CoNIC challenge release of Lizard: the same arrays
     "pannuke": scan_pannuke,
     "masks": scan_masks,
     "geojson": scan_geojson,
@@ -54,6 +56,7 @@ FORMATS: dict[str, Callable[..., ImportPlan]] = {
 FORMAT_OPTIONS: dict[str, tuple[str, ...]] = {
     "monuseg": (),
     "consep": ("merge_classes",),
+    "lizard": (),
     "conic": (),
     "pannuke": (),
     "masks": ("classes", "mask_type"),
@@ -139,9 +142,9 @@ __all__ = [
     "check_destination",
     "import_dataset",
     "scan",
-    "scan_conic",
     "scan_consep",
     "scan_geojson",
+    "scan_lizard",
     "scan_masks",
     "scan_monuseg",
     "scan_pannuke",

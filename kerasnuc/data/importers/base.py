@@ -357,43 +357,6 @@ def per_instance_classes(
     return inv.astype(np.int32), class_of[inv].astype(np.int32), n_mixed
 
 
-# Polygons ----------------------------------------------------------------------------------------
-
-
-def polygon_pixels(
-    rings: Sequence[tuple[np.ndarray, np.ndarray]], shape: tuple[int, int]
-) -> tuple[np.ndarray, np.ndarray]:
-    """Pixels of a polygon with optional holes, clipped to ``shape``.
-
-    A pixel ``(r, c)`` belongs to a ring with vertex rows/cols ``(y, x)`` when the point
-    ``(r, c)`` lies inside it or on its boundary (``skimage.draw.polygon``). The first ring is
-    the outer boundary; later rings are holes and are removed.
-
-    Args:
-        rings: ``[(rows, cols), ...]`` float vertex coordinates in the pixel-index frame.
-        shape: ``(H, W)`` of the image.
-
-    Returns:
-        ``(rr, cc)`` int arrays of the pixels.
-    """
-    from skimage.draw import polygon
-
-    rr, cc = polygon(rings[0][0], rings[0][1], shape=shape)
-    if len(rings) == 1 or rr.size == 0:
-        return rr, cc
-    r0, c0 = rr.min(), cc.min()
-    mask = np.zeros((rr.max() - r0 + 1, cc.max() - c0 + 1), dtype=bool)
-    mask[rr - r0, cc - c0] = True
-    for hr, hc in rings[1:]:
-        h_rr, h_cc = polygon(hr, hc, shape=shape)
-        keep = (
-            (h_rr >= r0) & (h_rr < r0 + mask.shape[0]) & (h_cc >= c0) & (h_cc < c0 + mask.shape[1])
-        )
-        mask[h_rr[keep] - r0, h_cc[keep] - c0] = False
-    mr, mc = np.nonzero(mask)
-    return mr + r0, mc + c0
-
-
 # Files -------------------------------------------------------------------------------------------
 
 

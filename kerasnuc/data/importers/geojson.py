@@ -25,7 +25,6 @@ than 3 distinct vertices are skipped.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -40,11 +39,11 @@ from kerasnuc.data.importers.base import (
     LoadedSample,
     files_by_stem,
     parse_class_names,
-    polygon_pixels,
     read_rgb,
     require_dir,
 )
 from kerasnuc.fileutil import KerasnucError
+from kerasnuc.io.geojson import polygon_pixels, polygon_rings, read_features
 
 logger = logging.getLogger(__name__)
 
@@ -56,25 +55,6 @@ _QUPATH_IDS = {
     "PathTileObject": "tile",
     "PathTMACoreObject": "tma_core",
 }
-
-
-def read_features(path: Path) -> list[dict[str, Any]]:
-    """Read the features of a GeoJSON file (FeatureCollection, list of features or Feature)."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise KerasnucError(f"{path}: cannot read GeoJSON ({exc})") from exc
-    if isinstance(data, dict) and data.get("type") == "FeatureCollection":
-        features = data.get("features")
-    elif isinstance(data, dict) and data.get("type") == "Feature":
-        features = [data]
-    elif isinstance(data, list):
-        features = data
-    else:
-        features = None
-    if not isinstance(features, list) or not all(isinstance(f, dict) for f in features):
-        raise KerasnucError(f"{path}: not a GeoJSON FeatureCollection or list of features")
-    return features
 
 
 def object_type(feature: dict[str, Any]) -> str | None:
@@ -101,31 +81,6 @@ def class_name(feature: dict[str, Any]) -> str | None:
 
 def _keep(feature: dict[str, Any], object_types: set[str] | None) -> bool:
     return object_types is None or object_type(feature) in object_types
-
-
-def _polygons(geometry: Any, path: Path, index: int) -> list[list[np.ndarray]] | None:
-    """Rings of a Polygon/MultiPolygon as ``[[outer, hole, ...], ...]`` of ``(K, 2)`` x,y arrays."""
-    if not isinstance(geometry, dict):
-        return None
-    kind = geometry.get("type")
-    coords = geometry.get("coordinates")
-    if kind == "Polygon":
-        polys = [coords]
-    elif kind == "MultiPolygon":
-        polys = coords
-    else:
-        return None
-    try:
-        out = []
-        for poly in polys:
-            rings = [np.asarray(ring, dtype=np.float64) for ring in poly]
-            for ring in rings:
-                if ring.ndim != 2 or ring.shape[1] < 2 or not np.all(np.isfinite(ring)):
-                    raise ValueError("bad ring")
-            out.append([ring[:, :2] for ring in rings])
-    except (TypeError, ValueError):
-        raise KerasnucError(f"{path}: feature {index} has malformed {kind} coordinates") from None
-    return out
 
 
 def _distinct_vertices(ring: np.ndarray) -> int:
@@ -163,7 +118,7 @@ def rasterise_features(
         if not _keep(feature, object_types):
             continue
         geometry = feature.get("nucleusGeometry") or feature.get("geometry")
-        polys = _polygons(geometry, path, index)
+        polys = polygon_rings(geometry, path, index)
         if polys is None:
             kind = geometry.get("type") if isinstance(geometry, dict) else "null"
             skipped_geom[str(kind)] = skipped_geom.get(str(kind), 0) + 1

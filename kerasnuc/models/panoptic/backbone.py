@@ -37,6 +37,7 @@ import keras
 from keras import ops
 
 from kerasnuc.fileutil import KerasnucError
+from kerasnuc.models.freeze import batchnorm_layers
 
 logger = logging.getLogger(__name__)
 
@@ -83,18 +84,9 @@ class CaffePreprocess(keras.layers.Layer):
         return input_shape
 
 
-def _batch_norms(model: keras.Model) -> list[keras.layers.BatchNormalization]:
-    """Every ``BatchNormalization`` layer inside ``model`` (nested models included)."""
-    return [
-        layer
-        for layer in model._flatten_layers(include_self=False, recursive=True)
-        if isinstance(layer, keras.layers.BatchNormalization)
-    ]
-
-
 def _freeze_batch_norm(model: keras.Model) -> int:
     """Freeze every ``BatchNormalization`` of ``model`` (inference mode, fixed affine)."""
-    layers = _batch_norms(model)
+    layers = batchnorm_layers(model)
     for layer in layers:
         layer.trainable = False
     return len(layers)
@@ -116,7 +108,7 @@ def calibrate_frozen_batch_norm(encoder: keras.Model, images) -> int:
     Returns:
         The number of batch norms calibrated (0 for the GroupNorm ``"tiny"`` encoder).
     """
-    layers = _batch_norms(encoder)
+    layers = batchnorm_layers(encoder)
     saved = [(layer.trainable, layer.momentum) for layer in layers]
     try:
         for layer in layers:

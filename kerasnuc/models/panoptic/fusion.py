@@ -29,7 +29,7 @@ from __future__ import annotations
 import keras
 from keras import ops
 
-from kerasnuc.models.panoptic.heads import _positive_int
+from kerasnuc.checks import check_positive_int
 
 
 def _axis_weights(lo, hi, size, mask_size: int):
@@ -122,8 +122,8 @@ class FeatureFusion(keras.layers.Layer):
 
     def __init__(self, num_classes: int = 2, upsample: int = 4, **kwargs):
         super().__init__(**kwargs)
-        self.num_classes = _positive_int(num_classes, "num_classes")
-        self.upsample = _positive_int(upsample, "upsample")
+        self.num_classes = check_positive_int("num_classes", num_classes)
+        self.upsample = check_positive_int("upsample", upsample)
         self.conv = keras.layers.Conv2D(num_classes, 1, name="conv")
 
     def build(self, p2_shape, *args, **kwargs):

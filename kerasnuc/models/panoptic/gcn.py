@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import keras
 
-from kerasnuc.models.panoptic.heads import _positive_int
+from kerasnuc.checks import check_positive_int
 
 
 @keras.saving.register_keras_serializable(package="kerasnuc")
@@ -38,8 +38,8 @@ class GlobalConvBlock(keras.layers.Layer):
 
     def __init__(self, filters: int, kernel_size: int = 5, **kwargs):
         super().__init__(**kwargs)
-        self.filters = _positive_int(filters, "filters")
-        self.kernel_size = _positive_int(kernel_size, "kernel_size")
+        self.filters = check_positive_int("filters", filters)
+        self.kernel_size = check_positive_int("kernel_size", kernel_size)
         k = kernel_size
         self.left1 = keras.layers.Conv2D(filters, (k, 1), padding="same", name="left_kx1")
         self.left2 = keras.layers.Conv2D(filters, (1, k), padding="same", name="left_1xk")
@@ -108,8 +108,8 @@ class GCNDecoder(keras.layers.Layer):
 
     def __init__(self, num_classes: int = 2, kernel_size: int = 5, **kwargs):
         super().__init__(**kwargs)
-        self.num_classes = _positive_int(num_classes, "num_classes")
-        self.kernel_size = _positive_int(kernel_size, "kernel_size")
+        self.num_classes = check_positive_int("num_classes", num_classes)
+        self.kernel_size = check_positive_int("kernel_size", kernel_size)
         c = num_classes
         self.gcn = [GlobalConvBlock(c, kernel_size, name=f"gcn{i}") for i in self.LEVELS]
         self.br = [BoundaryRefinement(name=f"br{i}") for i in self.LEVELS]

@@ -17,11 +17,7 @@ from __future__ import annotations
 import keras
 from keras import ops
 
-
-def _positive_int(value, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"`{name}` must be a positive int. Received: {name}={value!r}")
-    return value
+from kerasnuc.checks import check_positive_int
 
 
 @keras.saving.register_keras_serializable(package="kerasnuc")
@@ -39,7 +35,7 @@ class PixelShuffle(keras.layers.Layer):
 
     def __init__(self, factor: int = 2, **kwargs):
         super().__init__(**kwargs)
-        self.factor = _positive_int(factor, "factor")
+        self.factor = check_positive_int("factor", factor)
 
     def call(self, inputs):
         r = self.factor
@@ -106,10 +102,10 @@ class DualModalMaskGenerator(keras.layers.Layer):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        self.conv_filters = _positive_int(conv_filters, "conv_filters")
-        self.fc_filters = _positive_int(fc_filters, "fc_filters")
-        self.up_filters = _positive_int(up_filters, "up_filters")
-        self.roi_size = _positive_int(roi_size, "roi_size")
+        self.conv_filters = check_positive_int("conv_filters", conv_filters)
+        self.fc_filters = check_positive_int("fc_filters", fc_filters)
+        self.up_filters = check_positive_int("up_filters", up_filters)
+        self.roi_size = check_positive_int("roi_size", roi_size)
         self.mask_size = 2 * self.roi_size
 
         def conv(filters, name, kernel=3, activation="relu"):
@@ -196,8 +192,8 @@ class RPNHead(keras.layers.Layer):
 
     def __init__(self, num_anchors: int = 3, filters: int = 256, **kwargs):
         super().__init__(**kwargs)
-        self.num_anchors = _positive_int(num_anchors, "num_anchors")
-        self.filters = _positive_int(filters, "filters")
+        self.num_anchors = check_positive_int("num_anchors", num_anchors)
+        self.filters = check_positive_int("filters", filters)
         init = keras.initializers.RandomNormal(stddev=0.01, seed=0)
         self.conv = keras.layers.Conv2D(
             filters, 3, padding="same", activation="relu", kernel_initializer=init, name="conv"
@@ -256,8 +252,8 @@ class BoxHead(keras.layers.Layer):
 
     def __init__(self, num_classes: int = 1, fc_units: int = 1024, **kwargs):
         super().__init__(**kwargs)
-        self.num_classes = _positive_int(num_classes, "num_classes")
-        self.fc_units = _positive_int(fc_units, "fc_units")
+        self.num_classes = check_positive_int("num_classes", num_classes)
+        self.fc_units = check_positive_int("fc_units", fc_units)
         self.fc1 = keras.layers.Dense(fc_units, activation="relu", name="fc1")
         self.fc2 = keras.layers.Dense(fc_units, activation="relu", name="fc2")
         self.cls = keras.layers.Dense(

@@ -22,7 +22,7 @@ Inference (``model(images)``, instance branch only; the GCN map is returned as a
 * ``"semantic"``: ``(B, H, W, 2)`` softmax of the GCN branch (background, nucleus).
 
 ``N = max_detections`` slots sorted by decreasing score. The detection index is the **last**
-axis so that the dense-map cropping of :func:`kerasnuc.inference.maps.predict_maps_batch` and
+axis so that the dense-map cropping of :func:`kerasnuc.models.maps.predict_maps_batch` and
 of the SavedModel signatures (which cut axes 1 and 2 to the image size) leaves the detections
 intact for images of at least 28 x 28 pixels; :func:`kerasnuc.postprocess.panoptic.
 postprocess_panoptic` turns them into an instance map.
@@ -32,6 +32,9 @@ deltas and NMS; in training the mask head runs on (at most ``max_mask_rois``) po
 the fused map ``F_N`` pastes those masks at their predicted boxes (box-head deltas decoded on
 the ROI) in order of predicted nucleus probability; semantic targets are background /
 nucleus.
+
+One cohesive concept: the model class with its training step, which wires the heads of
+:mod:`.heads`, :mod:`.gcn` and :mod:`.fusion` together and must stay in one place.
 """
 
 from __future__ import annotations

@@ -87,7 +87,7 @@ def _axis_samples(start, stop, size, n_bins, ratio, aligned):
     return lo, hi, (1.0 - frac) * inside, frac * inside
 
 
-def _sample_grid(boxes, base, height, width, output_size, sampling_ratio, aligned):
+def sample_grid(boxes, base, height, width, output_size, sampling_ratio, aligned):
     """Flat gather indices and bilinear weights of all samples of all ROIs.
 
     Args:
@@ -213,7 +213,7 @@ def roi_align(
     channels = features.shape[-1] if features.shape[-1] is not None else shape[3]
     table = ops.reshape(features, (-1, channels))
     base = box_indices * ops.cast(height * width, "int32")
-    corners = _sample_grid(
+    corners = sample_grid(
         boxes * spatial_scale, base, height, width, output_size, sampling_ratio, aligned
     )
     return _unflatten(_pool(table, corners, output_size, sampling_ratio), batch_shape)
@@ -342,7 +342,7 @@ class MultiLevelROIAlign(keras.layers.Layer):
         )
         scale = ops.take(scales, level)
         base = ops.take(offsets, level) + box_indices * height * width
-        corners = _sample_grid(
+        corners = sample_grid(
             boxes * scale[:, None],
             base,
             height,

@@ -27,7 +27,7 @@ import keras
 from keras import ops
 
 from kerasnuc.models.panoptic.boxes import box_iou, encode_boxes
-from kerasnuc.models.panoptic.roi_align import _sample_grid
+from kerasnuc.models.panoptic.roi_align import sample_grid
 
 #: Weights of the box-head deltas (Detectron2 ``ROI_BOX_HEAD.BBOX_REG_WEIGHTS``); decode the box
 #: head's predictions with the same weights.
@@ -363,7 +363,7 @@ def mask_targets(
     flat_rois = ops.reshape(rois, (-1, 4))
     image_index = ops.repeat(ops.arange(batch, dtype="int32"), n_rois)
     base = image_index * ops.cast(height * width, "int32")
-    corners = _sample_grid(
+    corners = sample_grid(
         flat_rois, base, height, width, (size, size), sampling_ratio, aligned=True
     )
     table = ops.reshape(instance_map, (-1,))

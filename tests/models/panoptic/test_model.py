@@ -8,7 +8,7 @@ import keras
 import numpy as np
 import pytest
 
-from kerasnuc.data.pipeline import panoptic_targets
+from kerasnuc.data.targets import panoptic_targets
 from kerasnuc.models.panoptic.model import (
     LOSS_NAMES,
     STAT_NAMES,

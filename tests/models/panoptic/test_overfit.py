@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 
 from kerasnuc.data.dataset import Dataset
-from kerasnuc.data.pipeline import panoptic_targets
-from kerasnuc.inference.maps import predict_maps
+from kerasnuc.data.targets import panoptic_targets
 from kerasnuc.metrics import aji
+from kerasnuc.models.maps import predict_maps
 from kerasnuc.models.panoptic.model import PanopticModelConfig, build_panoptic
 from kerasnuc.postprocess.panoptic import postprocess_panoptic
 

@@ -1,4 +1,4 @@
-"""Tests for kerasnuc.training.freeze.EncoderFreezeSchedule on a small two-part model.
+"""Tests for kerasnuc.models.freeze.EncoderFreezeSchedule on a small two-part model.
 
 A nested ``encoder`` (conv -> BN -> conv -> BN) and a decoder (conv -> BN -> conv) are trained
 for 3 epochs with AdaBound; the weights are recorded before training and after every epoch.
@@ -10,8 +10,8 @@ import keras
 import numpy as np
 import pytest
 
+from kerasnuc.models.freeze import EncoderFreezeSchedule, batchnorm_layers
 from kerasnuc.optimizers.adabound import AdaBound
-from kerasnuc.training.freeze import EncoderFreezeSchedule, batchnorm_layers
 
 
 def _model():

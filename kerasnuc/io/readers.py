@@ -31,6 +31,9 @@ property. Values outside 0.02-50 um/px (e.g. the 72 dpi default of many writers)
 
 Coordinates are ``(y, x)`` = ``(row, column)`` in pixels of the level they refer to; level 0 is
 the full resolution.
+
+One cohesive concept: the readers share the conversion rules, the pixel-size rules and the
+region interface above, so they live in one module.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Packing a run into a weights-only float16 named model with a card."""
+"""The run folder (kerasnuc.runs): named models, packing a run into a weights-only float16 model
+with a card."""
 
 from __future__ import annotations
 
@@ -9,10 +10,20 @@ import keras
 import numpy as np
 import pytest
 
-from kerasnuc.config import BEST_WEIGHTS, DataConfig, RunConfig
+from kerasnuc import runs
+from kerasnuc.config import DataConfig, RunConfig
 from kerasnuc.fileutil import KerasnucError
-from kerasnuc.inference.bundle import CARD_FILE, CARD_KEYS, pack_run, read_card
-from kerasnuc.registry import build_model, load_run
+from kerasnuc.runs import (
+    BEST_WEIGHTS,
+    CARD_FILE,
+    CARD_KEYS,
+    build_model,
+    load_run,
+    pack_run,
+    read_card,
+    resolve_model,
+    save_config,
+)
 
 CLASSES = {1: "tumour", 2: "immune"}
 
@@ -41,7 +52,7 @@ def run_dir(tmp_path_factory):
     model = build_model(config)
     path = tmp_path_factory.mktemp("run")
     model.save_weights(path / BEST_WEIGHTS)
-    config.save(path)
+    save_config(config, path)
     return path
 
 
@@ -92,7 +103,7 @@ def test_values_beyond_float16_range_are_refused(run_dir, tmp_path):
     weights = run.model.weights[0]
     weights.assign(np.full(weights.shape, 1e6, np.float32))
     run.model.save_weights(big / BEST_WEIGHTS)
-    run.config.save(big)
+    save_config(run.config, big)
     with pytest.raises(KerasnucError, match="float16 range"):
         pack_run(big, tmp_path / "packed")
     assert not (tmp_path / "packed").exists()
@@ -103,3 +114,23 @@ def test_read_card_of_a_plain_run_comes_from_its_config(run_dir):
     assert card["method"] == "conic" and card["mpp"] == 0.25
     assert card["classes"] == {"1": "tumour", "2": "immune"}
     assert card["training_data"] == ["a", "b"]
+
+
+def test_resolve_model(tmp_path, monkeypatch):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.json").write_text("{}")
+    bundled_dir = tmp_path / "bundled"
+    bundled_dir.mkdir()
+    monkeypatch.setattr(runs, "BUNDLED_DIR", bundled_dir)
+    assert resolve_model(run_dir) == run_dir
+    with pytest.raises(KerasnucError, match="pass --model"):
+        resolve_model(None)
+    with pytest.raises(KerasnucError, match="nuclei-v1: no such run directory"):
+        resolve_model("nuclei-v1")
+    (bundled_dir / "nuclei-v1").symlink_to(run_dir, target_is_directory=True)
+    assert resolve_model("nuclei-v1").resolve() == run_dir
+    bundled = bundled_dir / "default"
+    bundled.mkdir()
+    (bundled / "config.json").write_text("{}")
+    assert resolve_model(None) == bundled

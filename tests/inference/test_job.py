@@ -1,4 +1,4 @@
-"""The predict job (kerasnuc.inference.run) with a fake, TensorFlow-free predictor."""
+"""The predict job (kerasnuc.inference.job) with a fake, TensorFlow-free predictor."""
 
 from __future__ import annotations
 
@@ -11,17 +11,10 @@ import tifffile
 from scipy import ndimage as ndi
 
 from kerasnuc.config import DataConfig
-from kerasnuc.fileutil import KerasnucError, write_png
-from kerasnuc.inference import run as run_module
-from kerasnuc.inference.run import (
-    PredictOptions,
-    find_inputs,
-    is_complete,
-    output_names,
-    predict_input,
-    predict_inputs,
-    resolve_model,
-)
+from kerasnuc.fileutil import write_png
+from kerasnuc.inference import job as job_module
+from kerasnuc.inference.inputs import find_inputs, output_names
+from kerasnuc.inference.job import PredictOptions, is_complete, predict_input, predict_inputs
 from kerasnuc.io.geojson import read_geojson_instances
 from kerasnuc.io.masks import read_label_tiff
 
@@ -143,7 +136,7 @@ def test_streaming_gives_the_same_nuclei(tmp_path, disc_png):
     summary = json.loads((b / "discs.summary.json").read_text())
     assert summary["counts"] == {"blue": 3, "red": 3}
     assert summary["tiles"]["total"] == 6 * 7  # ceil(180 / 32) x ceil(200 / 32)
-    assert not (tmp_path / "b" / run_module.WORK_DIR).exists()
+    assert not (tmp_path / "b" / job_module.WORK_DIR).exists()
 
 
 def test_interrupted_slide_resumes_where_it_stopped(tmp_path, disc_png):
@@ -153,7 +146,7 @@ def test_interrupted_slide_resumes_where_it_stopped(tmp_path, disc_png):
         predict_input(disc_png, FakePredictor(fail_after=3), tmp_path / "out", options=opts)
     assert not (tmp_path / "out" / "discs").exists()
     assert not list((tmp_path / "out").glob(".discs.*"))
-    assert (tmp_path / "out" / run_module.WORK_DIR / "discs" / "checkpoint.json").is_file()
+    assert (tmp_path / "out" / job_module.WORK_DIR / "discs" / "checkpoint.json").is_file()
     resumed = FakePredictor()
     resume = PredictOptions(**{**opts.__dict__, "resume": True})
     report = predict_input(disc_png, resumed, tmp_path / "out", options=resume)
@@ -164,7 +157,7 @@ def test_interrupted_slide_resumes_where_it_stopped(tmp_path, disc_png):
     for ext in (".csv", ".geojson"):
         text = (tmp_path / "out" / "discs" / f"discs{ext}").read_text()
         assert text == (tmp_path / "ref" / "discs" / f"discs{ext}").read_text()
-    assert not (tmp_path / "out" / run_module.WORK_DIR).exists()
+    assert not (tmp_path / "out" / job_module.WORK_DIR).exists()
 
 
 def test_resume_skips_complete_inputs_only(tmp_path, disc_png):
@@ -239,25 +232,6 @@ def test_find_inputs_and_output_names(tmp_path):
     ]
     assert output_names(found) == ["a_png", "a_tif", "b", "x"]
     assert output_names([folder / "a.png", tmp_path / "a.png"]) == ["a_png", "a_png_2"]
-
-
-def test_resolve_model(tmp_path, monkeypatch):
-    run_dir = tmp_path / "run"
-    run_dir.mkdir()
-    monkeypatch.setattr(run_module, "BUNDLED_DIR", tmp_path / "none")
-    monkeypatch.setattr(run_module, "BUNDLED_MODELS", {})
-    assert resolve_model(run_dir) == run_dir
-    with pytest.raises(KerasnucError, match="pass --model"):
-        resolve_model(None)
-    with pytest.raises(KerasnucError, match="nuclei-v1: no such run directory"):
-        resolve_model("nuclei-v1")
-    monkeypatch.setattr(run_module, "BUNDLED_MODELS", {"nuclei-v1": run_dir})
-    assert resolve_model("nuclei-v1") == run_dir
-    bundled = tmp_path / "bundled" / "default"
-    bundled.mkdir(parents=True)
-    (bundled / "config.json").write_text("{}")
-    monkeypatch.setattr(run_module, "BUNDLED_DIR", tmp_path / "bundled")
-    assert resolve_model(None) == bundled
 
 
 def test_options_are_checked():

@@ -1,4 +1,4 @@
-"""Image / slide readers and tissue detection (kerasnuc.inference.readers, .tissue)."""
+"""Image / slide readers and tissue detection (kerasnuc.io.readers, .tissue)."""
 
 from __future__ import annotations
 
@@ -11,12 +11,12 @@ import tifffile
 
 from kerasnuc.data.dataset import Dataset
 from kerasnuc.fileutil import KerasnucError, write_png
-from kerasnuc.inference import readers
-from kerasnuc.inference.readers import ArraySource, TiffSource, open_image
 from kerasnuc.inference.tiling import make_grid, select_tiles
-from kerasnuc.inference.tissue import saturation, tissue_mask
+from kerasnuc.io import readers
+from kerasnuc.io.readers import ArraySource, TiffSource, open_image
+from kerasnuc.io.tissue import saturation, tissue_mask
 
-LOGGER = "kerasnuc.inference.readers"
+LOGGER = "kerasnuc.io.readers"
 
 
 def quadrants(height: int, width: int) -> np.ndarray:

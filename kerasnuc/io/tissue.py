@@ -28,7 +28,7 @@ import numpy as np
 from scipy import ndimage as ndi
 from skimage.filters import threshold_otsu
 
-from kerasnuc.inference.readers import ImageSource
+from kerasnuc.io.readers import ImageSource
 
 
 def saturation(rgb: np.ndarray) -> np.ndarray:

@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from kerasnuc.data.points import read_points_file, read_points_path
 from kerasnuc.fileutil import KerasnucError
+from kerasnuc.io.points import read_points_file, read_points_path
 
 
 def _write(folder):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from kerasnuc.config import TrainConfig
-from kerasnuc.training.schedules import WarmupStepDecay, build_sgd_warmup_step
+from kerasnuc.optimizers.schedules import WarmupStepDecay, build_sgd_warmup_step
 
 
 def test_schedule_values():
@@ -54,7 +54,7 @@ def test_set_clip_norm_bounds_each_gradient():
     """SGD lr 1: a gradient (30, 40) (norm 50) clipped to norm 1 moves the weights by (0.6, 0.8);
     a small gradient passes unchanged; on Ranger the inner optimizer clips."""
     from kerasnuc.optimizers.lookahead import ranger
-    from kerasnuc.training.schedules import set_clip_norm
+    from kerasnuc.optimizers.schedules import set_clip_norm
 
     big = keras.Variable(np.zeros(2, "float32"))
     small = keras.Variable(np.zeros(2, "float32"))

@@ -1,4 +1,7 @@
-"""CoNIC importer: the CoNIC 2022 / Lizard patch arrays.
+"""Lizard importer: the patch arrays of the CoNIC 2022 challenge release of the Lizard dataset.
+
+A dataset importer, unrelated to the ``conic`` method (which is named after the same challenge).
+Format name ``lizard``; ``conic`` is accepted too (the name of the challenge release).
 
 Source: CoNIC challenge data (Graham et al., "CoNIC: Colon Nuclei Identification and Counting
 Challenge 2022", arXiv:2111.14485), patches of the Lizard dataset (Graham et al., ICCVW 2021)::
@@ -35,10 +38,11 @@ from kerasnuc.data.importers.base import (
     per_instance_classes,
 )
 from kerasnuc.fileutil import KerasnucError
+from kerasnuc.instances import composition_counts
 
 logger = logging.getLogger(__name__)
 
-CONIC_CLASSES = {
+LIZARD_CLASSES = {
     1: "neutrophil",
     2: "epithelial",
     3: "lymphocyte",
@@ -49,36 +53,9 @@ CONIC_CLASSES = {
 COUNT_CROP = 224
 
 
-def composition_counts(
-    instances: np.ndarray, classes: np.ndarray, crop: int = COUNT_CROP
-) -> np.ndarray:
-    """Nuclei per class inside the central ``crop x crop`` region (CoNIC counting rule).
-
-    A nucleus counts for class ``c`` when at least one of its pixels inside the region has class
-    ``c``. Images smaller than ``crop`` are counted whole.
-
-    Args:
-        instances: ``(H, W)`` integer instance map.
-        classes: ``(H, W)`` integer class map with values 0..6.
-        crop: side of the central region.
-
-    Returns:
-        ``(6,)`` int64 counts for classes 1..6.
-    """
-    h, w = instances.shape
-    ch, cw = min(crop, h), min(crop, w)
-    r0, c0 = (h - ch) // 2, (w - cw) // 2
-    inst = instances[r0 : r0 + ch, c0 : c0 + cw].astype(np.int64).ravel()
-    cls = classes[r0 : r0 + ch, c0 : c0 + cw].astype(np.int64).ravel()
-    fg = (inst > 0) & (cls > 0) & (cls <= len(CONIC_CLASSES))
-    pairs = np.unique(inst[fg] * (len(CONIC_CLASSES) + 1) + cls[fg])
-    per_class = np.bincount(pairs % (len(CONIC_CLASSES) + 1), minlength=len(CONIC_CLASSES) + 1)
-    return per_class[1:]
-
-
 def read_counts(path: Path) -> np.ndarray:
-    """Read ``counts.csv`` as an ``(N, 6)`` int64 array in the CONIC_CLASSES order."""
-    names = list(CONIC_CLASSES.values())
+    """Read ``counts.csv`` as an ``(N, 6)`` int64 array in the LIZARD_CLASSES order."""
+    names = list(LIZARD_CLASSES.values())
     try:
         with open(path, newline="", encoding="utf-8") as f:
             reader = csv.DictReader(f)
@@ -120,28 +97,28 @@ def _load(
     label = np.asarray(labels[index])
     inst = as_label_map(label[..., 0], source, "instance channel")
     cls = as_label_map(label[..., 1], source, "class channel")
-    bad = sorted(set(np.unique(cls[inst > 0]).tolist()) - set(CONIC_CLASSES) - {0})
+    bad = sorted(set(np.unique(cls[inst > 0]).tolist()) - set(LIZARD_CLASSES) - {0})
     if bad:
         raise KerasnucError(f"{source}: class id(s) {bad} not in the CoNIC classes 1..6")
     problems = []
+    inst, classes, n_mixed = per_instance_classes(inst, cls, source)
+    if n_mixed:
+        problems.append(f"{source}: {n_mixed} nuclei had several classes; majority class used")
     if counts is not None:
-        found = composition_counts(inst, cls)
+        found = composition_counts(inst, classes, len(LIZARD_CLASSES), crop=COUNT_CROP)
         if not np.array_equal(found, counts[index]):
             diff = {
                 name: (int(c), int(f))
-                for name, c, f in zip(CONIC_CLASSES.values(), counts[index], found, strict=True)
+                for name, c, f in zip(LIZARD_CLASSES.values(), counts[index], found, strict=True)
                 if c != f
             }
             problems.append(
                 f"{source}: counts.csv row {index + 1} differs from labels (csv, labels): {diff}"
             )
-    inst, classes, n_mixed = per_instance_classes(inst, cls, source)
-    if n_mixed:
-        problems.append(f"{source}: {n_mixed} nuclei had several classes; majority class used")
     return LoadedSample(image, inst, classes, problems)
 
 
-def scan_conic(src: str | Path) -> ImportPlan:
+def scan_lizard(src: str | Path) -> ImportPlan:
     """Open the CoNIC arrays (memory-mapped) and plan one item per patch.
 
     Args:
@@ -202,7 +179,7 @@ def scan_conic(src: str | Path) -> ImportPlan:
         "stain": "H&E",
         "magnification": "20x",
         "mpp": 0.5,
-        "classes": dict(CONIC_CLASSES),
+        "classes": dict(LIZARD_CLASSES),
         "notes": (
             "Imported by `kerasnuc data import conic` from images.npy + labels.npy (CoNIC 2022 / "
             "Lizard patches); each nucleus takes the majority class of its pixels; ids relabelled "
@@ -211,4 +188,4 @@ def scan_conic(src: str | Path) -> ImportPlan:
             + ". mpp: nominal 0.5 um/px (20x) unless given."
         ),
     }
-    return ImportPlan("conic", src, items, meta, problems)
+    return ImportPlan("lizard", src, items, meta, problems)

@@ -1,0 +1,370 @@
+"""The run folder: what a trained model is on disk, and the one place that reads and writes it.
+
+A run folder (StarDist's "model folder": configuration, weights and thresholds travel together)
+is written by ``kerasnuc train --out RUN_DIR``::
+
+    config.json        RunConfig: method, model, data (incl. the model's resolution), pipeline,
+                       train (:func:`save_config` / :func:`load_config`)
+    model.weights.h5   weights of the best checkpoint (by validation mPQ+ / PQ)
+    postproc.json      post-processing thresholds tuned on validation data (``kerasnuc tune``)
+    history.csv        one row per epoch
+    checkpoint/        training state for --resume (last epoch: model, optimizer, counters)
+    logs/              TensorBoard
+    epochs/            per-epoch weights (``TrainConfig.keep_epoch_weights``)
+
+This module:
+
+* names those files (:data:`RUN_CONFIG`, :data:`BEST_WEIGHTS`, ...) and reads/writes
+  ``config.json``;
+* rebuilds the model of a config (:func:`build_model`) and loads a whole run
+  (:func:`load_run`), or only its weights into another model (:func:`load_initial_weights`,
+  ``train --init-from``);
+* finds the named models shipped with the package (:func:`bundled_models`,
+  :func:`resolve_model`);
+* packs a run into a small named model with a model card (:func:`pack_run`, :func:`read_card`).
+
+A packed (named) model is a run folder that :func:`load_run` reads like any other::
+
+    <name>/
+      config.json          the run's RunConfig (unchanged)
+      postproc.json        its tuned post-processing thresholds
+      model.weights.h5     model variables only (no optimizer state), float16 by default
+      model.json           the model card (:data:`CARD_FILE`): what it is and how good it is
+
+float16 storage halves the file; Keras casts the values back to the float32 variables when it
+loads them, so inference runs in float32 (rounding changes the probability maps by ~1e-3, which
+:func:`pack_run` measures and records in the card as ``float16_max_abs_diff``). The models
+shipped with the package live in ``kerasnuc/models_bundled/<name>/``; ``kerasnuc models`` lists
+them from their cards.
+
+Importing this module imports Keras and TensorFlow (through the registry).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+
+from kerasnuc.config import RunConfig
+from kerasnuc.fileutil import KerasnucError, atomic_dir, write_json_atomic
+from kerasnuc.registry import Method, get_method
+
+RUN_CONFIG = "config.json"
+BEST_WEIGHTS = "model.weights.h5"
+POSTPROC = "postproc.json"
+HISTORY = "history.csv"
+CHECKPOINT_DIR = "checkpoint"
+LOG_DIR = "logs"
+#: Folder of the per-epoch weights (``TrainConfig.keep_epoch_weights``).
+EPOCH_WEIGHTS_DIR = "epochs"
+
+BUNDLED_DIR = Path(__file__).resolve().parent / "models_bundled"
+"""Folder of the models shipped with the package: ``models_bundled/<name>/`` run folders."""
+
+DEFAULT_MODEL = "default"
+"""Name of the bundled model used when no model is given."""
+
+
+# --- config.json -----------------------------------------------------------------------------
+
+
+def save_config(config: RunConfig, run_dir: str | os.PathLike) -> None:
+    """Write ``RUN_DIR/config.json`` atomically."""
+    write_json_atomic(Path(run_dir) / RUN_CONFIG, config.to_dict())
+
+
+def load_config(run_dir: str | os.PathLike) -> RunConfig:
+    """Read ``RUN_DIR/config.json`` (older files are migrated, see :meth:`RunConfig.from_dict`).
+
+    Raises:
+        KerasnucError: missing or malformed file.
+    """
+    path = Path(run_dir) / RUN_CONFIG
+    if not path.is_file():
+        raise KerasnucError(f"{path}: missing (not a kerasnuc run directory?)")
+    try:
+        return RunConfig.from_dict(json.loads(path.read_text(encoding="utf-8")))
+    except (json.JSONDecodeError, TypeError, ValueError) as exc:
+        raise KerasnucError(f"{path}: invalid run config ({exc})") from exc
+
+
+# --- model and weights ---------------------------------------------------------------------
+
+
+@dataclass
+class LoadedRun:
+    """A trained run directory, ready to predict.
+
+    Attributes:
+        run_dir: the folder.
+        config: its :class:`~kerasnuc.config.RunConfig`.
+        method: its registry entry.
+        model: the Keras model with the chosen weights loaded.
+        postproc: the post-processing config (``postproc.json``, else the method's defaults).
+    """
+
+    run_dir: Path
+    config: RunConfig
+    method: Method
+    model: keras.Model
+    postproc: Any
+
+
+def build_model(config: RunConfig) -> keras.Model:
+    """Build the model of a run config without any pretrained-encoder file."""
+    method = get_method(config.method)
+    model_cfg = method.model_config.from_dict(config.model)
+    if getattr(model_cfg, "encoder_weights", None) is not None:
+        model_cfg = dataclasses.replace(model_cfg, encoder_weights=None)
+    return method.build(model_cfg)
+
+
+def load_run(run_dir: str | os.PathLike, weights: str | os.PathLike | None = None) -> LoadedRun:
+    """Rebuild the model of a run directory and load its weights and post-processing settings.
+
+    Args:
+        run_dir: a folder written by ``kerasnuc train``.
+        weights: weights file (default ``RUN_DIR/model.weights.h5``).
+
+    Raises:
+        KerasnucError: missing or incompatible files.
+    """
+    run_dir = Path(run_dir)
+    config = load_config(run_dir)
+    method = get_method(config.method)
+    model = build_model(config)
+    path = Path(weights) if weights is not None else run_dir / BEST_WEIGHTS
+    if not path.is_file():
+        raise KerasnucError(f"{path}: weights file not found")
+    try:
+        model.load_weights(path)
+    except (ValueError, OSError) as exc:
+        raise KerasnucError(
+            f"{path}: cannot load weights into the {config.method} model ({exc})"
+        ) from exc
+    pp_path = run_dir / POSTPROC
+    postproc = (
+        method.postproc_config.load(pp_path) if pp_path.is_file() else method.new_postproc(config)
+    )
+    return LoadedRun(run_dir, config, method, model, postproc)
+
+
+def load_initial_weights(model: keras.Model, source: str | os.PathLike) -> Path:
+    """Load the weights of a run folder (its best weights) or a ``.weights.h5`` file into ``model``.
+
+    Raises:
+        KerasnucError: no such file, or weights of another architecture.
+    """
+    path = Path(source)
+    if path.is_dir():
+        path = path / BEST_WEIGHTS
+    if not path.is_file():
+        raise KerasnucError(f"{path}: weights to start from not found (train.init_from)")
+    try:
+        model.load_weights(path)
+    except (ValueError, OSError) as exc:
+        raise KerasnucError(f"{path}: cannot start from these weights ({exc})") from exc
+    return path
+
+
+# --- named (bundled) models ----------------------------------------------------------------
+
+
+def bundled_models() -> dict[str, Path]:
+    """``{name: run directory}`` of the named models shipped in :data:`BUNDLED_DIR`."""
+    found: dict[str, Path] = {}
+    if BUNDLED_DIR.is_dir():
+        for child in sorted(BUNDLED_DIR.iterdir()):
+            if (child / RUN_CONFIG).is_file():
+                found[child.name] = child
+    return found
+
+
+def resolve_model(name_or_path: str | os.PathLike | None) -> Path:
+    """The run directory of a model argument.
+
+    Args:
+        name_or_path: an existing run directory (a folder written by ``kerasnuc train``), the
+            name of a bundled model, or None for the bundled :data:`DEFAULT_MODEL`.
+
+    Returns:
+        The run directory.
+
+    Raises:
+        KerasnucError: nothing matches (the message says what is available).
+    """
+    named = bundled_models()
+    if name_or_path is None:
+        if DEFAULT_MODEL in named:
+            return named[DEFAULT_MODEL]
+        raise KerasnucError(
+            "no model given and no bundled default model is installed: pass --model RUN_DIR "
+            "(a folder written by kerasnuc train)"
+        )
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    if str(name_or_path) in named:
+        return named[str(name_or_path)]
+    available = ", ".join(sorted(named)) or "none installed"
+    raise KerasnucError(
+        f"{name_or_path}: no such run directory, nor a bundled model (bundled: {available})"
+    )
+
+
+# --- packing a run as a named model -----------------------------------------------------------
+
+
+CARD_FILE = "model.json"
+"""Model card of a packed model: name, description, data, licence, resolution, classes, scores."""
+
+CARD_KEYS = (
+    "name",
+    "description",
+    "method",
+    "mpp",
+    "classes",
+    "training_data",
+    "licence",
+    "training_command",
+    "scores",
+)
+"""Keys every model card has (others may follow)."""
+
+
+def read_card(model_dir: str | os.PathLike) -> dict[str, Any]:
+    """The model card of a model folder; for a plain run folder, a card made from its config.
+
+    Raises:
+        KerasnucError: the card or the config is not valid JSON.
+    """
+    model_dir = Path(model_dir)
+    path = model_dir / CARD_FILE
+    if path.is_file():
+        try:
+            card = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise KerasnucError(f"{path}: invalid JSON ({exc})") from exc
+        if not isinstance(card, dict):
+            raise KerasnucError(f"{path}: a model card must be a JSON object")
+        return card
+    config = load_config(model_dir)
+    return {
+        "name": model_dir.name,
+        "description": f"{config.method} run",
+        "method": config.method,
+        "mpp": config.data.mpp,
+        "classes": {str(k): v for k, v in config.data.class_names.items()},
+        "training_data": list(config.data.datasets),
+        "licence": None,
+        "training_command": None,
+        "scores": {},
+    }
+
+
+def _float16_copy(src: Path, dst: Path) -> int:
+    """Copy the HDF5 weights file ``src`` to ``dst`` with float32 datasets stored as float16.
+
+    Returns:
+        The number of arrays converted.
+
+    Raises:
+        KerasnucError: a value does not fit float16 (|x| > 65504).
+    """
+    import h5py
+
+    converted = 0
+    with h5py.File(src, "r") as fin, h5py.File(dst, "w") as fout:
+        for key, value in fin.attrs.items():
+            fout.attrs[key] = value
+
+        def copy(name: str, obj: Any) -> None:
+            nonlocal converted
+            if isinstance(obj, h5py.Group):
+                group = fout.require_group(name)
+                for key, value in obj.attrs.items():
+                    group.attrs[key] = value
+                return
+            data = np.asarray(obj[()])
+            if data.dtype == np.float32:
+                if data.size and float(np.abs(data).max()) > float(np.finfo(np.float16).max):
+                    raise KerasnucError(f"{src}: {name} has values beyond the float16 range")
+                data = data.astype(np.float16)
+                converted += 1
+            out = fout.create_dataset(name, data=data)
+            for key, value in obj.attrs.items():
+                out.attrs[key] = value
+
+        fin.visititems(copy)
+    return converted
+
+
+def pack_run(
+    run_dir: str | os.PathLike,
+    dst: str | os.PathLike,
+    card: dict[str, Any] | None = None,
+    float16: bool = True,
+    check_image: np.ndarray | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write ``run_dir`` as a weights-only named model folder ``dst`` (atomically).
+
+    Args:
+        run_dir: a run folder written by ``kerasnuc train`` (its ``model.weights.h5`` may hold
+            optimizer state: only the model's variables are kept).
+        dst: the new folder (its name is the model's name unless the card says otherwise).
+        card: model-card fields (see :data:`CARD_KEYS`); missing ones come from the run config.
+        float16: store the weights as float16.
+        check_image: ``(H, W, 3)`` uint8 image on which the float16 copy is compared with the
+            float32 model (the max abs difference of the maps goes into the card); None: a
+            seeded random 128x128 image.
+        overwrite: replace ``dst``.
+
+    Returns:
+        ``dst``.
+
+    Raises:
+        KerasnucError: missing files, weights that do not load, or ``dst`` exists.
+    """
+    run_dir, dst = Path(run_dir), Path(dst)
+    run = load_run(run_dir)
+    base = read_card(run_dir)
+    base["name"] = dst.name
+    base.update(card or {})
+    with atomic_dir(dst, overwrite=overwrite) as tmp:
+        shutil.copyfile(run_dir / RUN_CONFIG, tmp / RUN_CONFIG)
+        run.postproc.save(tmp / POSTPROC)
+        plain = tmp / ".float32.weights.h5"
+        run.model.save_weights(plain)
+        if float16:
+            _float16_copy(plain, tmp / BEST_WEIGHTS)
+            plain.unlink()
+            base["weights_dtype"] = "float16"
+            base["float16_max_abs_diff"] = _max_abs_diff(run, tmp, check_image)
+        else:
+            plain.rename(tmp / BEST_WEIGHTS)
+            base["weights_dtype"] = "float32"
+        base["weights_bytes"] = (tmp / BEST_WEIGHTS).stat().st_size
+        (tmp / CARD_FILE).write_text(json.dumps(base, indent=2) + "\n", encoding="utf-8")
+    return dst
+
+
+def _max_abs_diff(run: Any, packed_dir: Path, image: np.ndarray | None) -> float:
+    """Largest difference of the output maps of the original and the packed weights."""
+    if image is None:
+        image = np.random.default_rng(0).integers(0, 256, (128, 128, 3), dtype=np.uint8)
+    h, w = (s - s % 32 for s in image.shape[:2])
+    batch = image[None, :h, :w].astype(np.float32) / 255.0
+    packed = build_model(run.config)
+    packed.load_weights(packed_dir / BEST_WEIGHTS)
+    ref = run.model(batch, training=False)
+    out = packed(batch, training=False)
+    return float(max(np.abs(np.asarray(ref[k]) - np.asarray(out[k])).max() for k in ref))
