@@ -11,7 +11,9 @@
    cheap numpy ``predict_fn`` standing in for the model (which is not ready yet): optical density
    along the Ruifrok haematoxylin vector > 0.9, 4-connected components, components larger than
    the margin or under 10 px dropped. Runs at the slide's resolution (0.25 um/px) and for a
-   model at 0.5 um/px (tiles read at twice the size from level 0 and downsampled). The sink
+   model at 0.5 um/px (tiles read at twice the size from level 0 and downsampled). With
+   ``--model NAME`` the real model (bundled name or run folder) and its post-processing
+   replace the stand-in, at the model's resolution. The sink
    counts instances and pixels (``--resumable`` adds a run that stores every tile's instances in
    a work folder with a checkpoint and replays them).
 3. Prints slide megapixels per minute (whole level 0 / wall time), tissue megapixels per minute
@@ -20,6 +22,7 @@
 Usage (limit threads on a shared machine)::
 
     OMP_NUM_THREADS=1 python benchmarks/slide_speed.py [--size 20000] [--resumable] [--data DIR]
+    python benchmarks/slide_speed.py --model default --tile-size 1152 [--batch-size 1]
 
 The data root defaults to ``$KERASNUC_DATA`` or ``../shared/data`` next to the repository.
 """
@@ -182,6 +185,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resumable", action="store_true", help="also run with ResumableSink")
     parser.add_argument("--data", default=None, help="shared data root")
     parser.add_argument("--workdir", default=None, help="where to write the slide (temp dir)")
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="stream through this kerasnuc model (a bundled name such as 'default' or a run "
+        "folder) at its resolution, with its post-processing, instead of the numpy stand-in",
+    )
     args = parser.parse_args(argv)
     if args.size % max(LEVELS) or args.size < 1000:
         parser.error(f"--size must be a multiple of {max(LEVELS)} and >= 1000")
@@ -209,14 +218,21 @@ def main(argv: list[str] | None = None) -> int:
             f"slide: {args.size} x {args.size} px, levels {LEVELS}, {args.compression}, "
             f"{file_mib:.0f} MiB, written in {write_s:.1f} s (writer peak RSS {write_rss:.0f} MiB)"
         )
-        print(
-            "predict_fn: haematoxylin threshold + connected components (numpy stand-in; "
-            "the model is not ready yet)"
-        )
-        rows = []
+        predict_fn = haematoxylin_predict
         modes = [("count", None), ("count", 2 * MPP)]
+        if args.model:
+            from kerasnuc.inference.predictor import Predictor
+            from kerasnuc.inference.run import resolve_model
+
+            predictor = Predictor.from_run_dirs(resolve_model(args.model))
+            predict_fn = predictor.predict_instances_batch
+            modes = [("count", predictor.data_config.mpp or MPP)]
+            print(f"predict_fn: model {args.model} + its post-processing")
+        else:
+            print("predict_fn: haematoxylin threshold + connected components (numpy stand-in)")
+        rows = []
         if args.resumable:
-            modes.append(("resumable", None))
+            modes.append(("resumable", modes[0][1]))
         base_rss = peak_rss_mib()
         for mode, target_mpp in modes:
             with open_image(path) as src:
@@ -233,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
                 t0 = time.perf_counter()
                 summary = predict_streaming(
                     src,
-                    haematoxylin_predict,
+                    predict_fn,
                     sink,
                     tile_size=args.tile_size,
                     margin=args.margin,

@@ -56,7 +56,7 @@ def _prior_after(steps_labels, num_channels, momentum=0.99):
     return prior
 
 
-@pytest.mark.parametrize("encoder", ["efficientnet_b0", "efficientnet_b1"])
+@pytest.mark.parametrize("encoder", ["efficientnet_b0", "efficientnet_b1", "efficientnet_lite0"])
 def test_shape_matrix(encoder, rng):
     model = build_conic(encoder, num_classes=3, decoder_filters=TINY, input_shape=(64, 64, 3))
     images = rng.random((2, 64, 64, 3), dtype=np.float32)
@@ -83,6 +83,23 @@ def test_parameter_count(b0_model):
     heads = (8 + 1) * 5 + (8 + 1) * 3 + (8 + 1) * 2
     expected = encoder.count_params() + 2 * decoder + heads + 5 + 10
     assert b0_model.count_params() == expected
+
+
+def test_lite0_parameter_count():
+    """Lite0 'blocks' encoder: the decoder sees 320 channels at P5 and 112/40/24/16 skips."""
+    from kerasnuc.backbones.efficientnet_lite import build_efficientnet_lite_encoder
+
+    model = build_conic(
+        "efficientnet_lite0", num_classes=4, decoder_filters=TINY, encoder_features="blocks"
+    )
+    encoder = build_efficientnet_lite_encoder(features="blocks")
+    skips, channels, decoder = (112, 40, 24, 16, 0), 320, 0
+    for filters, skip in zip(TINY, skips, strict=True):
+        decoder += 9 * (channels + skip) * filters + 4 * filters
+        decoder += 9 * filters * filters + 4 * filters
+        channels = filters
+    heads = (8 + 1) * 5 + (8 + 1) * 3 + (8 + 1) * 2
+    assert model.count_params() == encoder.count_params() + 2 * decoder + heads + 5 + 10
 
 
 def test_mc_dropout_layers(b0_model, rng):
