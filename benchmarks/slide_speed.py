@@ -222,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         modes = [("count", None), ("count", 2 * MPP)]
         if args.model:
             from kerasnuc.inference.predictor import Predictor
-            from kerasnuc.inference.run import resolve_model
+            from kerasnuc.runs import resolve_model
 
             predictor = Predictor.from_run_dirs(resolve_model(args.model))
             predict_fn = predictor.predict_instances_batch
