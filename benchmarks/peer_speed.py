@@ -215,9 +215,10 @@ def _best(runs: list[dict]) -> dict:
 
 
 def worker_kerasnuc(args: argparse.Namespace) -> dict:
+    from kerasnuc.inference.job import PredictOptions
     from kerasnuc.inference.predictor import Predictor
-    from kerasnuc.inference.run import PredictOptions, resolve_model
     from kerasnuc.inference.tiling import balanced_tile_size, predict_tiled
+    from kerasnuc.runs import resolve_model
 
     array = np.load(args.input)
     predictor = Predictor.from_run_dirs(resolve_model(args.model))
