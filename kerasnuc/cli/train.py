@@ -11,7 +11,6 @@ import click
 
 from kerasnuc.cli.common import dataset_path
 from kerasnuc.fileutil import KerasnucError
-from kerasnuc.runs import load_config
 
 SECTIONS = ("model", "pipeline", "train", "data")
 
@@ -222,6 +221,8 @@ def train(
     if resume and overwrite:
         raise KerasnucError("--resume and --overwrite exclude each other")
     if resume:
+        from kerasnuc.runs import load_config
+
         config = load_config(run_dir) if (run_dir / "config.json").is_file() else None
         if config is None:
             raise KerasnucError(f"{run_dir}: no run to resume (config.json missing)")
