@@ -38,8 +38,8 @@ def test_predict_maps_with_a_model():
 def test_forward_function_traces_once_and_equals_the_eager_model():
     import keras
 
-    from kerasnuc.inference.maps import forward_function
     from kerasnuc.layers.dropout import MCDropout
+    from kerasnuc.models.maps import forward_function
 
     keras.utils.set_random_seed(0)
     inputs = keras.Input((None, None, 3))
