@@ -97,6 +97,17 @@ def hed_to_rgb(hed: Any) -> tf.Tensor:
     return tf.clip_by_value(tf.exp(-od), 0.0, 1.0)
 
 
+def _image_or_batch(image: Any) -> tuple[tf.Tensor, int]:
+    """``(float32 image tensor, rank)`` of an ``(H, W, 3)`` image or ``(B, H, W, 3)`` batch."""
+    image = _as_float_image(image, "image")
+    rank = image.shape.rank
+    if rank not in (3, 4):
+        raise ValueError(
+            f"`image` must have shape (H, W, 3) or (B, H, W, 3). Received: shape={image.shape}"
+        )
+    return image, rank
+
+
 def hed_augment(
     image: Any,
     seed: Any,
@@ -130,12 +141,7 @@ def hed_augment(
         raise ValueError(f"`alpha` must be in [0, 1). Received: alpha={alpha}")
     if beta < 0.0:
         raise ValueError(f"`beta` must be >= 0. Received: beta={beta}")
-    image = _as_float_image(image, "image")
-    rank = image.shape.rank
-    if rank not in (3, 4):
-        raise ValueError(
-            f"`image` must have shape (H, W, 3) or (B, H, W, 3). Received: shape={image.shape}"
-        )
+    image, rank = _image_or_batch(image)
     seed = tf.convert_to_tensor(seed)
     if rank == 4:
         factor_shape = tf.stack([tf.shape(image)[0], 1, 1, 3])
@@ -214,12 +220,7 @@ def stain_augment(
         raise ValueError(f"`shift` must be >= 0. Received: shift={shift}")
     if not 0 <= rotation <= 45:
         raise ValueError(f"`rotation` must be in [0, 45] degrees. Received: rotation={rotation}")
-    image = _as_float_image(image, "image")
-    rank = image.shape.rank
-    if rank not in (3, 4):
-        raise ValueError(
-            f"`image` must have shape (H, W, 3) or (B, H, W, 3). Received: shape={image.shape}"
-        )
+    image, rank = _image_or_batch(image)
     seed = tf.convert_to_tensor(seed)
     batch = tf.shape(image)[0] if rank == 4 else None
     lead = tf.zeros([0], tf.int32) if batch is None else tf.reshape(batch, [1])

@@ -221,27 +221,6 @@ def _collect_warnings() -> Iterator[list[str]]:
         root.removeHandler(handler)
 
 
-class _WarningCollector(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(level=logging.WARNING)
-        self.messages: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.messages.append(record.getMessage())
-
-
-@contextlib.contextmanager
-def _collect_warnings() -> Iterator[list[str]]:
-    """Collect the warnings of the ``kerasnuc`` loggers (they still propagate)."""
-    handler = _WarningCollector()
-    root = logging.getLogger("kerasnuc")
-    root.addHandler(handler)
-    try:
-        yield handler.messages
-    finally:
-        root.removeHandler(handler)
-
-
 # --- stages ------------------------------------------------------------------------------------
 
 
