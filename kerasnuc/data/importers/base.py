@@ -20,6 +20,7 @@ import numpy as np
 
 from kerasnuc.data.dataset import Dataset, DatasetWriter
 from kerasnuc.fileutil import KerasnucError, read_image
+from kerasnuc.io.readers import open_image
 
 logger = logging.getLogger(__name__)
 
@@ -260,8 +261,15 @@ def as_rgb_uint8(image: np.ndarray, source: str | os.PathLike) -> np.ndarray:
 
 
 def read_rgb(path: Path) -> np.ndarray:
-    """Read an RGB(A) uint8 image file as ``(H, W, 3)`` uint8 (raises naming the file)."""
-    return as_rgb_uint8(read_image(path), path)
+    """Read an RGB(A) uint8 image file as ``(H, W, 3)`` uint8 (raises naming the file).
+
+    A TIFF's 4th channel must be alpha by its tags: multiplex planes, CMYK or an unnamed extra
+    sample are refused (:func:`kerasnuc.io.readers.open_image` names the layout).
+    """
+    image = read_image(path)
+    if image.ndim == 3 and image.shape[2] == 4 and path.suffix.lower() in (".tif", ".tiff"):
+        open_image(path).close()
+    return as_rgb_uint8(image, path)
 
 
 def as_label_map(arr: np.ndarray, source: str | os.PathLike, what: str = "label map") -> np.ndarray:
