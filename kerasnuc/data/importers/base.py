@@ -189,7 +189,8 @@ def write_plan(
         An :class:`ImportReport`.
 
     Raises:
-        KerasnucError: bad input; the message names the file. ``dst`` is left untouched.
+        KerasnucError: bad input (the message names the file), or no nucleus in any image.
+            ``dst`` is left untouched.
     """
     dst = Path(dst)
     if mpp is not None and not (np.isfinite(mpp) and mpp > 0):
@@ -203,6 +204,7 @@ def write_plan(
     meta["name"] = name or dst.name
     meta.setdefault("mpp", None)
     problems = list(plan.problems)
+    any_nucleus = False
     with DatasetWriter(dst, meta, overwrite=overwrite) as writer:
         for item in plan.items:
             try:
@@ -220,8 +222,14 @@ def write_plan(
                 source=item.source,
             )
             problems.extend(sample.problems)
+            any_nucleus = any_nucleus or bool(np.any(sample.instances))
             if progress is not None:
                 progress(1)
+        if not any_nucleus:  # raised inside the writer: nothing is written
+            raise KerasnucError(
+                f"{plan.src}: no nuclei in any of the {len(plan.items)} images (labels empty or "
+                f"outside the images); nothing imported"
+            )
     n_nuclei = int(Dataset(dst).meta["n_nuclei"])
     counts: dict[str, int] = {}
     for s in splits.values():
