@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from kerasnuc import __version__
+from kerasnuc.checks import MPP_RANGE, check_mpp, is_plausible_mpp
 
 #: Default colours of cell types 1..6 (RGB), reused cyclically.
 DEFAULT_COLOURS = (
@@ -108,10 +109,16 @@ class DataConfig:
             colours.setdefault(k, DEFAULT_COLOURS[(k - 1) % len(DEFAULT_COLOURS)])
         object.__setattr__(self, "class_names", names)
         object.__setattr__(self, "class_colours", colours)
-        assumed = {str(k): float(v) for k, v in dict(self.dataset_mpp).items()}
-        bad = {k: v for k, v in assumed.items() if not v > 0}
+        check_mpp(self.mpp, "mpp")
+        assumed = dict(self.dataset_mpp)
+        bad = {k: v for k, v in assumed.items() if not is_plausible_mpp(v)}
         if bad:
-            raise ValueError(f"`dataset_mpp` values must be > 0 um/px. Received: {bad}")
+            low, high = MPP_RANGE
+            raise ValueError(
+                f"`dataset_mpp` values must be pixel sizes in {low:g}..{high:g} um/px. "
+                f"Received: {bad}"
+            )
+        assumed = {str(k): float(v) for k, v in assumed.items()}
         object.__setattr__(self, "dataset_mpp", assumed)
         if self.points is not None:
             object.__setattr__(self, "points", os.fspath(self.points))

@@ -6,7 +6,33 @@ from pathlib import Path
 
 import click
 
+from kerasnuc.checks import MPP_RANGE, is_plausible_mpp
 from kerasnuc.fileutil import KerasnucError
+
+
+class PixelSize(click.ParamType):
+    """A pixel size in um/px within :data:`kerasnuc.checks.MPP_RANGE` (a typo such as 1000 or
+    1e-9 is a usage error, not minutes of work or an out-of-memory error)."""
+
+    name = "um/px"
+
+    def convert(self, value, param, ctx):
+        try:
+            mpp = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number (um/px)", param, ctx)
+        if not is_plausible_mpp(mpp):
+            low, high = MPP_RANGE
+            self.fail(
+                f"{value} um/px is not a plausible pixel size (expected {low:g}..{high:g}; "
+                "0.25 at 40x, 0.5 at 20x)",
+                param,
+                ctx,
+            )
+        return mpp
+
+
+MPP = PixelSize()
 
 
 def dataset_path(value: str) -> Path:

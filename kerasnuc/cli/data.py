@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from kerasnuc.cli.common import dataset_path, format_table, json_option
+from kerasnuc.cli.common import MPP, dataset_path, format_table, json_option
 
 IMPORT_FORMATS = ("monuseg", "consep", "lizard", "conic", "pannuke", "masks", "geojson")
 MAX_PROBLEMS_SHOWN = 20
@@ -29,7 +29,7 @@ def _echo_problems(problems: list[str]) -> None:
 @click.argument("fmt", metavar="FORMAT", type=click.Choice(IMPORT_FORMATS))
 @click.argument("src", type=click.Path(exists=True, path_type=Path))
 @click.argument("dst", type=click.Path(path_type=Path))
-@click.option("--mpp", type=click.FloatRange(min=0, min_open=True), help="Microns per pixel.")
+@click.option("--mpp", type=MPP, help="Microns per pixel.")
 @click.option("--name", help="Dataset name for meta.json (default: DST folder name).")
 @click.option("--split", default="train", show_default=True, help="Split of the imported images.")
 @click.option(

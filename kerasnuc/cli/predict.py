@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from kerasnuc.cli.common import format_table
+from kerasnuc.cli.common import MPP, format_table
 from kerasnuc.fileutil import KerasnucError
 
 FORMAT_NAMES = ("geojson", "csv", "tiff", "overlay", "summary")
@@ -119,7 +119,7 @@ def example_inputs(values: tuple[str, ...]) -> list[str]:
 )
 @click.option(
     "--mpp",
-    type=click.FloatRange(min=0, min_open=True),
+    type=MPP,
     default=None,
     help="Pixel size of the inputs in um/px, overriding their files (not the model's "
     "resolution, which comes with the model).",

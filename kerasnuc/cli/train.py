@@ -9,7 +9,8 @@ from typing import Any
 
 import click
 
-from kerasnuc.cli.common import dataset_path
+from kerasnuc.cli.common import MPP, dataset_path
+from kerasnuc.checks import MPP_RANGE, is_plausible_mpp
 from kerasnuc.fileutil import KerasnucError
 
 SECTIONS = ("model", "pipeline", "train", "data")
@@ -94,7 +95,7 @@ def parse_dataset_mpp(values: tuple[str, ...], dirs: list[Path]) -> dict[str, fl
     """``("NAME=MPP", ...)`` of ``--dataset-mpp`` -> ``{NAME: MPP}`` (NAME: a --data folder's name).
 
     Raises:
-        KerasnucError: malformed value, non-positive size, or a name that is no --data folder.
+        KerasnucError: malformed value, an implausible size, or a name that is no --data folder.
     """
     names = {d.resolve().name for d in dirs}
     out: dict[str, float] = {}
@@ -104,8 +105,12 @@ def parse_dataset_mpp(values: tuple[str, ...], dirs: list[Path]) -> dict[str, fl
             mpp = float(number) if sep else float("nan")
         except ValueError:
             mpp = float("nan")
-        if not mpp > 0:
-            raise KerasnucError(f"--dataset-mpp {value!r}: expected NAME=MPP with MPP > 0 (um/px)")
+        if not is_plausible_mpp(mpp):
+            low, high = MPP_RANGE
+            raise KerasnucError(
+                f"--dataset-mpp {value!r}: expected NAME=MPP with MPP a pixel size in "
+                f"{low:g}..{high:g} um/px"
+            )
         if name not in names:
             raise KerasnucError(
                 f"--dataset-mpp {value!r}: {name!r} is not one of the --data folders"
@@ -138,7 +143,7 @@ def parse_dataset_mpp(values: tuple[str, ...], dirs: list[Path]) -> dict[str, fl
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), help="Peak learning rate.")
 @click.option(
     "--mpp",
-    type=click.FloatRange(min=0, min_open=True),
+    type=MPP,
     help="Model resolution in um/px: the training images are resampled to it (stored in the "
     "run; predict resamples its inputs to it). Default: the datasets' own, when they agree.",
 )

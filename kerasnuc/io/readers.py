@@ -31,7 +31,8 @@ line naming the file and its channel layout.
 Pixel size (``mpp``, micrometres per pixel at level 0) comes from, in order: the ``mpp``
 argument; OME-XML ``PhysicalSizeX`` (with its unit); the Aperio ``MPP = ...`` field of the SVS
 ImageDescription; the TIFF ``ResolutionUnit``/``XResolution`` tags; OpenSlide's ``openslide.mpp-x``
-property. Values outside 0.02-50 um/px (e.g. the 72 dpi default of many writers) are ignored.
+property. Values outside 0.02-50 um/px (:data:`~kerasnuc.checks.MPP_RANGE`; e.g. the 72 dpi
+default of many writers) are ignored; a given ``mpp`` outside it is refused (ValueError).
 
 Coordinates are ``(y, x)`` = ``(row, column)`` in pixels of the level they refer to; level 0 is
 the full resolution.
@@ -55,6 +56,7 @@ from typing import Any, Literal
 import cv2
 import numpy as np
 
+from kerasnuc.checks import MPP_RANGE, check_mpp
 from kerasnuc.fileutil import KerasnucError, read_image
 
 logger = logging.getLogger(__name__)
@@ -65,26 +67,12 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 TIFF_SUFFIXES = (".tif", ".tiff", ".btf", ".tf8", ".tf2")
 OPENSLIDE_SUFFIXES = (".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide")
 TIFF_BASED_SLIDE_SUFFIXES = (".svs", ".ndpi", ".scn", ".bif", ".svslide")
-MPP_RANGE = (0.02, 50.0)
-"""Plausible pixel sizes in um/px; resolution tags outside this range are ignored."""
 
 DEFAULT_CACHE_BYTES = 128 * 1024**2
 """Decoded TIFF segments kept by :class:`TiffSource` (bytes)."""
 
 _FALLBACK_PIXELS = 64 * 1024**2
 """TIFF layouts that cannot be read lazily are decoded whole up to this many pixels."""
-
-
-def check_mpp(mpp: float | None, name: str = "mpp") -> float | None:
-    """Return ``mpp`` as a float, or raise a ``ValueError`` when it is not a positive number."""
-    if mpp is None:
-        return None
-    if isinstance(mpp, bool) or not isinstance(mpp, int | float | np.integer | np.floating):
-        raise ValueError(f"`{name}` must be a positive number or None. Received: {name}={mpp!r}")
-    value = float(mpp)
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"`{name}` must be a positive number or None. Received: {name}={mpp!r}")
-    return value
 
 
 def _check_grey(grey: str) -> None:

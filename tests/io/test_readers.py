@@ -215,8 +215,9 @@ def test_mpp_sources_and_override(tmp_path, caplog):
         with open_image(svs, mpp=0.5) as src:
             assert src.mpp == 0.5
     assert "the file says 0.252" in caplog.text
-    with pytest.raises(ValueError, match="`mpp` must be a positive number"):
-        open_image(svs, mpp=0)
+    for bad in (0, 1000, 1e-9):  # issue 20, item 8: a typo is refused, not run for minutes
+        with pytest.raises(ValueError, match=r"`mpp` must be a pixel size in 0\.02\.\.50 um/px"):
+            open_image(svs, mpp=bad)
 
 
 def write_fake_svs(path, image):

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from kerasnuc.checks import check_mpp
 from kerasnuc.data.dataset import Dataset, DatasetWriter
 from kerasnuc.fileutil import KerasnucError, read_image
 from kerasnuc.io.readers import open_image
@@ -193,8 +194,7 @@ def write_plan(
             ``dst`` is left untouched.
     """
     dst = Path(dst)
-    if mpp is not None and not (np.isfinite(mpp) and mpp > 0):
-        raise ValueError(f"`mpp` must be a positive number. Received: mpp={mpp}")
+    check_mpp(mpp)
     if not plan.items:
         raise KerasnucError(f"{plan.src}: no {plan.format} images found")
     splits = assign_splits([it.id for it in plan.items], split, val_fraction, seed)
