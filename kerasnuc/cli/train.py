@@ -9,8 +9,8 @@ from typing import Any
 
 import click
 
-from kerasnuc.cli.common import MPP, dataset_path
 from kerasnuc.checks import MPP_RANGE, is_plausible_mpp
+from kerasnuc.cli.common import MPP, dataset_path
 from kerasnuc.fileutil import KerasnucError
 
 SECTIONS = ("model", "pipeline", "train", "data")
@@ -44,17 +44,22 @@ def build_run_config(
     data_dirs: list[Path],
     file_config: dict[str, Any],
     overrides: dict[str, dict[str, Any]],
+    config_file: Path | None = None,
 ):
     """The :class:`~kerasnuc.config.RunConfig` of a new run: defaults < ``--config`` < flags.
+
+    Every section is checked here, before any data is read or a model built: unknown keys,
+    value types and ranges, and one ``pipeline.dataset_weights`` entry per dataset.
 
     Args:
         method_name: registry name.
         data_dirs: dataset folders.
         file_config: sections read by :func:`read_config_file`.
         overrides: flag values per section (None values are ignored).
+        config_file: the file ``file_config`` was read from (named in errors).
 
     Raises:
-        KerasnucError: bad values (one line).
+        KerasnucError: bad values (one line naming the file, the section and the key).
     """
     from kerasnuc.config import DataConfig, RunConfig, TrainConfig, migrate_model_mpp
     from kerasnuc.data.dataset import Dataset
@@ -70,15 +75,26 @@ def build_run_config(
         out.update({k: v for k, v in overrides.get(name, {}).items() if v is not None})
         return out
 
+    def invalid(name: str, exc: Exception) -> KerasnucError:
+        where = f"{config_file}: " if config_file is not None and name in file_config else ""
+        return KerasnucError(f"{where}invalid configuration, section {name!r}: {exc}")
+
     num_classes, class_names = shared_classes(datasets)
     try:
         file_config = migrate_model_mpp(file_config)
+    except ValueError as exc:
+        raise invalid("pipeline", exc) from exc
+    name = "model"
+    try:
         base_model = method.model_config(num_classes=max(1, num_classes)).to_dict()
         model = method.model_config.from_dict(section("model", base_model)).to_dict()
+        name = "pipeline"
         pipeline_dict = section("pipeline", PipelineConfig(batch_size=4).to_dict())
         pipeline = PipelineConfig.from_dict(pipeline_dict).to_dict()
+        name = "train"
         train_base = {**TrainConfig().to_dict(), **dict(method.train_defaults or {})}
         train = TrainConfig.from_dict(section("train", train_base))
+        name = "data"
         mpps = {ds.mpp for ds in datasets}
         data_base = {
             "datasets": [str(d) for d in data_dirs],
@@ -86,8 +102,17 @@ def build_run_config(
             "class_names": class_names,
         }
         data = DataConfig.from_dict(section("data", data_base))
-    except (TypeError, ValueError) as exc:
-        raise KerasnucError(f"invalid configuration: {exc}") from exc
+    except (TypeError, ValueError, KerasnucError) as exc:
+        raise invalid(name, exc) from exc
+    weights = pipeline.get("dataset_weights")
+    if weights is not None and len(weights) != len(data_dirs):
+        raise invalid(
+            "pipeline",
+            ValueError(
+                f"`dataset_weights` has {len(weights)} weights but there are "
+                f"{len(data_dirs)} --data folders (one weight per folder, in their order)"
+            ),
+        )
     return RunConfig(method=method.name, model=model, data=data, pipeline=pipeline, train=train)
 
 
@@ -284,7 +309,7 @@ def train(
                 "points": str(points) if points is not None else None,
             },
         }
-        config = build_run_config(method, dirs, file_config, overrides)
+        config = build_run_config(method, dirs, file_config, overrides, config_file)
     result = train_run(config, run_dir, resume=resume, overwrite=overwrite, verbose=1)
     best = (
         f"best validation score {result.best_score:.4f} at epoch {result.best_epoch}"

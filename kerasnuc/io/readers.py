@@ -827,4 +827,3 @@ def _small_tiff(path: Path, mpp: float | None, grey: GreyPolicy, why: Exception)
         grey=grey,
         premultiplied=premultiplied,
     )
-

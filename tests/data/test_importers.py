@@ -604,8 +604,9 @@ def test_monuseg_rejects_other_xml_and_regions_outside(tmp_path):
     """Issue 20, item 4: a non-MoNuSeg XML is an error naming the file, not 0 nuclei."""
     src = make_monuseg(tmp_path / "src")
     xml = src / "Annotations" / "TCGA-XX.xml"
-    xml.write_text('<annotation><object><name>cell</name><bndbox><xmin>1</xmin></bndbox>'
-                   "</object></annotation>")  # Pascal VOC
+    xml.write_text(
+        "<annotation><object><name>cell</name><bndbox><xmin>1</xmin></bndbox></object></annotation>"
+    )  # Pascal VOC
     with pytest.raises(KerasnucError, match=r"TCGA-XX\.xml: not a MoNuSeg .*<annotation>"):
         import_dataset("monuseg", src, tmp_path / "out")
     xml.write_text(MONUSEG_XML.replace('X="', 'X="10').replace('Y="', 'Y="10'))
