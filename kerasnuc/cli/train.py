@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from pathlib import Path
 from typing import Any
 
 import click
 
 from kerasnuc.checks import MPP_RANGE, is_plausible_mpp
-from kerasnuc.cli.common import MPP, dataset_path
+from kerasnuc.cli.common import MPP, check_writable_dir, dataset_path, verbose_option
 from kerasnuc.fileutil import KerasnucError
 
 SECTIONS = ("model", "pipeline", "train", "data")
@@ -109,8 +110,8 @@ def build_run_config(
         raise invalid(
             "pipeline",
             ValueError(
-                f"`dataset_weights` has {len(weights)} weights but there are "
-                f"{len(data_dirs)} --data folders (one weight per folder, in their order)"
+                f"`dataset_weights` has {len(weights)} weight(s) for {len(data_dirs)} --data "
+                "folder(s) (one weight per folder, in their order)"
             ),
         )
     return RunConfig(method=method.name, model=model, data=data, pipeline=pipeline, train=train)
@@ -209,7 +210,7 @@ def parse_dataset_mpp(values: tuple[str, ...], dirs: list[Path]) -> dict[str, fl
     default=None,
     help="Also save the weights after every epoch (OUT/epochs/epoch_NNN.weights.h5).",
 )
-@click.option("-v", "--verbose", is_flag=True, help="Log progress details.")
+@verbose_option(expose=True, help="Log progress details; show tracebacks and TensorFlow's logs.")
 def train(
     method: str,
     data_dirs: tuple[str, ...],
@@ -250,6 +251,7 @@ def train(
     get_method(method)
     if resume and overwrite:
         raise KerasnucError("--resume and --overwrite exclude each other")
+    check_writable_dir(run_dir)
     if resume:
         from kerasnuc.runs import load_config
 
@@ -310,7 +312,9 @@ def train(
             },
         }
         config = build_run_config(method, dirs, file_config, overrides, config_file)
-    result = train_run(config, run_dir, resume=resume, overwrite=overwrite, verbose=1)
+    # A progress bar on a terminal; one line per epoch, without colour codes, in a log file.
+    fit_verbose = 1 if sys.stdout.isatty() else 2
+    result = train_run(config, run_dir, resume=resume, overwrite=overwrite, verbose=fit_verbose)
     best = (
         f"best validation score {result.best_score:.4f} at epoch {result.best_epoch}"
         if result.best_epoch

@@ -132,6 +132,7 @@ class _Conversion:
         self.channels = channels
         self.invert = invert
         self.premultiplied = premultiplied
+        self.name = name
         self.dtype = np.dtype(dtype)
         self.top: float | None = None
         if channels not in (1, 2, 3, 4):
@@ -153,6 +154,8 @@ class _Conversion:
         if self.dtype == np.bool_:
             self.top = 1.0
         elif self.dtype.kind == "f":
+            if not math.isfinite(max_value):
+                raise KerasnucError(f"{name}: NaN or infinite pixel values in a float image")
             self.top = 1.0 if max_value <= 1.0 else 255.0
         elif self.dtype.kind in "iu":
             bits = 8
@@ -176,6 +179,8 @@ class _Conversion:
         """``(h, w[, c])`` stored pixels -> ``(h, w, 3)`` uint8 RGB."""
         if arr.ndim == 2:
             arr = arr[:, :, None]
+        if self.dtype.kind == "f" and not np.all(np.isfinite(arr)):
+            raise KerasnucError(f"{self.name}: NaN or infinite pixel values in a float image")
         if self.top is not None:
             scaled = arr.astype(np.float32) * np.float32(255.0 / self.top)
             arr = np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
@@ -592,7 +597,7 @@ class TiffSource(ImageSource):
                 values.append(
                     float(self._raw(level, y, x, min(h, y + 2048), min(w, x + 2048)).max())
                 )
-        return max(values)
+        return math.nan if any(math.isnan(v) for v in values) else max(values)
 
     def _segment(self, level: int, index: int) -> np.ndarray | None:
         """Decoded segment ``(rows, cols, samples)`` (None for a segment absent from the file)."""
