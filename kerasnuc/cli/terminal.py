@@ -119,14 +119,16 @@ def _native_stderr_filter() -> Iterator[None]:
     pid = os.fork()
     if pid == 0:  # the filter: survives its parent's crash, ends at the end of the pipe
         try:
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
-            os.close(write_fd)
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C: forward to the very end
+            for fd in (write_fd, 0, 1):  # hold neither the pipe's write end nor stdin/stdout
+                with contextlib.suppress(OSError):
+                    os.close(fd)
             _filter_loop(read_fd, original)
         finally:
             os._exit(0)
     os.close(read_fd)
     old_stderr = sys.stderr
-    own = open(  # noqa: SIM115 (closed in the finally below)
+    own = open(  # noqa: SIM115 (left open: logging handlers made meanwhile may hold it)
         os.dup(original),
         "w",
         buffering=1,
@@ -144,8 +146,6 @@ def _native_stderr_filter() -> Iterator[None]:
         os.dup2(original, 2)  # the pipe's last writer is gone: the filter reads its end
         os.close(original)
         sys.stderr = old_stderr
-        with contextlib.suppress(OSError, ValueError):
-            own.close()
         deadline = time.monotonic() + 5.0  # a child process may still hold the pipe open
         while True:
             try:
