@@ -91,9 +91,24 @@ def load_config(run_dir: str | os.PathLike) -> RunConfig:
     if not path.is_file():
         raise KerasnucError(f"{path}: missing (not a kerasnuc run directory?)")
     try:
-        return RunConfig.from_dict(json.loads(path.read_text(encoding="utf-8")))
-    except (json.JSONDecodeError, TypeError, ValueError) as exc:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(data, dict):
+            raise ValueError("the run config must be a JSON object")
+        config = RunConfig.from_dict(data)
+        if not isinstance(config.model, dict):
+            raise ValueError("section 'model' must be a JSON object")
+        get_method(config.method).model_config.from_dict(config.model)
+    except (json.JSONDecodeError, UnicodeDecodeError, TypeError, ValueError) as exc:
         raise KerasnucError(f"{path}: invalid run config ({exc})") from exc
+    except KerasnucError as exc:  # unknown method
+        raise KerasnucError(f"{path}: {exc}") from exc
+    return config
+
+
+def _first_line(exc: Exception, limit: int = 200) -> str:
+    """The start of an exception's message: Keras puts whole tensors in some of them."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 # --- model and weights ---------------------------------------------------------------------
@@ -146,9 +161,12 @@ def load_run(run_dir: str | os.PathLike, weights: str | os.PathLike | None = Non
         raise KerasnucError(f"{path}: weights file not found")
     try:
         model.load_weights(path)
-    except (ValueError, OSError) as exc:
+    except OSError as exc:
+        raise KerasnucError(f"{path}: cannot read the weights ({_first_line(exc)})") from exc
+    except (ValueError, TypeError, KeyError) as exc:
         raise KerasnucError(
-            f"{path}: cannot load weights into the {config.method} model ({exc})"
+            f"{run_dir}: the architecture in {RUN_CONFIG} ({config.method}) does not match the "
+            f"weights in {path.name} ({_first_line(exc)})"
         ) from exc
     pp_path = run_dir / POSTPROC
     postproc = (
@@ -170,8 +188,11 @@ def load_initial_weights(model: keras.Model, source: str | os.PathLike) -> Path:
         raise KerasnucError(f"{path}: weights to start from not found (train.init_from)")
     try:
         model.load_weights(path)
-    except (ValueError, OSError) as exc:
-        raise KerasnucError(f"{path}: cannot start from these weights ({exc})") from exc
+    except (ValueError, OSError, TypeError, KeyError) as exc:
+        raise KerasnucError(
+            f"{path}: cannot start from these weights: another architecture or not a weights "
+            f"file ({_first_line(exc)})"
+        ) from exc
     return path
 
 

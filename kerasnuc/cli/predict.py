@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from kerasnuc.cli.common import format_table
+from kerasnuc.cli.common import MPP, check_writable_dir, format_table, verbose_option
 from kerasnuc.fileutil import KerasnucError
 
 FORMAT_NAMES = ("geojson", "csv", "tiff", "overlay", "summary")
@@ -119,7 +119,7 @@ def example_inputs(values: tuple[str, ...]) -> list[str]:
 )
 @click.option(
     "--mpp",
-    type=click.FloatRange(min=0, min_open=True),
+    type=MPP,
     default=None,
     help="Pixel size of the inputs in um/px, overriding their files (not the model's "
     "resolution, which comes with the model).",
@@ -175,6 +175,7 @@ def example_inputs(values: tuple[str, ...]) -> list[str]:
     help="TF Serving endpoint (http://host:8501 or grpc://host:8500) that runs the model "
     "instead of this machine; --model then names the served model.",
 )
+@verbose_option
 def predict(
     inputs: tuple[str, ...],
     model: str | None,
@@ -207,6 +208,7 @@ def predict(
         raise click.BadParameter(
             f"must be less than half of --tile ({tile}); got {margin}", param_hint="--margin"
         )
+    check_writable_dir(out)
     _set_device(device)
     from kerasnuc.inference.inputs import find_inputs
     from kerasnuc.inference.job import PredictOptions, predict_inputs

@@ -38,13 +38,14 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import cv2
 import numpy as np
 import tensorflow as tf
 
+from kerasnuc.config import check_field_types, strict_from_dict
 from kerasnuc.data.augment import AugmentConfig, augment
 from kerasnuc.data.dataset import Dataset
 from kerasnuc.data.points import IGNORE, encode_points, points_from_instances
@@ -107,6 +108,7 @@ class PipelineConfig:
     max_instances: int = 512
 
     def __post_init__(self) -> None:
+        check_field_types(type(self), {f.name: getattr(self, f.name) for f in fields(self)})
         if self.crop_size < 8:
             raise ValueError(f"`crop_size` must be >= 8. Received: crop_size={self.crop_size}")
         if self.batch_size < 1:
@@ -117,6 +119,16 @@ class PipelineConfig:
             )
         if not 0 <= self.context <= 1:
             raise ValueError(f"`context` must lie in [0, 1]. Received: context={self.context}")
+        if self.samples_per_epoch is not None and self.samples_per_epoch < 1:
+            raise ValueError(
+                "`samples_per_epoch` must be >= 1 or null. "
+                f"Received: samples_per_epoch={self.samples_per_epoch}"
+            )
+        if self.boundary_width < 0 or not self.vector_scale > 0:
+            raise ValueError(
+                "`boundary_width` must be >= 0 and `vector_scale` > 0. Received: "
+                f"boundary_width={self.boundary_width}, vector_scale={self.vector_scale}"
+            )
         if self.dataset_weights is not None:
             weights = tuple(float(w) for w in self.dataset_weights)
             if not weights or min(weights) < 0 or sum(weights) <= 0:
@@ -146,7 +158,7 @@ class PipelineConfig:
                 raise KerasnucError(f"pipeline.augment: {err}") from err
         elif "augment" in data:
             data["augment"] = AugmentConfig.from_dict(data["augment"])
-        return cls(**data)
+        return strict_from_dict(cls, data)
 
 
 # ----------------------------------------------------------------------------------------------

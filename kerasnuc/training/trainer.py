@@ -35,6 +35,7 @@ import keras
 
 from kerasnuc.config import DataConfig, RunConfig
 from kerasnuc.data.dataset import Dataset
+from kerasnuc.data.info import check_labels
 from kerasnuc.fileutil import KerasnucError
 from kerasnuc.optimizers.schedules import build_optimizer, set_clip_norm
 from kerasnuc.runs import (
@@ -187,6 +188,7 @@ def train_run(
         config = load_config(run_dir)
     method = get_method(config.method)
     datasets = open_datasets(config.data.datasets, config.data)
+    check_labels(datasets, (config.data.train_split, config.data.val_split))
     num_classes, _ = shared_classes(datasets)
     model_cfg = method.model_config.from_dict(config.model)
     if getattr(model_cfg, "num_classes", None) != max(1, num_classes):

@@ -91,6 +91,8 @@ def test_train_then_tune_class_agnostic(tmp_path, agnostic):
         "--no-importance-sampling", "--val-max-images", "1",
     )  # fmt: skip
     assert res.exit_code == 0, res.output
+    # Not a terminal (a log file): one line per epoch, no colour codes (issue 20, item 11).
+    assert "\x1b[" not in res.output and "1/1 - " in res.output
     config = load_config(out)
     # defaults < file < flags
     assert config.model["num_classes"] == 1 and config.model["decoder_filters"] == [8] * 5
