@@ -22,11 +22,14 @@ Choices where the paper is silent:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
-from collections.abc import Sequence
+import shutil
+import tempfile
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -56,7 +59,12 @@ from kerasnuc.training.callbacks import (
     TrainingState,
 )
 from kerasnuc.training.checkpoint import has_checkpoint, restore_training_state
-from kerasnuc.training.strategy import get_strategy, precision_policy
+from kerasnuc.training.strategy import (
+    get_strategy,
+    precision_policy,
+    synchronize_batch_norm,
+    worker_role,
+)
 from kerasnuc.training.validation import val_items
 
 logger = logging.getLogger(__name__)
@@ -173,16 +181,64 @@ def train_run(
         callbacks: extra Keras callbacks, run after the kerasnuc ones.
         tensorboard: write TensorBoard logs to ``run_dir/logs``.
 
+    With ``train.strategy == "multiworker"`` every worker process calls this with the same
+    arguments and its own ``TF_CONFIG``; only the chief writes into ``run_dir``, the others into
+    a temporary folder (see :func:`_worker_scratch`), so ``run_dir`` may be shared storage.
+
     Returns:
         :class:`TrainResult`.
 
     Raises:
         KerasnucError: bad data or run folder (one-line messages for the CLI).
     """
+    run_dir = Path(run_dir)
+    resumed = resume and (run_dir / "config.json").is_file()
+    if (load_config(run_dir) if resumed else config).train.strategy == "multiworker":
+        kind, index, chief = worker_role()
+        if not chief:
+            with _worker_scratch(run_dir, resume, f"{kind}{index}") as scratch:
+                return _train_run(config, scratch, resume, True, verbose, callbacks, tensorboard)
+    return _train_run(config, run_dir, resume, overwrite, verbose, callbacks, tensorboard)
+
+
+# Keep the scratch folder of a non-chief worker (for tests and debugging); it is removed otherwise.
+KEEP_WORKER_DIR_ENV = "KERASNUC_KEEP_WORKER_DIR"
+
+
+@contextlib.contextmanager
+def _worker_scratch(run_dir: Path, resume: bool, task: str) -> Iterator[Path]:
+    """A temporary run folder for a non-chief worker of a multi-worker run.
+
+    Only the chief writes into ``run_dir`` (weights, checkpoint, history, logs); the other
+    workers run the same steps and write their copies here, as TensorFlow's multi-worker
+    guide prescribes. Resuming, the scratch folder starts as a copy of the chief's run folder
+    (its config and checkpoint), so every worker restores the same state.
+    """
+    scratch = Path(tempfile.mkdtemp(prefix=f"kerasnuc-{task}-"))
+    logger.info("%s is not the chief: its run files go to %s", task, scratch)
+    try:
+        if resume:
+            if not has_checkpoint(run_dir / CHECKPOINT_DIR):
+                raise KerasnucError(f"{run_dir}: no checkpoint to resume (--resume)")
+            shutil.copytree(run_dir, scratch, dirs_exist_ok=True)
+        yield scratch
+    finally:
+        if os.environ.get(KEEP_WORKER_DIR_ENV) != "1":
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _train_run(
+    config: RunConfig,
+    run_dir: Path,
+    resume: bool,
+    overwrite: bool,
+    verbose: int | str,
+    callbacks: Sequence[keras.callbacks.Callback],
+    tensorboard: bool,
+) -> TrainResult:
     from kerasnuc.data.pipeline import shared_classes
     from kerasnuc.registry import get_method
 
-    run_dir = Path(run_dir)
     prepare_run_dir(run_dir, resume, overwrite)
     if resume:
         config = load_config(run_dir)
@@ -220,6 +276,8 @@ def train_run(
         steps = int(train_cfg.steps_per_epoch)
         with strategy.scope():
             model = method.build(method.model_config.from_dict(config.model))
+            if train_cfg.strategy == "multiworker":
+                synchronize_batch_norm(model)
             make_optimizer = method.optimizer or build_optimizer
             optimizer = make_optimizer(train_cfg, train_cfg.epochs * steps)
             set_clip_norm(optimizer, train_cfg.clip_norm)

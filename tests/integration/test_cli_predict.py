@@ -174,3 +174,28 @@ def test_missing_model_and_bad_format_fail_with_one_line(tmp_path, monkeypatch):
     assert result.exit_code == 1 and "pass --model" in result.output
     result = invoke(tmp_path, "--out", tmp_path / "out", "--format", "geojson,pdf")
     assert result.exit_code == 2 and "pdf" in result.output
+
+
+@pytest.mark.slow
+def test_cluster_run_equals_the_local_run(first_run, run_dir, inputs, tmp_path):
+    """--cluster local:1: one Dask worker process loads the model; same nuclei, same report."""
+    pytest.importorskip("distributed", reason="needs kerasnuc[cluster] (dask)")
+    _, local = first_run
+    out = tmp_path / "cluster"
+    result = invoke(inputs / "consep.png", inputs / "corrupt.png", "--model", run_dir,
+                    "--out", out, "--mpp", "0.25", "--cluster", "local:1", *FAST)  # fmt: skip
+    assert result.exit_code == 1, result.output
+    assert "1 predicted, 0 already complete (--resume), 1 failed" in result.output
+    assert "corrupt.png" in result.output.split("Failed inputs:")[1]
+    a = tifffile.imread(local / "consep" / "consep.instances.ome.tif")
+    b = tifffile.imread(out / "consep" / "consep.instances.ome.tif")
+    np.testing.assert_array_equal(a, b)
+    assert sorted(p.name for p in out.iterdir()) == ["consep"]
+
+
+def test_cluster_spec_errors_are_one_line(tmp_path):
+    for spec, says in (("local:0", "positive integer"), ("nowhere", "scheduler address")):
+        result = invoke(tmp_path, "--out", tmp_path / "o", "--cluster", spec)
+        assert result.exit_code == 1
+        assert f"--cluster {spec}: " in result.output and says in result.output
+        assert not (tmp_path / "o").exists()
