@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tifffile
 
 from kerasnuc.fileutil import KerasnucError, write_png
 from kerasnuc.inference.cluster import default_local_workers, parse_cluster
@@ -39,16 +40,25 @@ class CountingFactory:
 
 
 class _DyingPredictor(FakePredictor):
+    """Kills its worker process in the middle of the process's 2nd input (once in the run).
+
+    With :data:`ONE_TILE` options an input is one ``predict_instances_batch`` call, so the 2nd
+    call of a process is its 2nd task; the marker file makes it happen only once.
+    """
+
     def __init__(self, marker: str) -> None:
         super().__init__()
         self.marker = marker
 
     def predict_instances_batch(self, tiles):
-        try:  # the first process to get here dies in the middle of its input
-            os.close(os.open(self.marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-        except FileExistsError:
-            return super().predict_instances_batch(tiles)
-        os._exit(3)
+        if self.calls == 1:
+            try:
+                os.close(os.open(self.marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            except FileExistsError:
+                pass
+            else:
+                os._exit(3)
+        return super().predict_instances_batch(tiles)
 
 
 @dataclass(frozen=True)
@@ -57,6 +67,10 @@ class DyingFactory:
 
     def __call__(self) -> FakePredictor:
         return _DyingPredictor(self.marker)
+
+
+# One 256-px tile takes a whole 180 x 200 disc image: one predictor call per input.
+ONE_TILE = PredictOptions(tile_size=256, margin=16, formats=frozenset({"csv", "tiff", "summary"}))
 
 
 @pytest.fixture(scope="module")
@@ -141,26 +155,34 @@ def test_one_task_per_input_bad_input_reported_model_loaded_once_per_worker(
     assert [r.status for r in again] == ["failed", "complete", "complete", "complete", "complete"]
 
 
-def test_a_worker_that_dies_mid_input_is_replaced_and_leaves_nothing_partial(client, tmp_path):
+def test_a_worker_killed_on_its_second_task_still_gives_all_six_folders_once(client, tmp_path):
+    from kerasnuc.inference.job import predict_inputs
+
     folder = tmp_path / "in"
     folder.mkdir()
-    image = disc_image()
     paths = []
-    for k in range(2):
+    for k in range(6):
+        image = disc_image()
+        image[k * 10 : k * 10 + 4, 150:154] = 20  # one extra 4x4 nucleus at a place per image
         write_png(folder / f"x{k}.png", image)
         paths.append(folder / f"x{k}.png")
     out = tmp_path / "out"
     marker = tmp_path / "died"
-    reports = predict_on_cluster(client, paths, out, DyingFactory(str(marker)), OPTIONS)
-    assert marker.exists()  # a worker did die
-    assert [r.status for r in reports] == ["done", "done"]
-    assert sorted(p.name for p in out.iterdir()) == ["x0", "x1"]  # no temp folder left
-    for k in range(2):
-        assert sorted(p.name for p in (out / f"x{k}").iterdir()) == [
-            f"x{k}.csv",
-            f"x{k}.summary.json",
-        ]
-        assert _rows(out, f"x{k}") == len(DISCS)
+    reports = predict_on_cluster(client, paths, out, DyingFactory(str(marker)), ONE_TILE)
+    assert marker.exists()  # a worker did die, in its 2nd task
+    assert [r.status for r in reports] == ["done"] * 6
+    names = [f"x{k}" for k in range(6)]
+    assert sorted(p.name for p in out.iterdir()) == names  # no temp or duplicate folder
+    serial = predict_inputs(paths, FakePredictor(), tmp_path / "serial", ONE_TILE)
+    assert [r.n_nuclei for r in serial] == [r.n_nuclei for r in reports] == [len(DISCS) + 1] * 6
+    for name in names:
+        assert sorted(p.name for p in (out / name).iterdir()) == sorted(
+            p.name for p in (tmp_path / "serial" / name).iterdir()
+        )
+        a = tifffile.imread(out / name / f"{name}.instances.ome.tif")
+        b = tifffile.imread(tmp_path / "serial" / name / f"{name}.instances.ome.tif")
+        np.testing.assert_array_equal(a, b)
+        assert _rows(out, name) == len(DISCS) + 1
     client.wait_for_workers(2, timeout=60)  # the nanny restarted the dead worker
 
 
