@@ -12,10 +12,15 @@ Choices where the paper is silent:
   pipeline draws ``steps_per_epoch * batch_size`` crops per epoch, so that the pipeline's epochs
   and Keras' epochs coincide and a resumed run continues the data stream exactly where it
   stopped (``start_epoch``).
-* The full training state is saved after every epoch; resuming restores it and calls ``fit``
-  with ``initial_epoch``. With ``PipelineConfig.deterministic=True`` and one thread per op a
-  resumed run reproduces the history of an uninterrupted one; with the default parallel,
-  non-deterministic pipeline only the order of the crops inside a batch window may differ.
+* The full training state is saved after every epoch (model variables including batch-norm
+  statistics, the conic class prior and the dropout seed generators; optimizer variables
+  including the step that drives the schedule); resuming restores it and calls ``fit`` with
+  ``initial_epoch``, and the pipeline restarts at ``start_epoch`` with the same per-element
+  seeds. On a CPU, with ``PipelineConfig.deterministic`` (the default), a resumed run is
+  bit-identical to an uninterrupted one. Not so with ``deterministic=False`` (crops of the
+  parallel maps overtake each other, so batches differ from run to run), and on GPUs, whose
+  kernels (e.g. cuDNN convolution gradients) are not deterministic unless TensorFlow's op
+  determinism is enabled.
 * Validation uses the run's ``postproc.json`` (defaults until ``kerasnuc tune`` writes tuned
   thresholds), so that checkpoint selection and final inference agree.
 """
