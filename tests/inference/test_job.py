@@ -17,6 +17,7 @@ from kerasnuc.inference.inputs import find_inputs, output_names
 from kerasnuc.inference.job import PredictOptions, is_complete, predict_input, predict_inputs
 from kerasnuc.io.geojson import read_geojson_instances
 from kerasnuc.io.masks import read_label_tiff
+from tests.inference.test_tiling import glass_sensitive_label, seam_image
 
 BLUE, RED = (40, 40, 200), (200, 40, 40)
 # (row, col, class) of the nuclei of the synthetic image: discs of radius 5, class 1 blue,
@@ -237,3 +238,46 @@ def test_find_inputs_and_output_names(tmp_path):
 def test_options_are_checked():
     with pytest.raises(ValueError, match="formats"):
         PredictOptions(formats=frozenset({"pdf"}))
+
+
+class GlassSensitivePredictor:
+    """:func:`tests.inference.test_tiling.glass_sensitive_label` as a job predictor, 1 class."""
+
+    def __init__(self) -> None:
+        self.data_config = DataConfig(mpp=0.5, class_names={1: "nucleus"})
+
+    def predict_instances_batch(self, tiles: np.ndarray) -> list:
+        out = []
+        for inst in glass_sensitive_label(tiles):
+            n = int(inst.max())
+            probs = np.zeros((n, 2))
+            probs[:, 1] = 1.0
+            out.append((inst, (inst > 0).astype(np.int32), {"probabilities": probs}))
+        return out
+
+
+def test_streamed_slide_counts_each_nucleus_once_on_glass_seams(tmp_path):
+    """Issue 20 item 3: tissue on glass, streamed, gave some nuclei twice in GeoJSON/CSV/counts."""
+    image, centres = seam_image()
+    path = tmp_path / "in" / "seams.png"
+    write_png(path, image)
+    opts = PredictOptions(tile_size=96, margin=16, batch_size=4, mpp=0.5)
+    memory = predict_input(path, GlassSensitivePredictor(), tmp_path / "a", options=opts)
+    streamed_opts = PredictOptions(**{**opts.__dict__, "small_max_pixels": 0})
+    streamed = predict_input(path, GlassSensitivePredictor(), tmp_path / "b", options=streamed_opts)
+    assert (memory.mode, streamed.mode) == ("in-memory", "streaming")
+    assert memory.n_nuclei == streamed.n_nuclei == len(centres)
+    a, b = tmp_path / "a" / "seams", tmp_path / "b" / "seams"
+
+    def key(rows):
+        return sorted((r["centroid_x_px"], r["centroid_y_px"], r["area_px"]) for r in rows)
+
+    assert key(read_csv(a / "seams.csv")) == key(read_csv(b / "seams.csv"))
+    inst = read_label_tiff(b / "seams.instances.ome.tif")
+    assert len(np.unique(inst)) - 1 == len(centres)
+    np.testing.assert_array_equal(
+        read_geojson_instances(b / "seams.geojson", image.shape[:2]), inst
+    )
+    summary = json.loads((b / "seams.summary.json").read_text())
+    assert summary["counts"] == {"nucleus": len(centres)}
+    assert summary["tiles"]["predicted"] < summary["tiles"]["total"]  # glass skipped
