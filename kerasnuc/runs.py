@@ -12,6 +12,11 @@ is written by ``kerasnuc train --out RUN_DIR``::
     logs/              TensorBoard
     epochs/            per-epoch weights (``TrainConfig.keep_epoch_weights``)
 
+A run that replaces an existing run folder (``train --overwrite``) trains in the hidden sibling
+:func:`pending_run_dir` (``.<name>.pending/``, same layout) and is moved onto ``RUN_DIR`` only
+when it has finished, so the old run stays usable until then and ``--resume`` continues an
+interrupted replacement there.
+
 This module:
 
 * names those files (:data:`RUN_CONFIG`, :data:`BEST_WEIGHTS`, ...) and reads/writes
@@ -65,6 +70,29 @@ CHECKPOINT_DIR = "checkpoint"
 LOG_DIR = "logs"
 #: Folder of the per-epoch weights (``TrainConfig.keep_epoch_weights``).
 EPOCH_WEIGHTS_DIR = "epochs"
+CARD_FILE = "model.json"
+"""Model card of a packed model: name, description, data, licence, resolution, classes, scores."""
+
+RUN_ENTRIES = frozenset(
+    {
+        RUN_CONFIG,
+        BEST_WEIGHTS,
+        POSTPROC,
+        HISTORY,
+        CHECKPOINT_DIR,
+        LOG_DIR,
+        EPOCH_WEIGHTS_DIR,
+        CARD_FILE,
+    }
+)
+"""Everything a run folder may hold; ``train --overwrite`` replaces only folders of these."""
+
+
+def pending_run_dir(run_dir: str | os.PathLike) -> Path:
+    """``<parent>/.<name>.pending``: where a run replacing ``run_dir`` trains until it is done."""
+    run_dir = Path(run_dir)
+    return run_dir.parent / f".{run_dir.name}.pending"
+
 
 BUNDLED_DIR = Path(__file__).resolve().parent / "models_bundled"
 """Folder of the models shipped with the package: ``models_bundled/<name>/`` run folders."""
@@ -243,9 +271,6 @@ def resolve_model(name_or_path: str | os.PathLike | None) -> Path:
 
 # --- packing a run as a named model -----------------------------------------------------------
 
-
-CARD_FILE = "model.json"
-"""Model card of a packed model: name, description, data, licence, resolution, classes, scores."""
 
 CARD_KEYS = (
     "name",

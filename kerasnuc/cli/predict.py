@@ -205,7 +205,12 @@ def _predict_on_cluster(cluster, worker_threads, spec, paths, out, options, mode
     show_default=True,
     help="Tiles per model call (and forward passes per batch with --tta).",
 )
-@click.option("--resume", is_flag=True, help="Skip complete inputs, continue interrupted slides.")
+@click.option(
+    "--resume",
+    is_flag=True,
+    help="Skip inputs already predicted from the same file with the same model and settings; "
+    "continue interrupted slides.",
+)
 @click.option(
     "--device",
     type=click.Choice(["auto", "cpu", "gpu"]),

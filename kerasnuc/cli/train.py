@@ -194,7 +194,12 @@ def parse_dataset_mpp(values: tuple[str, ...], dirs: list[Path]) -> dict[str, fl
 )
 @click.option("--seed", type=int, help="Seed of weights, pipeline and dropout.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its checkpoint.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing run folder.")
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    help="Replace an existing run folder, once the new run has finished (until then it trains "
+    "in the hidden sibling .NAME.pending, which --resume continues).",
+)
 @click.option(
     "--strategy", type=click.Choice(["default", "mirrored", "multiworker"]), help="tf.distribute."
 )
@@ -242,7 +247,9 @@ def train(
 
     The best checkpoint (validation mPQ+, or PQ without classes, computed with the real
     post-processing) goes to OUT/model.weights.h5; OUT/checkpoint holds the state of the last
-    epoch for --resume (which reuses OUT/config.json and ignores the other options).
+    epoch for --resume (which reuses OUT/config.json and ignores the other options). Data,
+    config and OUT are checked before anything is written; a run that fails before its first
+    epoch ends leaves nothing behind.
     """
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s")
     from kerasnuc.registry import get_method
@@ -254,10 +261,9 @@ def train(
     check_writable_dir(run_dir)
     if resume:
         from kerasnuc.runs import load_config
+        from kerasnuc.training.trainer import resume_dir
 
-        config = load_config(run_dir) if (run_dir / "config.json").is_file() else None
-        if config is None:
-            raise KerasnucError(f"{run_dir}: no run to resume (config.json missing)")
+        config = load_config(resume_dir(run_dir))
     else:
         if not data_dirs:
             raise KerasnucError("--data is required (a dataset folder)")

@@ -140,6 +140,14 @@ def test_resume_skips_finished_inputs(first_run, run_dir, inputs):
     assert "0 predicted, 2 already complete" in result.output
     after = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
     assert after == before
+    # Other results with --tta: predicted again, not the old folder returned (issue 20).
+    result = invoke(inputs / "consep.png", "--model", run_dir, "--out", out, "--mpp", "0.25",
+                    "--resume", "--tta", "2", *FAST)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "1 predicted, 0 already complete" in result.output
+    assert "holds the results of another model; predicting it again" in result.output
+    summary = json.loads((out / "consep" / "consep.summary.json").read_text())
+    assert summary["fingerprint"]["predictor"]["tta"] == 2
 
 
 @pytest.mark.slow
