@@ -60,6 +60,7 @@ def _launch(args: list[str], tmp_path: Path, tag: str) -> list[tuple[int, str, P
     ports = _free_ports(2)
     cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
     procs = []
+    before = set(tmp_path.glob("tmp*/kerasnuc-worker1-*"))
     for index in range(2):
         env = dict(
             os.environ,
@@ -77,8 +78,8 @@ def _launch(args: list[str], tmp_path: Path, tag: str) -> list[tuple[int, str, P
         code = proc.wait(timeout=900)
         log.close()
         text = (tmp_path / f"{tag}_worker{index}.log").read_text()
-        scratch = sorted((tmp_path / f"tmp{index}").glob("kerasnuc-worker1-*"))
-        results.append((code, text, scratch[-1] if scratch else None))
+        scratch = sorted(set((tmp_path / f"tmp{index}").glob("kerasnuc-worker1-*")) - before)
+        results.append((code, text, scratch[0] if len(scratch) == 1 else None))
     return results
 
 
