@@ -159,16 +159,26 @@ MIRRORED_SCRIPT = textwrap.dedent(
     import keras
     from kerasnuc.config import TrainConfig
     from kerasnuc.losses.conic import conic_losses
-    from kerasnuc.models.conic import build_conic
+    from kerasnuc.models.conic import ConicModel
     from kerasnuc.optimizers.schedules import build_optimizer
     from kerasnuc.training.strategy import get_strategy
 
     def build():
-        model = build_conic(num_classes=2, decoder_filters=(8,) * 5, dropout=0.0)
-        for layer in model._flatten_layers():  # stochastic depth of the encoder off
-            if isinstance(layer, keras.layers.Dropout):
-                layer.rate = 0.0
-        return model
+        # A small ConicModel (the class of build_conic, with its class prior) with the same
+        # outputs: conv + batch norm (per-replica batch statistics) feeding the three heads.
+        image = keras.Input((None, None, 3), name="image")
+        x = keras.layers.Conv2D(8, 3, padding="same", use_bias=False)(image)
+        x = keras.layers.ReLU()(keras.layers.BatchNormalization()(x))
+        x = keras.layers.Conv2D(8, 3, strides=2, padding="same")(x)
+        x = keras.layers.UpSampling2D(2)(x)
+        sem = keras.layers.Conv2D(3, 1)(x)
+        three = keras.layers.Conv2D(3, 1)(x)
+        vec = keras.layers.Conv2D(2, 1)(x)
+        return ConicModel(image, {
+            "semantic": keras.layers.Activation("softmax", name="semantic")(sem),
+            "three_label": keras.layers.Activation("softmax", name="three_label")(three),
+            "vectors": keras.layers.Activation("linear", name="vectors")(vec),
+        })
 
     keras.utils.set_random_seed(0)
     init = build().get_weights()
