@@ -1,5 +1,8 @@
 """Predictor: test-time augmentation, MC dropout and ensembles behind one API.
 
+One cohesive concept: how a model (or an ensemble, or a served model) turns images into maps and
+instances, including its fingerprint (the identity of those results for --resume).
+
 Rumberger, Baumann, Hirsch et al., "Panoptic segmentation with highly imbalanced semantic
 labels" (CoNIC challenge, ISBI 2022, "Inference") average 16 stochastic
 forward passes pixel-wise: every pass sees the image with a random HED stain-intensity change
