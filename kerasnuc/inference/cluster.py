@@ -33,7 +33,7 @@ from typing import Any
 
 from kerasnuc.fileutil import KerasnucError
 from kerasnuc.inference.inputs import output_names
-from kerasnuc.inference.job import InputReport, PredictJob, PredictOptions
+from kerasnuc.inference.job import InputReport, PredictJob, PredictOptions, failed_report
 
 logger = logging.getLogger(__name__)
 
@@ -116,11 +116,7 @@ def _predict_task(
         job = cached_job(spec, options, model_id, build)
         return job.run_input(path, out_dir, name)
     except Exception as exc:  # one bad input must not stop the batch (as the local run)
-        logger.debug("%s failed", path, exc_info=True)
-        reason = str(exc) if isinstance(exc, KerasnucError) else f"{type(exc).__name__}: {exc}"
-        return InputReport(
-            path=Path(path), name=name, status="failed", out_dir=Path(out_dir) / name, reason=reason
-        )
+        return failed_report(path, name, out_dir, exc)
 
 
 def default_local_workers(threads_per_worker: int = 1) -> int:

@@ -476,6 +476,17 @@ def _remove_work(work: Path) -> None:
         work.parent.rmdir()
 
 
+def failed_report(
+    path: str | os.PathLike, name: str, out_dir: str | os.PathLike, exc: Exception
+) -> InputReport:
+    """The ``failed`` report of an input whose prediction raised ``exc`` (logged at debug)."""
+    logger.debug("%s failed", path, exc_info=exc)
+    reason = str(exc) if isinstance(exc, KerasnucError) else f"{type(exc).__name__}: {exc}"
+    return InputReport(
+        path=Path(path), name=name, status="failed", out_dir=Path(out_dir) / name, reason=reason
+    )
+
+
 class PredictJob:
     """Predict inputs with one predictor and write their outputs (see the module docstring).
 
@@ -693,17 +704,7 @@ class PredictJob:
             try:
                 report = self.run_input(path, out_dir, name, progress)
             except Exception as exc:  # one bad input must not stop a batch of slides
-                logger.debug("%s failed", path, exc_info=True)
-                reason = (
-                    str(exc) if isinstance(exc, KerasnucError) else f"{type(exc).__name__}: {exc}"
-                )
-                report = InputReport(
-                    path=path,
-                    name=name,
-                    status="failed",
-                    out_dir=Path(out_dir) / name,
-                    reason=reason,
-                )
+                report = failed_report(path, name, out_dir, exc)
             reports.append(report)
             if on_report is not None:
                 on_report(report)
