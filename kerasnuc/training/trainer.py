@@ -305,11 +305,11 @@ def train_run(
         KerasnucError: bad data or run folder (one-line messages for the CLI).
     """
     run_dir = Path(run_dir)
-    resumed = resume and (run_dir / "config.json").is_file()
-    if (load_config(run_dir) if resumed else config).train.strategy == "multiworker":
+    source = resume_dir(run_dir) if resume else None
+    if (load_config(source) if source else config).train.strategy == "multiworker":
         kind, index, chief = worker_role()
         if not chief:
-            with _worker_scratch(run_dir, resume, f"{kind}{index}") as scratch:
+            with _worker_scratch(source, f"{kind}{index}") as scratch:
                 return _train_run(config, scratch, resume, True, verbose, callbacks, tensorboard)
     return _train_run(config, run_dir, resume, overwrite, verbose, callbacks, tensorboard)
 
@@ -319,21 +319,19 @@ KEEP_WORKER_DIR_ENV = "KERASNUC_KEEP_WORKER_DIR"
 
 
 @contextlib.contextmanager
-def _worker_scratch(run_dir: Path, resume: bool, task: str) -> Iterator[Path]:
+def _worker_scratch(source: Path | None, task: str) -> Iterator[Path]:
     """A temporary run folder for a non-chief worker of a multi-worker run.
 
-    Only the chief writes into ``run_dir`` (weights, checkpoint, history, logs); the other
+    Only the chief writes into the run folder (weights, checkpoint, history, logs); the other
     workers run the same steps and write their copies here, as TensorFlow's multi-worker
-    guide prescribes. Resuming, the scratch folder starts as a copy of the chief's run folder
-    (its config and checkpoint), so every worker restores the same state.
+    guide prescribes. Resuming, the scratch folder starts as a copy of ``source``, the folder
+    the chief resumes (:func:`resume_dir`), so every worker restores the same state.
     """
     scratch = Path(tempfile.mkdtemp(prefix=f"kerasnuc-{task}-"))
     logger.info("%s is not the chief: its run files go to %s", task, scratch)
     try:
-        if resume:
-            if not has_checkpoint(run_dir / CHECKPOINT_DIR):
-                raise KerasnucError(f"{run_dir}: no checkpoint to resume (--resume)")
-            shutil.copytree(run_dir, scratch, dirs_exist_ok=True)
+        if source is not None:
+            shutil.copytree(source, scratch, dirs_exist_ok=True)
         yield scratch
     finally:
         if os.environ.get(KEEP_WORKER_DIR_ENV) != "1":
