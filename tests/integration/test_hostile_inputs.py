@@ -20,6 +20,7 @@ from click.testing import CliRunner
 from kerasnuc.cli import main
 from kerasnuc.data.dataset import DatasetWriter
 from kerasnuc.fileutil import write_png
+from tests.integration.test_cli_train import disc_sample
 
 CLASSES = {1: "a", 2: "b"}
 SIZE = 64
@@ -27,18 +28,7 @@ SIZE = 64
 
 def discs(seed: int, size: int = SIZE) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """A noisy H&E-like image with 4 discs: ``(image, instances, classes)``, seeded."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[:size, :size]
-    image = np.full((size, size, 3), 230.0)
-    inst = np.zeros((size, size), np.int32)
-    for i in range(1, 5):
-        cy, cx = rng.integers(8, size - 8, 2)
-        mask = ((yy - cy) ** 2 + (xx - cx) ** 2 <= 25) & (inst == 0)
-        inst[mask] = i
-        image[mask] = (90, 30, 140)
-    cls = np.where(inst > 0, 1 + inst % 2, 0).astype(np.int32)
-    image = np.clip(image + rng.normal(0, 8, image.shape), 0, 255).astype(np.uint8)
-    return image, inst, cls
+    return disc_sample(np.random.default_rng(seed), size)
 
 
 def tiny_image(path: Path, seed: int = 0) -> Path:
