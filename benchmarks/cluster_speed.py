@@ -31,12 +31,11 @@ sys.path.insert(0, str(ROOT))
 def _images(n: int) -> list[Path]:
     data = Path(os.environ.get("KERASNUC_DATA", ROOT.parent / "shared" / "data"))
     kumar = data / "monuseg_kumar"
-    if (kumar / "splits.csv").is_file():
-        import csv
+    if (kumar / "meta.json").is_file():
+        from kerasnuc.data.dataset import Dataset
 
-        with open(kumar / "splits.csv", newline="") as fh:
-            ids = [r["id"] for r in csv.DictReader(fh) if r["split"] == "val"]
-        found = [kumar / "images" / f"{i}.png" for i in ids]
+        ds = Dataset(kumar)
+        found = [ds.image_path(i) for i in ds.split("val")]
     else:
         from kerasnuc.examples import EXAMPLE_DATASETS
 

@@ -56,7 +56,7 @@ from typing import Any, Literal
 import cv2
 import numpy as np
 
-from kerasnuc.checks import MPP_RANGE, check_mpp
+from kerasnuc.checks import check_mpp, is_plausible_mpp
 from kerasnuc.fileutil import KerasnucError, read_image
 
 logger = logging.getLogger(__name__)
@@ -83,7 +83,7 @@ def _check_grey(grey: str) -> None:
 def _plausible_mpp(value: float | None, origin: str, name: str) -> float | None:
     if value is None or not math.isfinite(value):
         return None
-    if MPP_RANGE[0] <= value <= MPP_RANGE[1]:
+    if is_plausible_mpp(value):
         return float(value)
     logger.debug("%s: ignoring implausible pixel size %.4g um/px from %s", name, value, origin)
     return None
