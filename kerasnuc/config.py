@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kerasnuc import __version__
+from kerasnuc.version import __version__
 
 #: Default colours of cell types 1..6 (RGB), reused cyclically.
 DEFAULT_COLOURS = (

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import click
 
-from kerasnuc import __version__
 from kerasnuc.fileutil import KerasnucError
+from kerasnuc.version import __version__
 
 
 class KerasnucGroup(click.Group):

@@ -44,6 +44,7 @@ from kerasnuc.runs import (
     LOG_DIR,
     POSTPROC,
     RUN_CONFIG,
+    initial_postproc,
     load_config,
     load_initial_weights,
     save_config,
@@ -187,7 +188,7 @@ def train_run(
         config = load_config(run_dir)
     method = get_method(config.method)
     datasets = open_datasets(config.data.datasets, config.data)
-    num_classes, _ = shared_classes(datasets)
+    num_classes, data_class_names = shared_classes(datasets)
     model_cfg = method.model_config.from_dict(config.model)
     if getattr(model_cfg, "num_classes", None) != max(1, num_classes):
         raise KerasnucError(
@@ -200,7 +201,7 @@ def train_run(
             config = method.prepare_config(config, datasets)
         save_config(config, run_dir)
         if not (run_dir / POSTPROC).is_file():
-            method.new_postproc(config).save(run_dir / POSTPROC)
+            initial_postproc(method, config).save(run_dir / POSTPROC)
     pipeline_cfg = _pipeline_config(config)
     train_cfg = config.train
     postproc = method.postproc_config.load(run_dir / POSTPROC)
@@ -228,7 +229,12 @@ def train_run(
             )
             state = {"epoch": 0, "best_score": math.nan, "best_epoch": 0, "history": []}
             if train_cfg.init_from and not resume:
-                path = load_initial_weights(model, train_cfg.init_from)
+                path = load_initial_weights(
+                    model,
+                    train_cfg.init_from,
+                    class_names=None if method.class_agnostic else data_class_names,
+                    class_layers=method.class_layers,
+                )
                 logger.info("starting from the weights of %s", path)
             if resume:
                 model.optimizer.build(model.trainable_variables)
