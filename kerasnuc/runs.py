@@ -168,6 +168,12 @@ def init_run_dir(source: str | os.PathLike) -> Path | None:
     path = Path(source).expanduser()
     if path.is_file():
         return None
+    if not path.is_dir() and str(source) not in bundled_models():
+        available = ", ".join(sorted(bundled_models())) or "none installed"
+        raise KerasnucError(
+            f"{source}: run folder, bundled model or weights file to start from not found "
+            f"(bundled: {available})"
+        )
     return resolve_model(source)
 
 

@@ -321,6 +321,18 @@ def train(
             },
         }
         config = build_run_config(method, dirs, file_config, overrides, init_config, init_from)
+        if init_config is not None and not get_method(config.method).class_agnostic:
+            from kerasnuc.runs import class_order
+
+            names = config.data.class_names
+            if class_order(init_config.data.class_names, names, init_from) is not None:
+                click.echo(
+                    f"note: the data's classes are those of {init_from} in another order; its "
+                    "classifier is reordered by name to the data's ids ("
+                    + ", ".join(f"{k} {v}" for k, v in sorted(names.items()))
+                    + ")",
+                    err=True,
+                )
     # Keras' progress bar draws with terminal colour codes: one plain line per epoch instead
     # when the output goes to a file (a log) rather than a terminal.
     verbose = 1 if sys.stdout.isatty() else 2

@@ -140,3 +140,25 @@ def test_monuseg_kumar_is_fast(shared_data):
     assert info["problems"] == []
     assert info["nucleus_size"]["area_um2"] is not None
     assert elapsed < 30, f"dataset_info took {elapsed:.1f} s"
+
+
+def test_implausibly_large_nucleus_is_a_problem(tmp_path):
+    # A region imported as a nucleus (e.g. a QuPath "Tumor" outline): 100 x 100 px at
+    # 0.25 um/px = 625 um^2 is a large but possible nucleus; 140 x 140 px = 1225 um^2 is not.
+    def write(root, side, mpp):
+        with DatasetWriter(root, {"mpp": mpp}) as w:
+            inst = np.zeros((200, 200), np.int32)
+            for i in range(10):
+                inst[2 + 4 * i : 5 + 4 * i, 2:5] = i + 1  # ten 9-px nuclei
+            inst[50 : 50 + side, 50 : 50 + side] = 11
+            w.add("a", np.zeros((200, 200, 3), np.uint8), inst)
+        return dataset_info(root)["problems"]
+
+    assert write(tmp_path / "ok", 100, 0.25) == []
+    problems = write(tmp_path / "region", 140, 0.25)
+    assert len(problems) == 1 and "instances/a.png: 1 implausibly large nucleus" in problems[0]
+    assert "id 11 (19600 px, 1225 um^2; median 9 px)" in problems[0]
+    # Without a pixel size: more than 50 times the median nucleus area (9 px -> 450 px).
+    assert write(tmp_path / "px_ok", 21, None) == []  # 441 px
+    problems = write(tmp_path / "px_big", 22, None)  # 484 px
+    assert len(problems) == 1 and "id 11 (484 px; median 9 px)" in problems[0]

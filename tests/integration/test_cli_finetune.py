@@ -72,6 +72,7 @@ def test_finetune_default_on_alphabetical_qupath_classes_maps_them_by_name(tmp_p
                     "--epochs", "1", "--steps-per-epoch", "1", "--batch-size", "1", "--crop", "64",
                     "--lr", "1e-12", "--seed", "0", "--no-importance-sampling")  # fmt: skip
     assert result.exit_code == 0, result.output
+    assert "classifier is reordered by name to the data's ids (1 epithelial," in result.output
     config = load_config(run)
     default = load_run(resolve_model("default"))
     # The run keeps the data's ids and names; the architecture and resolution are the
