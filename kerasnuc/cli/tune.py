@@ -117,7 +117,7 @@ def tune(
         )
     if out is not None and out.exists():
         raise KerasnucError(f"{out}: already exists (choose a new folder for the tuned model)")
-    if points and tile is not None:
+    if points is not None and tile is not None:
         raise KerasnucError("--tile and --points exclude each other")
     run = load_run(path)
     method = run.method
