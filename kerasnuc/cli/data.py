@@ -7,7 +7,14 @@ from pathlib import Path
 
 import click
 
-from kerasnuc.cli.common import dataset_path, format_table, json_option
+from kerasnuc.cli.common import (
+    MPP,
+    check_writable_dir,
+    dataset_path,
+    format_table,
+    json_option,
+    verbose_option,
+)
 from kerasnuc.fileutil import KerasnucError
 
 IMPORT_FORMATS = (
@@ -39,7 +46,7 @@ def _echo_problems(problems: list[str]) -> None:
 @click.argument("fmt", metavar="FORMAT", type=click.Choice(IMPORT_FORMATS))
 @click.argument("src", type=click.Path(exists=True, path_type=Path))
 @click.argument("dst", type=click.Path(path_type=Path))
-@click.option("--mpp", type=click.FloatRange(min=0, min_open=True), help="Microns per pixel.")
+@click.option("--mpp", type=MPP, help="Microns per pixel.")
 @click.option("--name", help="Dataset name for meta.json (default: DST folder name).")
 @click.option("--split", default="train", show_default=True, help="Split of the imported images.")
 @click.option(
@@ -90,6 +97,7 @@ def _echo_problems(problems: list[str]) -> None:
     help="geojson: skip the objects of these classes, e.g. 'Tumor,Stroma' (regions drawn "
     "among the nuclei).",
 )
+@verbose_option
 def import_(
     fmt: str,
     src: Path,
@@ -148,6 +156,7 @@ def import_(
             raise click.UsageError(f"{flag} does not apply to format {fmt!r}")
         options[key] = value
     check_destination(dst, overwrite)
+    check_writable_dir(dst.parent, dst)
     try:
         plan = scan(fmt, src, **options)
         with click.progressbar(
@@ -201,6 +210,7 @@ def _stats_row(label: str, stats: dict | None) -> dict:
 @data.command("info")
 @click.argument("dataset")
 @json_option
+@verbose_option
 def info(dataset: str, as_json: bool) -> None:
     """Counts, pixel statistics, nucleus sizes and validation problems of DATASET.
 

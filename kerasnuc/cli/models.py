@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from kerasnuc.cli.common import format_table, json_option
+from kerasnuc.cli.common import check_writable_dir, format_table, json_option, verbose_option
 from kerasnuc.fileutil import KerasnucError
 
 
@@ -27,6 +27,7 @@ def _headline(card: dict) -> str:
 @click.group("models", invoke_without_command=True)
 @json_option
 @click.pass_context
+@verbose_option
 def models(ctx: click.Context, as_json: bool) -> None:
     """List the named models (bundled with the package), or show / pack one.
 
@@ -59,6 +60,7 @@ def models(ctx: click.Context, as_json: bool) -> None:
 
 @models.command("show")
 @click.argument("name")
+@verbose_option
 def show(name: str) -> None:
     """Print the model card of NAME (a named model or a run folder) as JSON."""
     from kerasnuc.runs import read_card, resolve_model
@@ -77,6 +79,7 @@ def show(name: str) -> None:
 )
 @click.option("--float32", is_flag=True, help="Keep float32 weights (default: float16).")
 @click.option("--overwrite", is_flag=True, help="Replace DST.")
+@verbose_option
 def pack(run_dir: str, dst: Path, card_file: Path | None, float32: bool, overwrite: bool) -> None:
     """Write RUN_DIR (a run folder or a bundled model) as a weights-only named model folder DST
     with a model card (no local paths: datasets and runs are named by their folder names)."""
@@ -84,6 +87,7 @@ def pack(run_dir: str, dst: Path, card_file: Path | None, float32: bool, overwri
 
     run_path = resolve_model(run_dir)
 
+    check_writable_dir(dst.parent, dst)
     card = None
     if card_file is not None:
         try:

@@ -10,7 +10,8 @@ from typing import Any
 
 import click
 
-from kerasnuc.cli.common import dataset_path
+from kerasnuc.checks import MPP_RANGE, is_plausible_mpp
+from kerasnuc.cli.common import MPP, check_writable_dir, dataset_path, verbose_option
 from kerasnuc.fileutil import KerasnucError
 
 SECTIONS = ("model", "pipeline", "train", "data")
@@ -46,11 +47,15 @@ def build_run_config(
     overrides: dict[str, dict[str, Any]],
     init_config: Any = None,
     init_name: str | None = None,
+    config_file: Path | None = None,
 ):
     """The :class:`~kerasnuc.config.RunConfig` of a new run.
 
     Precedence: method defaults < the ``--init-from`` run (its architecture, i.e. the ``model``
     section, and its resolution ``data.mpp``) < ``--config`` < flags.
+
+    Every section is checked here, before any data is read or a model built: unknown keys,
+    value types and ranges, and one ``pipeline.dataset_weights`` entry per dataset.
 
     Args:
         method_name: registry name (None: the init run's method, else ``conic``).
@@ -60,9 +65,10 @@ def build_run_config(
         init_config: the :class:`~kerasnuc.config.RunConfig` of the ``--init-from`` run, or
             None. Its classes must be the data's by name (any order; one line otherwise).
         init_name: the ``--init-from`` value, named in errors.
+        config_file: the file ``file_config`` was read from (named in errors).
 
     Raises:
-        KerasnucError: bad values (one line).
+        KerasnucError: bad values (one line naming the file, the section and the key).
     """
     from kerasnuc.config import DataConfig, RunConfig, TrainConfig, migrate_model_mpp
     from kerasnuc.data.dataset import Dataset
@@ -85,6 +91,10 @@ def build_run_config(
         out.update({k: v for k, v in overrides.get(name, {}).items() if v is not None})
         return out
 
+    def invalid(name: str, exc: Exception) -> KerasnucError:
+        where = f"{config_file}: " if config_file is not None and name in file_config else ""
+        return KerasnucError(f"{where}invalid configuration, section {name!r}: {exc}")
+
     num_classes, class_names = shared_classes(datasets)
     colours: dict[int, Any] = {}
     base_model = method.model_config(num_classes=max(1, num_classes)).to_dict()
@@ -103,11 +113,18 @@ def build_run_config(
             colours = {k: init_colours[o] for k, o in enumerate(old_ids, 1) if o in init_colours}
     try:
         file_config = migrate_model_mpp(file_config)
+    except ValueError as exc:
+        raise invalid("pipeline", exc) from exc
+    name = "model"
+    try:
         model = method.model_config.from_dict(section("model", base_model)).to_dict()
+        name = "pipeline"
         pipeline_dict = section("pipeline", PipelineConfig(batch_size=4).to_dict())
         pipeline = PipelineConfig.from_dict(pipeline_dict).to_dict()
+        name = "train"
         train_base = {**TrainConfig().to_dict(), **dict(method.train_defaults or {})}
         train = TrainConfig.from_dict(section("train", train_base))
+        name = "data"
         data_base = {
             "datasets": [str(d) for d in data_dirs],
             "mpp": mpp,
@@ -115,8 +132,17 @@ def build_run_config(
             "class_colours": colours,
         }
         data = DataConfig.from_dict(section("data", data_base))
-    except (TypeError, ValueError) as exc:
-        raise KerasnucError(f"invalid configuration: {exc}") from exc
+    except (TypeError, ValueError, KerasnucError) as exc:
+        raise invalid(name, exc) from exc
+    weights = pipeline.get("dataset_weights")
+    if weights is not None and len(weights) != len(data_dirs):
+        raise invalid(
+            "pipeline",
+            ValueError(
+                f"`dataset_weights` has {len(weights)} weight(s) for {len(data_dirs)} --data "
+                "folder(s) (one weight per folder, in their order)"
+            ),
+        )
     return RunConfig(method=method.name, model=model, data=data, pipeline=pipeline, train=train)
 
 
@@ -124,7 +150,7 @@ def parse_dataset_mpp(values: tuple[str, ...], dirs: list[Path]) -> dict[str, fl
     """``("NAME=MPP", ...)`` of ``--dataset-mpp`` -> ``{NAME: MPP}`` (NAME: a --data folder's name).
 
     Raises:
-        KerasnucError: malformed value, non-positive size, or a name that is no --data folder.
+        KerasnucError: malformed value, an implausible size, or a name that is no --data folder.
     """
     names = {d.resolve().name for d in dirs}
     out: dict[str, float] = {}
@@ -134,8 +160,12 @@ def parse_dataset_mpp(values: tuple[str, ...], dirs: list[Path]) -> dict[str, fl
             mpp = float(number) if sep else float("nan")
         except ValueError:
             mpp = float("nan")
-        if not mpp > 0:
-            raise KerasnucError(f"--dataset-mpp {value!r}: expected NAME=MPP with MPP > 0 (um/px)")
+        if not is_plausible_mpp(mpp):
+            low, high = MPP_RANGE
+            raise KerasnucError(
+                f"--dataset-mpp {value!r}: expected NAME=MPP with MPP a pixel size in "
+                f"{low:g}..{high:g} um/px"
+            )
         if name not in names:
             raise KerasnucError(
                 f"--dataset-mpp {value!r}: {name!r} is not one of the --data folders"
@@ -170,7 +200,7 @@ def parse_dataset_mpp(values: tuple[str, ...], dirs: list[Path]) -> dict[str, fl
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), help="Peak learning rate.")
 @click.option(
     "--mpp",
-    type=click.FloatRange(min=0, min_open=True),
+    type=MPP,
     help="Model resolution in um/px: the training images are resampled to it (stored in the "
     "run; predict resamples its inputs to it). Default: the datasets' own, when they agree.",
 )
@@ -197,7 +227,12 @@ def parse_dataset_mpp(values: tuple[str, ...], dirs: list[Path]) -> dict[str, fl
 )
 @click.option("--seed", type=int, help="Seed of weights, pipeline and dropout.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its checkpoint.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing run folder.")
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    help="Replace an existing run folder, once the new run has finished (until then it trains "
+    "in the hidden sibling .NAME.pending, which --resume continues).",
+)
 @click.option(
     "--strategy", type=click.Choice(["default", "mirrored", "multiworker"]), help="tf.distribute."
 )
@@ -213,7 +248,7 @@ def parse_dataset_mpp(values: tuple[str, ...], dirs: list[Path]) -> dict[str, fl
     default=None,
     help="Also save the weights after every epoch (OUT/epochs/epoch_NNN.weights.h5).",
 )
-@click.option("-v", "--verbose", is_flag=True, help="Log progress details.")
+@verbose_option(expose=True, help="Log progress details; show tracebacks and TensorFlow's logs.")
 def train(
     method: str | None,
     data_dirs: tuple[str, ...],
@@ -245,7 +280,9 @@ def train(
 
     The best checkpoint (validation mPQ+, or PQ without classes, computed with the real
     post-processing) goes to OUT/model.weights.h5; OUT/checkpoint holds the state of the last
-    epoch for --resume (which reuses OUT/config.json and ignores the other options).
+    epoch for --resume (which reuses OUT/config.json and ignores the other options). Data,
+    config and OUT are checked before anything is written; a run that fails before its first
+    epoch ends leaves nothing behind.
     """
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s")
     from kerasnuc.registry import get_method
@@ -255,12 +292,12 @@ def train(
         get_method(method)
     if resume and overwrite:
         raise KerasnucError("--resume and --overwrite exclude each other")
+    check_writable_dir(run_dir)
     if resume:
         from kerasnuc.runs import load_config
+        from kerasnuc.training.trainer import resume_dir
 
-        config = load_config(run_dir) if (run_dir / "config.json").is_file() else None
-        if config is None:
-            raise KerasnucError(f"{run_dir}: no run to resume (config.json missing)")
+        config = load_config(resume_dir(run_dir))
     else:
         if not data_dirs:
             raise KerasnucError("--data is required (a dataset folder)")
@@ -320,7 +357,9 @@ def train(
                 "points": str(points) if points is not None else None,
             },
         }
-        config = build_run_config(method, dirs, file_config, overrides, init_config, init_from)
+        config = build_run_config(
+            method, dirs, file_config, overrides, init_config, init_from, config_file
+        )
         if init_config is not None and not get_method(config.method).class_agnostic:
             from kerasnuc.runs import class_order
 
@@ -333,10 +372,9 @@ def train(
                     + ")",
                     err=True,
                 )
-    # Keras' progress bar draws with terminal colour codes: one plain line per epoch instead
-    # when the output goes to a file (a log) rather than a terminal.
-    verbose = 1 if sys.stdout.isatty() else 2
-    result = train_run(config, run_dir, resume=resume, overwrite=overwrite, verbose=verbose)
+    # A progress bar on a terminal; one line per epoch, without colour codes, in a log file.
+    fit_verbose = 1 if sys.stdout.isatty() else 2
+    result = train_run(config, run_dir, resume=resume, overwrite=overwrite, verbose=fit_verbose)
     best = (
         f"best validation score {result.best_score:.4f} at epoch {result.best_epoch}"
         if result.best_epoch

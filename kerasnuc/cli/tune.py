@@ -10,7 +10,7 @@ from typing import Any
 
 import click
 
-from kerasnuc.cli.common import dataset_path, format_table
+from kerasnuc.cli.common import check_writable_dir, dataset_path, format_table, verbose_option
 from kerasnuc.fileutil import KerasnucError
 
 SHOWN = 10
@@ -79,6 +79,7 @@ POINT_DISTANCE_PX = 12.0
     help="Write the tuned model as a new run folder OUT (config and weights copied) instead of "
     "rewriting RUN_DIR/postproc.json; required for a bundled model (e.g. 'default').",
 )
+@verbose_option
 def tune(
     run_dir: str,
     data_dirs: tuple[str, ...],
@@ -102,6 +103,8 @@ def tune(
     """
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     grid = read_grid(grid_file) if grid_file is not None else None
+    if run_dir.is_dir():
+        check_writable_dir(run_dir)  # postproc.json is written there at the end
     dirs = [dataset_path(d) for d in data_dirs]
     for d in dirs:
         if not d.is_dir():

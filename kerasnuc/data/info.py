@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -90,6 +91,36 @@ def implausible_nuclei(
         return areas * mpp**2 > MAX_NUCLEUS_AREA_UM2
     median = float(np.median(areas)) if median_area is None else float(median_area)
     return areas > MAX_NUCLEUS_AREA_RATIO * max(median, 1.0)
+
+
+def check_labels(datasets: Sequence[Dataset], splits: Sequence[str]) -> None:
+    """Check the labels of every image of ``splits`` before training on them.
+
+    The same invariants as ``kerasnuc data info`` (:func:`dataset_info`): readable files, label
+    maps of the image's size, the class map 0 exactly where the instance map is 0, one class per
+    nucleus, class ids that ``meta.json`` names. Class maps that disagree with the instance
+    maps, or a class missing from ``meta.json``, would otherwise train silently or fail later
+    with a misleading shape error.
+
+    A points dataset has its points checked instead (on the image, class ids in ``meta.json``).
+
+    Raises:
+        KerasnucError: the first problem, in one line naming the file.
+    """
+    for ds in datasets:
+        class_set = set(ds.class_names) if ds.has_classes else None
+        for split in dict.fromkeys(splits):
+            for id in ds.split(split):
+                if ds.is_points:
+                    points, point_classes = ds.points(id)
+                    check_points(
+                        str(ds.points_path(id)), ds.image(id), points, point_classes,
+                        set(ds.class_names),
+                    )  # fmt: skip
+                    continue
+                image, inst, cls = ds.image(id), ds.instances(id), ds.classes(id)
+                if not _labels_look_valid(image, inst, cls, class_set):
+                    check_label_pair(str(ds.instances_path(id)), image, inst, cls, class_set)
 
 
 def dataset_info(ds: Dataset | str | os.PathLike) -> dict[str, Any]:
