@@ -109,18 +109,18 @@ def check_labels(datasets: Sequence[Dataset], splits: Sequence[str]) -> None:
     """
     for ds in datasets:
         class_set = set(ds.class_names) if ds.has_classes else None
-        for split in dict.fromkeys(splits):
-            for id in ds.split(split):
-                if ds.is_points:
-                    points, point_classes = ds.points(id)
-                    check_points(
-                        str(ds.points_path(id)), ds.image(id), points, point_classes,
-                        set(ds.class_names),
-                    )  # fmt: skip
-                    continue
-                image, inst, cls = ds.image(id), ds.instances(id), ds.classes(id)
-                if not _labels_look_valid(image, inst, cls, class_set):
-                    check_label_pair(str(ds.instances_path(id)), image, inst, cls, class_set)
+        wanted = set(splits)
+        for id in (i for i, s in ds.splits.items() if s in wanted):  # missing splits: no images
+            if ds.is_points:
+                points, point_classes = ds.points(id)
+                check_points(
+                    str(ds.points_path(id)), ds.image(id), points, point_classes,
+                    set(ds.class_names),
+                )  # fmt: skip
+                continue
+            image, inst, cls = ds.image(id), ds.instances(id), ds.classes(id)
+            if not _labels_look_valid(image, inst, cls, class_set):
+                check_label_pair(str(ds.instances_path(id)), image, inst, cls, class_set)
 
 
 def dataset_info(ds: Dataset | str | os.PathLike) -> dict[str, Any]:

@@ -148,6 +148,30 @@ def test_check_labels_raises_the_first_problem_of_the_splits(tmp_path):
         check_labels([Dataset(root)], ["val"])
 
 
+def test_check_labels_passes_a_dataset_without_a_val_split(tmp_path):
+    """train checks the labels up front; a dataset without 'val' trains without validation."""
+    root = tmp_path / "ds"
+    inst = np.zeros((4, 4), np.int32)
+    inst[1:3, 1:3] = 1
+    with DatasetWriter(root, {"mpp": 0.5}) as w:
+        w.add("a", np.zeros((4, 4, 3), np.uint8), inst, split="train")
+    check_labels([Dataset(root)], ["train", "val"])
+    write_png(root / "instances" / "a.png", np.zeros((4, 5), np.uint16))
+    with pytest.raises(KerasnucError, match="a.png"):
+        check_labels([Dataset(root)], ["train", "val"])
+
+
+def test_check_labels_checks_the_points_of_a_points_dataset(tmp_path):
+    root = tmp_path / "pts"
+    meta = {"mpp": 0.5, "classes": {"1": "tumour"}}
+    with DatasetWriter(root, meta, annotations="points") as w:
+        w.add_points("a", np.zeros((8, 8, 3), np.uint8), [[2.0, 3.0], [5.0, 5.0]], [1, 0])
+    check_labels([Dataset(root)], ["train", "val"])  # no instance maps asked for
+    (root / "points" / "a.csv").write_text("x,y,class\n3.0,2.0,1\n20.0,5.0,\n")
+    with pytest.raises(KerasnucError, match="a.csv"):  # x = 20 is off the 8 px wide image
+        check_labels([Dataset(root)], ["train"])
+
+
 def test_monuseg_kumar_is_fast(shared_data):
     t0 = time.perf_counter()
     info = dataset_info(shared_data / "monuseg_kumar")
