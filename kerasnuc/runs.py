@@ -412,8 +412,14 @@ def resolve_model(name_or_path: str | os.PathLike | None) -> Path:
 
 
 def is_bundled(run_dir: str | os.PathLike) -> bool:
-    """Whether a run folder is one of the models shipped in the package (read-only)."""
-    return Path(run_dir).resolve().parent == BUNDLED_DIR
+    """Whether a run folder is one of the models shipped in the package (read-only).
+
+    Links are followed both ways: an entry of :data:`BUNDLED_DIR` that links to a folder
+    elsewhere is bundled, and so is a link elsewhere to a folder of :data:`BUNDLED_DIR`.
+    """
+    bundled = Path(BUNDLED_DIR).resolve()
+    path = Path(os.path.abspath(Path(run_dir).expanduser()))
+    return path.parent.resolve() == bundled or path.resolve().parent == bundled
 
 
 def copy_run(

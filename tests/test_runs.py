@@ -250,5 +250,7 @@ def test_no_local_paths_in_packed_models_cards_and_exports(run_dir, tmp_path, mo
 
     tuned = ConicPostprocConfig(fg_threshold=0.2)
     copy = runs.copy_run(resolve_model("tiny"), tmp_path / "copy", postproc=tuned)
-    assert sorted(p.name for p in copy.iterdir()) == [BEST_WEIGHTS, "config.json", "postproc.json"]
+    assert sorted(p.name for p in copy.iterdir()) == sorted(
+        [BEST_WEIGHTS, "config.json", "postproc.json"]
+    )
     assert load_run(copy).postproc == tuned

@@ -103,13 +103,8 @@ def tune(
     """
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     grid = read_grid(grid_file) if grid_file is not None else None
-    if run_dir.is_dir():
-        check_writable_dir(run_dir)  # postproc.json is written there at the end
-    dirs = [dataset_path(d) for d in data_dirs]
-    for d in dirs:
-        if not d.is_dir():
-            raise KerasnucError(f"{d}: not a dataset folder")
-    from kerasnuc.data.dataset import Dataset
+    if points is not None and tile is not None:
+        raise KerasnucError("--tile and --points exclude each other")
     from kerasnuc.runs import POSTPROC, copy_run, is_bundled, load_run, resolve_model
 
     path = resolve_model(run_dir)
@@ -120,8 +115,16 @@ def tune(
         )
     if out is not None and out.exists():
         raise KerasnucError(f"{out}: already exists (choose a new folder for the tuned model)")
-    if points is not None and tile is not None:
-        raise KerasnucError("--tile and --points exclude each other")
+    if out is None:
+        check_writable_dir(path)  # postproc.json is written there at the end
+    else:
+        check_writable_dir(out.parent, out)
+    dirs = [dataset_path(d) for d in data_dirs]
+    for d in dirs:
+        if not d.is_dir():
+            raise KerasnucError(f"{d}: not a dataset folder")
+    from kerasnuc.data.dataset import Dataset
+
     run = load_run(path)
     method = run.method
     if grid is None:
