@@ -501,7 +501,7 @@ class Predictor:
         sq: dict[str, np.ndarray] = {}
         weight = 1.0 / len(self.models)
         for model, plan in zip(self.models, self.plan, strict=True):
-            m_mean, m_sq = self._model_moments(model, plan, x)
+            m_mean, m_sq = self._model_moments(model, plan, x, return_variance)
             if mean and (
                 set(m_mean) != set(mean) or any(m_mean[k].shape != mean[k].shape for k in mean)
             ):
@@ -510,19 +510,29 @@ class Predictor:
                     f"{ {k: v.shape[1:] for k, v in m_mean.items()} } vs "
                     f"{ {k: v.shape[1:] for k, v in mean.items()} }"
                 )
+            if len(self.models) == 1:
+                mean, sq = m_mean, m_sq
+                continue
             for k in m_mean:
                 mean[k] = mean.get(k, 0.0) + weight * m_mean[k]
-                sq[k] = sq.get(k, 0.0) + weight * m_sq[k]
-        mean32 = {k: v.astype(np.float32) for k, v in mean.items()}
+                if return_variance:
+                    sq[k] = sq.get(k, 0.0) + weight * m_sq[k]
+        mean32 = {k: v.astype(np.float32, copy=False) for k, v in mean.items()}
         if not return_variance:
             return mean32
         var = {k: np.maximum(sq[k] - mean[k] ** 2, 0.0).astype(np.float32) for k in mean}
         return mean32, var
 
     def _model_moments(
-        self, model: keras.Model, plan: list[AugmentPass], x: np.ndarray
+        self, model: keras.Model, plan: list[AugmentPass], x: np.ndarray, second: bool
     ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-        """First and second moments (float64) of one model's passes, ``{name: (B, H, W, K)}``."""
+        """Mean and, if ``second``, mean square of one model's passes, ``{name: (B, H, W, K)}``.
+
+        The mean square (for the variance) is accumulated in float64, the mean alone in float32:
+        without variance a plain pass costs no more than the forward pass (summing large float64
+        maps took longer than the network on a 1000 x 1000 image).
+        """
+        dtype = np.float64 if second else np.float32
         jobs = [(i, p) for i in range(len(x)) for p in plan]
         # Odd rotations of a non-square image change its shape: batch the two shapes apart.
         groups = [[job for job in jobs if job[1].transform % 2 == parity] for parity in (0, 1)]
@@ -553,17 +563,21 @@ class Predictor:
                         {k: v[n] for k, v in out.items()}, p.transform, self.vector_outputs
                     )
                     for k, v in maps.items():
-                        v = v.astype(np.float64)
                         if k not in total:
-                            total[k] = np.zeros((len(x), *v.shape))
-                            total_sq[k] = np.zeros((len(x), *v.shape))
+                            total[k] = np.zeros((len(x), *v.shape), dtype)
+                            if second:
+                                total_sq[k] = np.zeros((len(x), *v.shape), dtype)
                         total[k][i] += v
-                        total_sq[k][i] += v * v
+                        if second:
+                            v = v.astype(dtype)
+                            total_sq[k][i] += v * v
         n_pass = len(plan)
-        return (
-            {k: v / n_pass for k, v in total.items()},
-            {k: v / n_pass for k, v in total_sq.items()},
-        )
+        if n_pass > 1:
+            for k in total:
+                total[k] /= n_pass
+                if second:
+                    total_sq[k] /= n_pass
+        return total, total_sq
 
     def predict_instances(self, image: np.ndarray) -> PostprocResult:
         """Nuclei of one image: :meth:`predict_maps`, then the method's post-processing.

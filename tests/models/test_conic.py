@@ -102,6 +102,49 @@ def test_lite0_parameter_count():
     assert model.count_params() == encoder.count_params() + 2 * decoder + heads + 5 + 10
 
 
+def _bilinear_up2(x):
+    """2x bilinear upsampling with half-pixel centres along axes 1 and 2, by its definition:
+    output pixel ``2i`` samples the input at ``i - 1/4`` and ``2i + 1`` at ``i + 1/4``, edges
+    clamped."""
+    for axis in (1, 2):
+        prev = np.concatenate([np.take(x, [0], axis), np.delete(x, -1, axis)], axis)
+        nxt = np.concatenate([np.delete(x, 0, axis), np.take(x, [-1], axis)], axis)
+        even, odd = 0.25 * prev + 0.75 * x, 0.75 * x + 0.25 * nxt
+        shape = list(x.shape)
+        shape[axis] *= 2
+        x = np.stack([even, odd], axis + 1).reshape(shape)
+    return x
+
+
+def test_four_level_decoder_ends_at_stride_2_and_resizes_the_logits(rng):
+    """Four decoder levels: two conv blocks of width 8 per decoder fewer than five levels, the
+    heads see 8 channels as before; the outputs are the heads' stride-2 logits resized
+    bilinearly to the input size, then softmax."""
+    kwargs = {"num_classes": 3, "encoder_features": "blocks"}
+    five = build_conic("efficientnet_lite0", decoder_filters=TINY, **kwargs)
+    four = build_conic("efficientnet_lite0", decoder_filters=TINY[:4], **kwargs)
+    level5 = 9 * 8 * 8 + 2 * 8 + 9 * 8 * 8 + 2 * 8  # trainable: 2 convs, BN gamma / beta
+    trainable = lambda m: sum(int(np.prod(w.shape)) for w in m.trainable_weights)  # noqa: E731
+    assert trainable(five) - trainable(four) == 2 * level5
+
+    images = rng.random((2, 96, 64, 3), dtype=np.float32)
+    out = four.predict(images, verbose=0)
+    _check_outputs({k: v[:, :64] for k, v in out.items()}, 2, 64, 3)  # of (2, 96, 64, K)
+    assert out["semantic"].shape == (2, 96, 64, 4)
+    logits = keras.Model(
+        four.input,
+        [four.get_layer(n).output for n in ("semantic_logits", "three_label_logits")]
+        + [four.get_layer("vectors_linear").output],
+    ).predict(images, verbose=0)
+    assert logits[0].shape == (2, 48, 32, 4)
+    for name, value in zip(("semantic", "three_label"), logits[:2], strict=True):
+        up = _bilinear_up2(value.astype(np.float64))
+        expected = np.exp(up - up.max(-1, keepdims=True))
+        expected /= expected.sum(-1, keepdims=True)
+        np.testing.assert_allclose(out[name], expected, atol=1e-5)
+    np.testing.assert_allclose(out["vectors"], _bilinear_up2(logits[2]), atol=1e-5)
+
+
 def test_mc_dropout_layers(b0_model, rng):
     drops = [x for x in b0_model.layers if isinstance(x, MCDropout)]
     assert len(drops) == 10
@@ -214,7 +257,8 @@ def test_compiled_fit_step(rng):
         ({"input_shape": (64, 64, 4)}, r"must be \(height, width, 3\)"),
         ({"encoder": "resnet50"}, "`encoder` must be one of"),
         ({"num_classes": 0}, "`num_classes` must be a positive int"),
-        ({"decoder_filters": (16, 8, 8, 8)}, "`decoder_filters` must be a list of 5"),
+        ({"decoder_filters": (16, 8, 8)}, "`decoder_filters` must be a list of 5"),
+        ({"decoder_filters": (16, 8, 8, 8, 8, 8)}, "`decoder_filters` must be a list of 5"),
         ({"dropout": 1.0}, "`dropout` must be a float in"),
     ],
 )
