@@ -25,8 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from kerasnuc import __version__
 from kerasnuc.checks import MPP_RANGE, check_mpp, is_int, is_number, is_plausible_mpp
+from kerasnuc.version import __version__
 
 #: Default colours of cell types 1..6 (RGB), reused cyclically.
 DEFAULT_COLOURS = (

@@ -89,6 +89,10 @@ class Method:
         class_agnostic: the post-processing gives every nucleus class 1 whatever the data's
             cell types (e.g. ``weak``): tuned by PQ, and the model's ``num_classes`` is not
             compared with the data's by ``kerasnuc tune``.
+        class_layers: names of the layers whose output channels are background + the C cell
+            types in class-id order (the classifier): ``train --init-from`` a model whose
+            classes are the data's in another order permutes their channels
+            (:func:`kerasnuc.runs.permute_class_channels`).
 
     ``losses`` may return None for a model that computes its own loss (``compute_loss``).
     """
@@ -113,6 +117,7 @@ class Method:
     tune_grid: Mapping[str, Sequence[Any]] = dataclasses.field(default_factory=dict)
     tuner: Callable[..., tuple[Any, list[dict[str, Any]]]] | None = None
     class_agnostic: bool = False
+    class_layers: tuple[str, ...] = ()
 
     def tune(
         self,
@@ -332,6 +337,7 @@ METHODS: dict[str, Method] = {
         postprocess=_conic_postprocess,
         tune_grid=CONIC_GRID,
         tuner=_conic_tune,
+        class_layers=("semantic_logits",),
     ),
     "panoptic": Method(
         name="panoptic",
@@ -348,6 +354,7 @@ METHODS: dict[str, Method] = {
         dense_outputs=False,
         initialize=_panoptic_initialize,
         tune_grid=PANOPTIC_GRID,
+        class_layers=("class_logits",),
         # A ResNet from scratch diverges within a few SGD steps without clipping (Kumar, lr
         # 0.005 and 0.001); matterport's Mask R-CNN clips at 5.
         train_defaults={"clip_norm": 10.0},
@@ -366,6 +373,7 @@ METHODS: dict[str, Method] = {
         callbacks=_unet_sharp_callbacks,
         prepare_config=_unet_sharp_prepare,
         tune_grid=UNET_SHARP_GRID,
+        class_layers=("semantic_logits",),
         # Table I of the paper: lr 1e-4, no weight decay; 50 epochs.
         train_defaults={
             "optimizer": "adabound",

@@ -50,7 +50,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -203,15 +202,121 @@ def load_run(run_dir: str | os.PathLike, weights: str | os.PathLike | None = Non
     return LoadedRun(run_dir, config, method, model, postproc)
 
 
-def load_initial_weights(model: keras.Model, source: str | os.PathLike) -> Path:
-    """Load the weights of a run folder (its best weights) or a ``.weights.h5`` file into ``model``.
+def init_run_dir(source: str | os.PathLike) -> Path | None:
+    """The run folder behind an ``--init-from`` value, or None for a ``.weights.h5`` file.
+
+    Args:
+        source: a run folder, the name of a bundled model (``"default"``) or a weights file.
 
     Raises:
-        KerasnucError: no such file, or weights of another architecture.
+        KerasnucError: nothing of that name (the message lists the bundled models).
     """
-    path = Path(source)
-    if path.is_dir():
-        path = path / BEST_WEIGHTS
+    path = Path(source).expanduser()
+    if path.is_file():
+        return None
+    if not path.is_dir() and str(source) not in bundled_models():
+        available = ", ".join(sorted(bundled_models())) or "none installed"
+        raise KerasnucError(
+            f"{source}: run folder, bundled model or weights file to start from not found "
+            f"(bundled: {available})"
+        )
+    return resolve_model(source)
+
+
+def _class_listing(names: dict[int, str]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in sorted(names.items())) or "none (no cell types)"
+
+
+def class_order(
+    model_names: dict[int, str], data_names: dict[int, str], source: str | os.PathLike
+) -> list[int] | None:
+    """Match the cell types of a model and of the data by name (case and spaces ignored).
+
+    Args:
+        model_names: ``{id: name}`` of the model (its run config).
+        data_names: ``{id: name}`` of the data the model is trained on next.
+        source: the model, named in the error.
+
+    Returns:
+        None when the ids already mean the same classes; else ``order`` with
+        ``order[k - 1]`` = the model's id of the data's class ``k``.
+
+    Raises:
+        KerasnucError: the names are not the same set (one line listing both orders).
+    """
+    key = {int(k): str(v).strip().lower() for k, v in model_names.items()}
+    data_key = {int(k): str(v).strip().lower() for k, v in data_names.items()}
+    if key == data_key:
+        return None
+    by_name = {v: k for k, v in key.items()}
+    same_set = (
+        len(by_name) == len(key) == len(data_key)
+        and set(by_name) == set(data_key.values())
+        and sorted(data_key) == list(range(1, len(data_key) + 1))
+        and sorted(key) == list(range(1, len(key) + 1))
+    )
+    if not same_set:
+        raise KerasnucError(
+            f"{source}: its classes ({_class_listing(model_names)}) are not those of the data "
+            f"({_class_listing(data_names)}); classes are matched by name: import the data "
+            f"with --classes-from {source} (or --classes in the model's order)"
+        )
+    return [by_name[data_key[k]] for k in range(1, len(data_key) + 1)]
+
+
+def permute_class_channels(
+    model: keras.Model, order: list[int], layer_names: tuple[str, ...]
+) -> int:
+    """Reorder the class channels of a model's classifier so that channel ``k`` is class ``k``.
+
+    Every variable of a layer named in ``layer_names`` (for example the ``semantic_logits``
+    convolution, the last axis holding background + C classes) and every variable named
+    ``class_frequency`` whose last axis has ``C + 1`` entries is permuted along that axis:
+    channel 0 (background) stays, channel ``k`` takes the old channel ``order[k - 1]``.
+
+    Returns:
+        The number of variables permuted.
+    """
+    index = np.asarray([0, *order], dtype=np.int64)
+    n = 0
+    for variable in model.weights:
+        parts = variable.path.split("/")
+        wanted = variable.name == "class_frequency" or (
+            len(parts) >= 2 and parts[-2] in layer_names
+        )
+        if not wanted or not variable.shape or variable.shape[-1] != index.size:
+            continue
+        variable.assign(np.take(np.asarray(variable), index, axis=-1))
+        n += 1
+    return n
+
+
+def load_initial_weights(
+    model: keras.Model,
+    source: str | os.PathLike,
+    class_names: dict[int, str] | None = None,
+    class_layers: tuple[str, ...] = (),
+) -> Path:
+    """Load the weights of a run folder (its best weights), a bundled model or a ``.weights.h5``
+    file into ``model`` (``train --init-from``).
+
+    Classes are matched by name: with ``class_names`` (the data's) and a source that is a run
+    folder or a bundled model, the source's classes must be the same names; when they come in
+    another order, the class channels of ``class_layers`` are permuted after loading
+    (:func:`permute_class_channels`), so no cell type is swapped silently.
+
+    Raises:
+        KerasnucError: no such file, other class names (one line listing both orders), or
+            weights of another architecture.
+    """
+    run_dir = init_run_dir(source)
+    order = None
+    if run_dir is not None:
+        path = run_dir / BEST_WEIGHTS
+        if class_names is not None and (run_dir / RUN_CONFIG).is_file():
+            order = class_order(load_config(run_dir).data.class_names, class_names, source)
+    else:
+        path = Path(source)
     if not path.is_file():
         raise KerasnucError(f"{path}: weights to start from not found (train.init_from)")
     try:
@@ -221,10 +326,47 @@ def load_initial_weights(model: keras.Model, source: str | os.PathLike) -> Path:
             f"{path}: cannot start from these weights: another architecture or not a weights "
             f"file ({_first_line(exc)})"
         ) from exc
+    if order is not None and permute_class_channels(model, order, class_layers) == 0:
+        raise KerasnucError(f"{source}: the model has no class channels to reorder by name")
     return path
 
 
+def initial_postproc(method: Method, config: RunConfig) -> Any:
+    """The post-processing settings a new run starts with.
+
+    With ``train.init_from`` a run folder or bundled model: its tuned ``postproc.json`` (per-class
+    values renumbered when the classes are matched by name in another order); else the
+    method's defaults for the run (:meth:`~kerasnuc.registry.Method.new_postproc`).
+    """
+    source = config.train.init_from
+    run_dir = init_run_dir(source) if source else None
+    if run_dir is None or not all((run_dir / f).is_file() for f in (POSTPROC, RUN_CONFIG)):
+        return method.new_postproc(config)
+    postproc = method.postproc_config.load(run_dir / POSTPROC)
+    if method.class_agnostic:
+        return postproc
+    order = class_order(load_config(run_dir).data.class_names, config.data.class_names, source)
+    if order is None:
+        return postproc
+    return postproc.renumber_classes({old: new for new, old in enumerate(order, start=1)})
+
+
 # --- named (bundled) models ----------------------------------------------------------------
+
+
+def shareable_config(config: RunConfig) -> dict[str, Any]:
+    """``config.to_dict()`` without local paths, for files that leave the machine (exports,
+    packed models, model cards): dataset folders, the ``init_from`` run and the point files are
+    reduced to their names (``../shared/data/consep`` -> ``consep``)."""
+    out = config.to_dict()
+    data = dict(out["data"])
+    data["datasets"] = [Path(d).name for d in data["datasets"]]
+    if data.get("points"):
+        data["points"] = Path(data["points"]).name
+    train = dict(out["train"])
+    if train.get("init_from"):
+        train["init_from"] = Path(train["init_from"]).name
+    return {**out, "data": data, "train": train}
 
 
 def bundled_models() -> dict[str, Path]:
@@ -269,6 +411,46 @@ def resolve_model(name_or_path: str | os.PathLike | None) -> Path:
     )
 
 
+def is_bundled(run_dir: str | os.PathLike) -> bool:
+    """Whether a run folder is one of the models shipped in the package (read-only).
+
+    Links are followed both ways: an entry of :data:`BUNDLED_DIR` that links to a folder
+    elsewhere is bundled, and so is a link elsewhere to a folder of :data:`BUNDLED_DIR`.
+    """
+    bundled = Path(BUNDLED_DIR).resolve()
+    path = Path(os.path.abspath(Path(run_dir).expanduser()))
+    return path.parent.resolve() == bundled or path.resolve().parent == bundled
+
+
+def copy_run(
+    run_dir: str | os.PathLike,
+    dst: str | os.PathLike,
+    postproc: Any = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write a new run folder ``dst`` with the model of ``run_dir`` (atomically).
+
+    ``config.json`` and the weights are copied (not the model card: its scores were measured
+    with other thresholds); ``postproc.json`` is ``postproc`` (e.g. thresholds just tuned) or
+    ``run_dir``'s. Used by ``kerasnuc tune --out`` (a bundled model is never rewritten).
+
+    Raises:
+        KerasnucError: missing files, or ``dst`` exists without ``overwrite``.
+    """
+    run_dir, dst = Path(run_dir), Path(dst)
+    config = load_config(run_dir)
+    if not (run_dir / BEST_WEIGHTS).is_file():
+        raise KerasnucError(f"{run_dir / BEST_WEIGHTS}: weights file not found")
+    with atomic_dir(dst, overwrite=overwrite) as tmp:
+        save_config(config, tmp)
+        (tmp / BEST_WEIGHTS).write_bytes((run_dir / BEST_WEIGHTS).read_bytes())
+        if postproc is not None:
+            postproc.save(tmp / POSTPROC)
+        elif (run_dir / POSTPROC).is_file():
+            (tmp / POSTPROC).write_bytes((run_dir / POSTPROC).read_bytes())
+    return dst
+
+
 # --- packing a run as a named model -----------------------------------------------------------
 
 
@@ -309,7 +491,7 @@ def read_card(model_dir: str | os.PathLike) -> dict[str, Any]:
         "method": config.method,
         "mpp": config.data.mpp,
         "classes": {str(k): v for k, v in config.data.class_names.items()},
-        "training_data": list(config.data.datasets),
+        "training_data": shareable_config(config)["data"]["datasets"],
         "licence": None,
         "training_command": None,
         "scores": {},
@@ -386,7 +568,7 @@ def pack_run(
     base["name"] = dst.name
     base.update(card or {})
     with atomic_dir(dst, overwrite=overwrite) as tmp:
-        shutil.copyfile(run_dir / RUN_CONFIG, tmp / RUN_CONFIG)
+        write_json_atomic(tmp / RUN_CONFIG, shareable_config(run.config))
         run.postproc.save(tmp / POSTPROC)
         plain = tmp / ".float32.weights.h5"
         run.model.save_weights(plain)

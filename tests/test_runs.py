@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from kerasnuc import runs
-from kerasnuc.config import DataConfig, RunConfig
+from kerasnuc.config import DataConfig, RunConfig, TrainConfig
 from kerasnuc.fileutil import KerasnucError
 from kerasnuc.runs import (
     BEST_WEIGHTS,
@@ -134,3 +134,123 @@ def test_resolve_model(tmp_path, monkeypatch):
     bundled.mkdir()
     (bundled / "config.json").write_text("{}")
     assert resolve_model(None) == bundled
+
+
+# --- classes matched by name, bundled models as run folders, no local paths ------------------
+
+
+def test_class_order_matches_names():
+    model = {1: "other", 2: "inflammatory", 3: "epithelial", 4: "spindle"}
+    assert runs.class_order(model, dict(model), "m") is None
+    assert runs.class_order({1: "A"}, {1: " a "}, "m") is None  # case and spaces ignored
+    alphabetical = {1: "epithelial", 2: "inflammatory", 3: "other", 4: "spindle"}
+    # data class k is the model's class order[k - 1]
+    assert runs.class_order(model, alphabetical, "m") == [3, 2, 1, 4]
+    assert runs.class_order({}, {}, "m") is None
+    for data in ({1: "tumour", 2: "stroma"}, {}, {1: "other", 2: "inflammatory"}):
+        with pytest.raises(KerasnucError, match="m: its classes") as err:
+            runs.class_order(model, data, "m")
+        assert "1 other, 2 inflammatory, 3 epithelial, 4 spindle" in str(err.value)
+        assert "\n" not in str(err.value)
+
+
+def test_init_from_permutes_the_classifier_and_the_thresholds(run_dir, tmp_path):
+    from kerasnuc.postprocess.conic import ConicPostprocConfig
+    from kerasnuc.registry import get_method
+
+    source = tmp_path / "source"
+    source.mkdir()
+    for name in ("config.json", BEST_WEIGHTS):
+        (source / name).write_bytes((run_dir / name).read_bytes())
+    ConicPostprocConfig(min_size={1: 10, 2: 30}, fg_threshold=0.3).save(source / "postproc.json")
+    donor = load_run(source).model
+    donor.class_frequency.assign(np.array([0.7, 0.2, 0.1], np.float32))
+    donor.save_weights(source / BEST_WEIGHTS)
+    swapped = {1: "immune", 2: "tumour"}  # the source's classes in the other order
+    model = build_model(runs.load_config(source))
+    runs.load_initial_weights(model, source, swapped, ("semantic_logits",))
+    for got, want in zip(
+        model.get_layer("semantic_logits").get_weights(),
+        donor.get_layer("semantic_logits").get_weights(),
+        strict=True,
+    ):
+        np.testing.assert_array_equal(got, want[..., [0, 2, 1]])
+    np.testing.assert_allclose(np.asarray(model.class_frequency), [0.7, 0.1, 0.2])
+    # The same order: loaded as they are.
+    same = build_model(runs.load_config(source))
+    runs.load_initial_weights(same, source, dict(CLASSES), ("semantic_logits",))
+    np.testing.assert_array_equal(
+        same.get_layer("semantic_logits").get_weights()[0],
+        donor.get_layer("semantic_logits").get_weights()[0],
+    )
+    with pytest.raises(KerasnucError, match="classes are matched by name"):
+        runs.load_initial_weights(same, source, {1: "a", 2: "b"}, ("semantic_logits",))
+    # The tuned thresholds come along, per-class values following their class.
+    config = runs.load_config(source)
+    new = RunConfig(
+        "conic",
+        config.model,
+        DataConfig(class_names=swapped),
+        train=TrainConfig(init_from=str(source)),
+    )
+    postproc = runs.initial_postproc(get_method("conic"), new)
+    assert postproc.min_size == {2: 10, 1: 30} and postproc.fg_threshold == 0.3
+    plain = RunConfig("conic", config.model, DataConfig(class_names=swapped))
+    assert runs.initial_postproc(get_method("conic"), plain) == ConicPostprocConfig()
+
+
+def test_no_local_paths_in_packed_models_cards_and_exports(run_dir, tmp_path, monkeypatch):
+    from kerasnuc.serving.export import export_metadata
+
+    local = tmp_path / "local_run"
+    local.mkdir()
+    (local / BEST_WEIGHTS).write_bytes((run_dir / BEST_WEIGHTS).read_bytes())
+    config = runs.load_config(run_dir)
+    data = DataConfig(
+        datasets=(str(tmp_path / "data" / "consep"), "../shared/data/monuseg_kumar"),
+        mpp=0.25,
+        class_names=CLASSES,
+        points=str(tmp_path / "points"),
+    )
+    config = RunConfig("conic", config.model, data, train=TrainConfig(init_from="/x/runs/y"))
+    save_config(config, local)
+    shared = runs.shareable_config(config)
+    assert shared["data"]["datasets"] == ["consep", "monuseg_kumar"]
+    assert shared["data"]["points"] == "points" and shared["train"]["init_from"] == "y"
+    assert read_card(local)["training_data"] == ["consep", "monuseg_kumar"]
+    packed = pack_run(local, tmp_path / "packed", float16=False)
+    for name in ("config.json", CARD_FILE):
+        text = (packed / name).read_text()
+        assert str(tmp_path) not in text and "/x/runs" not in text, name
+    metadata = json.dumps(export_metadata(load_run(local), "m", 1))
+    assert str(tmp_path) not in metadata and '"source_run": "local_run"' in metadata
+
+    # A bundled model is a run folder for tune (with --out: the package is never rewritten),
+    # models pack and export.
+    from click.testing import CliRunner
+
+    from kerasnuc.cli import main
+
+    bundled = tmp_path / "bundled"
+    bundled.mkdir()
+    (bundled / "tiny").symlink_to(local, target_is_directory=True)
+    monkeypatch.setattr(runs, "BUNDLED_DIR", bundled)
+    assert runs.is_bundled(resolve_model("tiny")) and not runs.is_bundled(local)
+    result = CliRunner().invoke(main, ["tune", "tiny", "--data", "demo"])
+    assert result.exit_code == 1 and "tiny is a bundled model: pass --out DIR" in result.output
+    result = CliRunner().invoke(main, ["models", "pack", "tiny", str(tmp_path / "p2"), "--float32"])
+    assert result.exit_code == 0, result.output
+    assert runs.load_config(tmp_path / "p2").data.class_names == CLASSES
+    result = CliRunner().invoke(main, ["export", "nowhere", "--name", "m"])
+    assert (
+        result.exit_code == 1 and "nowhere: no such run directory, nor a bundled" in result.output
+    )
+    # tune --out writes a new run folder: the model, the new thresholds, no card.
+    from kerasnuc.postprocess.conic import ConicPostprocConfig
+
+    tuned = ConicPostprocConfig(fg_threshold=0.2)
+    copy = runs.copy_run(resolve_model("tiny"), tmp_path / "copy", postproc=tuned)
+    assert sorted(p.name for p in copy.iterdir()) == sorted(
+        [BEST_WEIGHTS, "config.json", "postproc.json"]
+    )
+    assert load_run(copy).postproc == tuned

@@ -11,10 +11,10 @@ import traceback
 
 import click
 
-from kerasnuc import __version__
 from kerasnuc.cli.common import VERBOSE_KEY
 from kerasnuc.cli.terminal import quiet_process, wants_verbose
 from kerasnuc.fileutil import KerasnucError
+from kerasnuc.version import __version__
 
 
 def _first_line(exc: BaseException, limit: int = 300) -> str:

@@ -15,8 +15,18 @@ from kerasnuc.cli.common import (
     json_option,
     verbose_option,
 )
+from kerasnuc.fileutil import KerasnucError
 
-IMPORT_FORMATS = ("monuseg", "consep", "lizard", "conic", "pannuke", "masks", "geojson")
+IMPORT_FORMATS = (
+    "monuseg",
+    "consep",
+    "lizard",
+    "conic",
+    "pannuke",
+    "masks",
+    "geojson",
+    "points",
+)
 MAX_PROBLEMS_SHOWN = 20
 
 
@@ -54,7 +64,21 @@ def _echo_problems(problems: list[str]) -> None:
 @click.option(
     "--classes",
     "class_names",
-    help="masks, geojson: comma-separated class names for ids 1, 2, ... (fixes the order).",
+    help="masks, geojson, points: comma-separated class names for ids 1, 2, ... (fixes the "
+    "order; default: the names found, sorted).",
+)
+@click.option(
+    "--class-map",
+    metavar="OLD=NEW,...",
+    help="points: rename the classes of the files first, e.g. 'Lymphocyte=inflammatory' "
+    "('Other=' leaves those points unclassified).",
+)
+@click.option(
+    "--classes-from",
+    "classes_from",
+    metavar="MODEL",
+    help="masks, geojson, points: the class names and ids of MODEL (a run folder or a bundled "
+    "model, e.g. 'default'), to fine-tune it on the data (class names must be the model's).",
 )
 @click.option(
     "--mask-type",
@@ -64,7 +88,14 @@ def _echo_problems(problems: list[str]) -> None:
 )
 @click.option(
     "--object-types",
-    help="geojson: keep only these QuPath object types, e.g. 'detection,cell' (default: all).",
+    help="geojson: keep only these QuPath object types, e.g. 'detection,cell' (default: all, "
+    "except annotation objects when the files hold detections or cells: those are regions).",
+)
+@click.option(
+    "--exclude-classes",
+    metavar="NAMES",
+    help="geojson: skip the objects of these classes, e.g. 'Tumor,Stroma' (regions drawn "
+    "among the nuclei).",
 )
 @verbose_option
 def import_(
@@ -79,8 +110,11 @@ def import_(
     overwrite: bool,
     merge_classes: bool | None,
     class_names: str | None,
+    classes_from: str | None,
+    class_map: str | None,
     mask_type: str | None,
     object_types: str | None,
+    exclude_classes: str | None,
 ) -> None:
     """Convert a dataset in FORMAT from SRC into the kerasnuc layout at DST.
 
@@ -93,16 +127,26 @@ def import_(
       pannuke  one fold: images.npy + masks.npy (+ types.npy)
       masks    images/<stem>.* + masks/<stem>.png|tif (+ classes/<stem>.png)
       geojson  images/<stem>.* + annotations/<stem>.geojson (QuPath export)
+      points   images/<stem>.* + points/<stem>.geojson (QuPath points) or .csv (x,y[,class]):
+               a points dataset (no masks) for 'kerasnuc train --method weak'
 
     DST appears only when every image was converted; on any error nothing is written.
     """
     from kerasnuc.data.importers import FORMAT_OPTIONS, check_destination, scan, write_plan
 
+    if classes_from is not None:
+        if class_names is not None:
+            raise click.UsageError("--classes and --classes-from exclude each other")
+        if "classes" not in FORMAT_OPTIONS[fmt]:
+            raise click.UsageError(f"--classes-from does not apply to format {fmt!r}")
+        class_names = ",".join(model_class_names(classes_from))
     given = {
         "merge_classes": ("--merge-classes/--no-merge-classes", merge_classes),
         "classes": ("--classes", class_names),
         "mask_type": ("--mask-type", mask_type),
         "object_types": ("--object-types", object_types),
+        "exclude_classes": ("--exclude-classes", exclude_classes),
+        "class_map": ("--class-map", class_map),
     }
     options = {}
     for key, (flag, value) in given.items():
@@ -132,14 +176,29 @@ def import_(
     except ValueError as exc:
         raise click.UsageError(str(exc)) from exc
     splits = ", ".join(f"{k} {v}" for k, v in report.splits.items())
+    what = "points" if plan.annotations == "points" else "nuclei"
     click.echo(
-        f"Imported {report.n_images} images ({report.n_nuclei} nuclei) from {fmt} into {dst}"
+        f"Imported {report.n_images} images ({report.n_nuclei} {what}) from {fmt} into {dst}"
     )
     click.echo(f"  splits: {splits}")
     if report.class_names:
         click.echo("  classes: " + ", ".join(f"{k} {v}" for k, v in report.class_names.items()))
     click.echo(f"  mpp: {report.mpp if report.mpp is not None else 'unknown'}")
     _echo_problems(report.problems)
+
+
+def model_class_names(model: str) -> list[str]:
+    """The class names of a run folder or bundled model, in class-id order.
+
+    Raises:
+        KerasnucError: no such model, or a model without cell types.
+    """
+    from kerasnuc.runs import load_config, resolve_model
+
+    names = load_config(resolve_model(model)).data.class_names
+    if not names:
+        raise KerasnucError(f"--classes-from {model}: the model has no cell types")
+    return [names[k] for k in sorted(names)]
 
 
 def _stats_row(label: str, stats: dict | None) -> dict:
@@ -164,10 +223,14 @@ def info(dataset: str, as_json: bool) -> None:
         click.echo(json.dumps(result, indent=2))
         return
     mpp = result["mpp"]
+    points = result.get("annotations") == "points"
     click.echo(
         f"{result['name']} ({result['root']}): {result['n_images']} images, "
-        f"{result['n_nuclei']} nuclei, mpp {mpp if mpp is not None else 'unknown'}"
+        f"{result['n_nuclei']} {'points (a points dataset)' if points else 'nuclei'}, "
+        f"mpp {mpp if mpp is not None else 'unknown'}"
     )
+    if result["classes"]:
+        click.echo("classes: " + ", ".join(f"{k} {v}" for k, v in result["classes"].items()))
     class_names = list((result["classes"] or {}).values())
     rows = []
     for split, st in result["splits"].items():
@@ -192,10 +255,11 @@ def info(dataset: str, as_json: bool) -> None:
     size = result["nucleus_size"]
     stat_cols = ["measure", "min", "median", "mean", "max"]
     stat_rows = [
-        _stats_row("nuclei per image", img["nuclei_per_image"]),
-        _stats_row("area (px)", size["area_px"]),
-        _stats_row("equivalent diameter (px)", size["equivalent_diameter_px"]),
+        _stats_row("points per image" if points else "nuclei per image", img["nuclei_per_image"])
     ]
+    if size["area_px"] is not None:
+        stat_rows.append(_stats_row("area (px)", size["area_px"]))
+        stat_rows.append(_stats_row("equivalent diameter (px)", size["equivalent_diameter_px"]))
     if size["area_um2"] is not None:
         stat_rows.append(_stats_row("area (um^2)", size["area_um2"]))
         stat_rows.append(_stats_row("equivalent diameter (um)", size["equivalent_diameter_um"]))

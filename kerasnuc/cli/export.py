@@ -30,7 +30,7 @@ def _warmup_sizes(value: str) -> list[tuple[int, int, int]]:
 
 
 @click.command("export")
-@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.argument("run_dir")
 @click.option("--name", required=True, help="Model name (URL path /v1/models/NAME).")
 @click.option(
     "--version",
@@ -77,7 +77,8 @@ def export(
     no_models_config: bool,
     as_json: bool,
 ) -> None:
-    """Export RUN_DIR as a SavedModel for TensorFlow Serving at BASE/NAME/VERSION.
+    """Export RUN_DIR (a run folder or a bundled model, e.g. 'default') as a SavedModel for
+    TensorFlow Serving at BASE/NAME/VERSION.
 
     Signatures: serving_default (images uint8 (batch, height, width, 3)), serving_float
     (images float32 in [0, 1]) and kerasnuc_metadata; outputs are the probability maps at

@@ -69,7 +69,7 @@ def show(name: str) -> None:
 
 
 @models.command("pack")
-@click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("run_dir")
 @click.argument("dst", type=click.Path(path_type=Path))
 @click.option(
     "--card",
@@ -80,9 +80,12 @@ def show(name: str) -> None:
 @click.option("--float32", is_flag=True, help="Keep float32 weights (default: float16).")
 @click.option("--overwrite", is_flag=True, help="Replace DST.")
 @verbose_option
-def pack(run_dir: Path, dst: Path, card_file: Path | None, float32: bool, overwrite: bool) -> None:
-    """Write RUN_DIR as a weights-only named model folder DST with a model card."""
-    from kerasnuc.runs import pack_run
+def pack(run_dir: str, dst: Path, card_file: Path | None, float32: bool, overwrite: bool) -> None:
+    """Write RUN_DIR (a run folder or a bundled model) as a weights-only named model folder DST
+    with a model card (no local paths: datasets and runs are named by their folder names)."""
+    from kerasnuc.runs import pack_run, resolve_model
+
+    run_path = resolve_model(run_dir)
 
     check_writable_dir(dst.parent, dst)
     card = None
@@ -93,6 +96,6 @@ def pack(run_dir: Path, dst: Path, card_file: Path | None, float32: bool, overwr
             raise KerasnucError(f"{card_file}: invalid JSON ({exc})") from exc
         if not isinstance(card, dict):
             raise KerasnucError(f"{card_file}: the card must be a JSON object")
-    out = pack_run(run_dir, dst, card=card, float16=not float32, overwrite=overwrite)
+    out = pack_run(run_path, dst, card=card, float16=not float32, overwrite=overwrite)
     size = (out / "model.weights.h5").stat().st_size / 2**20
     click.echo(f"{out}: weights {size:.1f} MiB ({'float32' if float32 else 'float16'})")

@@ -41,22 +41,30 @@ def read_config_file(path: Path) -> dict[str, Any]:
 
 
 def build_run_config(
-    method_name: str,
+    method_name: str | None,
     data_dirs: list[Path],
     file_config: dict[str, Any],
     overrides: dict[str, dict[str, Any]],
+    init_config: Any = None,
+    init_name: str | None = None,
     config_file: Path | None = None,
 ):
-    """The :class:`~kerasnuc.config.RunConfig` of a new run: defaults < ``--config`` < flags.
+    """The :class:`~kerasnuc.config.RunConfig` of a new run.
+
+    Precedence: method defaults < the ``--init-from`` run (its architecture, i.e. the ``model``
+    section, and its resolution ``data.mpp``) < ``--config`` < flags.
 
     Every section is checked here, before any data is read or a model built: unknown keys,
     value types and ranges, and one ``pipeline.dataset_weights`` entry per dataset.
 
     Args:
-        method_name: registry name.
+        method_name: registry name (None: the init run's method, else ``conic``).
         data_dirs: dataset folders.
         file_config: sections read by :func:`read_config_file`.
         overrides: flag values per section (None values are ignored).
+        init_config: the :class:`~kerasnuc.config.RunConfig` of the ``--init-from`` run, or
+            None. Its classes must be the data's by name (any order; one line otherwise).
+        init_name: the ``--init-from`` value, named in errors.
         config_file: the file ``file_config`` was read from (named in errors).
 
     Raises:
@@ -66,7 +74,14 @@ def build_run_config(
     from kerasnuc.data.dataset import Dataset
     from kerasnuc.data.pipeline import PipelineConfig, shared_classes
     from kerasnuc.registry import get_method
+    from kerasnuc.runs import class_order
 
+    if init_config is not None and method_name not in (None, init_config.method):
+        raise KerasnucError(
+            f"--init-from {init_name} is a {init_config.method} model, not {method_name}"
+        )
+    if method_name is None:
+        method_name = init_config.method if init_config is not None else "conic"
     method = get_method(method_name)
     datasets = [Dataset(d) for d in data_dirs]
 
@@ -81,13 +96,27 @@ def build_run_config(
         return KerasnucError(f"{where}invalid configuration, section {name!r}: {exc}")
 
     num_classes, class_names = shared_classes(datasets)
+    colours: dict[int, Any] = {}
+    base_model = method.model_config(num_classes=max(1, num_classes)).to_dict()
+    mpps = {ds.mpp for ds in datasets}
+    mpp = mpps.pop() if len(mpps) == 1 else None
+    if init_config is not None:
+        # The init run's architecture and resolution; its classes matched by name.
+        base_model = {**init_config.model, "num_classes": max(1, num_classes)}
+        if "encoder_weights" in base_model:
+            base_model["encoder_weights"] = None
+        mpp = init_config.data.mpp if init_config.data.mpp is not None else mpp
+        if not method.class_agnostic:
+            order = class_order(init_config.data.class_names, class_names, init_name)
+            old_ids = order or list(range(1, num_classes + 1))
+            init_colours = init_config.data.class_colours
+            colours = {k: init_colours[o] for k, o in enumerate(old_ids, 1) if o in init_colours}
     try:
         file_config = migrate_model_mpp(file_config)
     except ValueError as exc:
         raise invalid("pipeline", exc) from exc
     name = "model"
     try:
-        base_model = method.model_config(num_classes=max(1, num_classes)).to_dict()
         model = method.model_config.from_dict(section("model", base_model)).to_dict()
         name = "pipeline"
         pipeline_dict = section("pipeline", PipelineConfig(batch_size=4).to_dict())
@@ -96,11 +125,11 @@ def build_run_config(
         train_base = {**TrainConfig().to_dict(), **dict(method.train_defaults or {})}
         train = TrainConfig.from_dict(section("train", train_base))
         name = "data"
-        mpps = {ds.mpp for ds in datasets}
         data_base = {
             "datasets": [str(d) for d in data_dirs],
-            "mpp": mpps.pop() if len(mpps) == 1 else None,
+            "mpp": mpp,
             "class_names": class_names,
+            "class_colours": colours,
         }
         data = DataConfig.from_dict(section("data", data_base))
     except (TypeError, ValueError, KerasnucError) as exc:
@@ -146,7 +175,9 @@ def parse_dataset_mpp(values: tuple[str, ...], dirs: list[Path]) -> dict[str, fl
 
 
 @click.command("train")
-@click.option("--method", default="conic", show_default=True, help="Method to train.")
+@click.option(
+    "--method", default=None, help="Method to train [default: the --init-from model's, else conic]."
+)
 @click.option("--data", "data_dirs", multiple=True, help="Dataset folder (repeatable).")
 @click.option(
     "--out", "run_dir", required=True, type=click.Path(path_type=Path), help="Run folder."
@@ -182,8 +213,10 @@ def parse_dataset_mpp(values: tuple[str, ...], dirs: list[Path]) -> dict[str, fl
 )
 @click.option(
     "--init-from",
-    type=click.Path(path_type=Path),
-    help="Start from the weights of this run folder (same architecture): fine-tuning.",
+    help="Fine-tune: start from this run folder, bundled model (e.g. 'default') or weights "
+    "file. A run or bundled model also gives the architecture, the resolution and the tuned "
+    "post-processing (unless --config or flags say otherwise); its classes are matched to the "
+    "data's by name.",
 )
 @click.option(
     "--points",
@@ -217,7 +250,7 @@ def parse_dataset_mpp(values: tuple[str, ...], dirs: list[Path]) -> dict[str, fl
 )
 @verbose_option(expose=True, help="Log progress details; show tracebacks and TensorFlow's logs.")
 def train(
-    method: str,
+    method: str | None,
     data_dirs: tuple[str, ...],
     run_dir: Path,
     config_file: Path | None,
@@ -230,7 +263,7 @@ def train(
     lr: float | None,
     mpp: float | None,
     dataset_mpp: tuple[str, ...],
-    init_from: Path | None,
+    init_from: str | None,
     points: Path | None,
     seed: int | None,
     resume: bool,
@@ -255,7 +288,8 @@ def train(
     from kerasnuc.registry import get_method
     from kerasnuc.training.trainer import train_run
 
-    get_method(method)
+    if method is not None:
+        get_method(method)
     if resume and overwrite:
         raise KerasnucError("--resume and --overwrite exclude each other")
     check_writable_dir(run_dir)
@@ -272,8 +306,13 @@ def train(
             if not d.is_dir():
                 raise KerasnucError(f"{d}: not a dataset folder")
         file_config = read_config_file(config_file) if config_file is not None else {}
-        if init_from is not None and not init_from.exists():
-            raise KerasnucError(f"{init_from}: run folder or weights file to start from not found")
+        init_config = None
+        if init_from is not None:
+            from kerasnuc.runs import init_run_dir, load_config
+
+            init_dir = init_run_dir(init_from)
+            if init_dir is not None and (init_dir / "config.json").is_file():
+                init_config = load_config(init_dir)
         if encoder_weights == "imagenet":
             from kerasnuc.backbones.efficientnet_lite import imagenet_weights_path
 
@@ -283,9 +322,10 @@ def train(
         if points is not None:
             from kerasnuc.io.points import read_points_path
 
-            if method != "weak":
+            chosen = method or (init_config.method if init_config is not None else "conic")
+            if chosen != "weak":
                 raise KerasnucError(
-                    f"--points is for point-supervised methods (weak), not {method}"
+                    f"--points is for point-supervised methods (weak), not {chosen}"
                 )
             read_points_path(points)  # fail now on a bad file, not after the run has started
         overrides = {
@@ -309,7 +349,7 @@ def train(
                 "val_max_images": val_max_images,
                 "val_every": val_every,
                 "keep_epoch_weights": keep_epoch_weights,
-                "init_from": str(init_from) if init_from is not None else None,
+                "init_from": init_from,
             },
             "data": {
                 "mpp": mpp,
@@ -317,7 +357,21 @@ def train(
                 "points": str(points) if points is not None else None,
             },
         }
-        config = build_run_config(method, dirs, file_config, overrides, config_file)
+        config = build_run_config(
+            method, dirs, file_config, overrides, init_config, init_from, config_file
+        )
+        if init_config is not None and not get_method(config.method).class_agnostic:
+            from kerasnuc.runs import class_order
+
+            names = config.data.class_names
+            if class_order(init_config.data.class_names, names, init_from) is not None:
+                click.echo(
+                    f"note: the data's classes are those of {init_from} in another order; its "
+                    "classifier is reordered by name to the data's ids ("
+                    + ", ".join(f"{k} {v}" for k, v in sorted(names.items()))
+                    + ")",
+                    err=True,
+                )
     # A progress bar on a terminal; one line per epoch, without colour codes, in a log file.
     fit_verbose = 1 if sys.stdout.isatty() else 2
     result = train_run(config, run_dir, resume=resume, overwrite=overwrite, verbose=fit_verbose)

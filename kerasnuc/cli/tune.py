@@ -29,8 +29,15 @@ def read_grid(path: Path) -> dict[str, list[Any]]:
     return grid
 
 
+#: Default largest centroid-to-point distance of ``tune --points``, in micrometres (12 px at
+#: 0.25 um/px: about a nucleus radius).
+POINT_DISTANCE_UM = 3.0
+#: The same in pixels for a model without a pixel size.
+POINT_DISTANCE_PX = 12.0
+
+
 @click.command("tune")
-@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.argument("run_dir")
 @click.option(
     "--data",
     "data_dirs",
@@ -47,73 +54,109 @@ def read_grid(path: Path) -> dict[str, list[Any]]:
     help="Predict and score non-overlapping tiles of at most N px instead of whole images (for "
     "dense images with panoptic, whose forward pass has max_detections slots; or big images).",
 )
+@click.option(
+    "--points",
+    "points",
+    is_flag=False,
+    flag_value="",
+    default=None,
+    metavar="[DIR]",
+    help="Score by detection F1 against one point per nucleus instead of PQ against masks: the "
+    "points of a points dataset (kerasnuc data import points), or with DIR the point files "
+    "<image id>.csv / .geojson in DIR (as train --points); for weak runs trained on points.",
+)
+@click.option(
+    "--max-distance",
+    type=click.FloatRange(min=0, min_open=True),
+    default=POINT_DISTANCE_UM,
+    show_default=True,
+    help="--points: largest distance in um between a nucleus centroid and its point "
+    f"({POINT_DISTANCE_PX:g} px for a model without a pixel size).",
+)
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    help="Write the tuned model as a new run folder OUT (config and weights copied) instead of "
+    "rewriting RUN_DIR/postproc.json; required for a bundled model (e.g. 'default').",
+)
 @verbose_option
 def tune(
-    run_dir: Path,
+    run_dir: str,
     data_dirs: tuple[str, ...],
     split: str,
     grid_file: Path | None,
     max_images: int | None,
     tile: int | None,
+    points: str | None,
+    max_distance: float,
+    out: Path | None,
 ) -> None:
     """Tune the post-processing of RUN_DIR on a labelled split; write RUN_DIR/postproc.json.
 
-    Each image is predicted once; every grid configuration is scored with mPQ+ (PQ for data
-    without classes, and for weak runs) over the whole split, and the best one is saved.
-    Default grids: conic foreground/seed thresholds and minimum size; unet_sharp foreground
-    threshold, marker distance and minimum size; weak peak threshold, minimum detection
-    distance (um) and smoothing; panoptic detection score, mask threshold and extra box NMS.
+    RUN_DIR is a run folder or a bundled model (with --out). Each image is predicted once;
+    every grid configuration is scored with mPQ+ (PQ for data without classes, and for weak
+    runs) over the whole split, or with --points by the detection F1 against the points, and
+    the best one is saved. Default grids: conic foreground/seed thresholds and minimum size;
+    unet_sharp foreground threshold, marker distance and minimum size; weak peak threshold,
+    minimum detection distance (um) and smoothing; panoptic detection score, mask threshold and
+    extra box NMS.
     """
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     grid = read_grid(grid_file) if grid_file is not None else None
-    if run_dir.is_dir():
-        check_writable_dir(run_dir)  # postproc.json is written there at the end
+    if points is not None and tile is not None:
+        raise KerasnucError("--tile and --points exclude each other")
+    from kerasnuc.runs import POSTPROC, copy_run, is_bundled, load_run, resolve_model
+
+    path = resolve_model(run_dir)
+    if out is None and is_bundled(path):
+        raise KerasnucError(
+            f"{run_dir} is a bundled model: pass --out DIR to write the tuned model as a new run "
+            "folder (the package's own thresholds are not rewritten)"
+        )
+    if out is not None and out.exists():
+        raise KerasnucError(f"{out}: already exists (choose a new folder for the tuned model)")
+    if out is None:
+        check_writable_dir(path)  # postproc.json is written there at the end
+    else:
+        check_writable_dir(out.parent, out)
     dirs = [dataset_path(d) for d in data_dirs]
     for d in dirs:
         if not d.is_dir():
             raise KerasnucError(f"{d}: not a dataset folder")
     from kerasnuc.data.dataset import Dataset
-    from kerasnuc.runs import POSTPROC, load_run
-    from kerasnuc.training.validation import (
-        predict_all,
-        score_predictions,
-        score_summary,
-        tile_items,
-    )
-    from kerasnuc.training.validation import val_items as load_val_items
 
-    run = load_run(run_dir)
+    run = load_run(path)
     method = run.method
     if grid is None:
         grid = method.tune_grid
-    items, num_classes = load_val_items(
-        [Dataset(d, mpp=run.config.data.assumed_mpp(d)) for d in dirs],
-        split,
-        run.config.data.mpp,
-        max_images,
-    )
-    if tile is not None:
-        items = tile_items(items, tile)
-    if not method.class_agnostic and max(1, num_classes) != run.config.model.get("num_classes"):
-        raise KerasnucError(
-            f"the data has {num_classes} classes but the model was trained for "
-            f"{run.config.model.get('num_classes')}"
-        )
+    datasets = [Dataset(d, mpp=run.config.data.assumed_mpp(d)) for d in dirs]
+    if points is None:
+        items, score_fn, metric = _mask_scoring(run, datasets, split, max_images, tile)
+    else:
+        items, score_fn, metric = _point_scoring(run, datasets, split, max_images, points,
+                                                 max_distance)  # fmt: skip
+    from kerasnuc.training.validation import predict_all
+
     with click.progressbar(items, label=f"predicting {len(items)} images") as bar:
         maps = predict_all(run.model, list(bar))
-    if method.class_agnostic:  # scored by PQ whatever the data's classes
-        num_classes = 0
-
-    def score_fn(pred_instances: list, pred_classes: list) -> float:
-        summary = score_predictions(pred_instances, pred_classes, items, num_classes)
-        return score_summary(summary, num_classes)
-
     try:
         best, table = method.tune(maps, grid, score_fn, run.postproc)
     except ValueError as exc:
         raise KerasnucError(f"invalid grid: {exc}") from exc
-    best.save(run_dir / POSTPROC)
-    metric = "mPQ+" if num_classes else "PQ"
+    scores = [r["score"] for r in table if not math.isnan(r["score"])]
+    if not scores or max(scores) <= 0:
+        click.echo(
+            f"warning: every setting scores {metric} {0 if scores else 'undefined'} on the "
+            f"{len(items)} images of split {split!r}: no predicted nucleus matches the "
+            "annotations, so the saved settings are no better than any other",
+            err=True,
+        )
+    if out is None:
+        best.save(path / POSTPROC)
+        saved = path / POSTPROC
+    else:
+        copy_run(path, out, postproc=best)
+        saved = out / POSTPROC
     ranked = sorted(table, key=lambda r: -r["score"] if not math.isnan(r["score"]) else math.inf)
     rows = [
         {**{k: json.dumps(v) for k, v in r.items() if k != "score"}, metric: r["score"]}
@@ -123,5 +166,55 @@ def tune(
     unit = "tiles" if tile else "images"
     click.echo(
         f"\n{len(table)} configurations on {len(items)} {unit}; best {metric} "
-        f"{ranked[0]['score']:.4f} saved to {run_dir / POSTPROC}"
+        f"{ranked[0]['score']:.4f} saved to {saved}"
     )
+
+
+def _mask_scoring(run, datasets, split, max_images, tile) -> tuple[list, Any, str]:
+    """Items and score function of the PQ / mPQ+ tuning against instance masks."""
+    from kerasnuc.training.validation import score_predictions, score_summary, tile_items
+    from kerasnuc.training.validation import val_items as load_val_items
+
+    method = run.method
+    items, num_classes = load_val_items(datasets, split, run.config.data.mpp, max_images)
+    if tile is not None:
+        items = tile_items(items, tile)
+    if not method.class_agnostic and max(1, num_classes) != run.config.model.get("num_classes"):
+        raise KerasnucError(
+            f"the data has {num_classes} classes but the model was trained for "
+            f"{run.config.model.get('num_classes')}"
+        )
+    if method.class_agnostic:  # scored by PQ whatever the data's classes
+        num_classes = 0
+
+    def score_fn(pred_instances: list, pred_classes: list) -> float:
+        summary = score_predictions(pred_instances, pred_classes, items, num_classes)
+        return score_summary(summary, num_classes)
+
+    return items, score_fn, "mPQ+" if num_classes else "PQ"
+
+
+def _point_scoring(run, datasets, split, max_images, points, max_distance):
+    """Items and score function of the detection-F1 tuning against point annotations."""
+    from kerasnuc.io.points import read_points_path
+    from kerasnuc.training.validation import point_items, point_score_fn
+
+    given = read_points_path(points) if points else None
+    if given is None:
+        for ds in datasets:
+            if not ds.is_points:
+                click.echo(
+                    f"note: {ds.root} has instance masks: scoring against their centroids",
+                    err=True,
+                )
+    mpp = run.config.data.mpp
+    items = point_items(datasets, split, mpp, max_images, given)
+    n_points = sum(len(it.points) for it in items)
+    if n_points == 0:
+        roots = ", ".join(str(ds.root) for ds in datasets)
+        raise KerasnucError(
+            f"nothing can be scored: the {len(items)} images of split {split!r} of {roots} "
+            "have no point annotations"
+        )
+    distance = max_distance / mpp if mpp else POINT_DISTANCE_PX
+    return items, point_score_fn(items, distance), "det_F1"

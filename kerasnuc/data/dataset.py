@@ -10,6 +10,17 @@ Layout of a dataset folder (the same as ``../shared/data/<name>/``)::
 
 Invariants (checked by the writer, and by :meth:`Dataset.validate`): the class map is 0 exactly
 where the instance map is 0; every nucleus has a single class in ``meta.json``; ids are consecutive.
+
+A **points dataset** (``meta.json`` ``"annotations": "points"``, written by
+``kerasnuc data import points``) has one point per nucleus instead of masks::
+
+    images/<id>.png      RGB uint8
+    points/<id>.csv      header ``x,y,class``: pixel indices (``x`` = column, ``y`` = row, the
+                         centre of pixel (r, c) is (x, y) = (c, r)); class 1..C, empty = none
+    meta.json, splits.csv
+
+It trains the point-supervised ``weak`` method and is scored by detection (``kerasnuc tune
+--points``); :meth:`Dataset.instances` refuses it in one line.
 """
 
 from __future__ import annotations
@@ -33,10 +44,14 @@ from kerasnuc.fileutil import (
     write_png,
     write_text_atomic,
 )
+from kerasnuc.io.points import read_points_csv
 
 META_FILE = "meta.json"
 SPLITS_FILE = "splits.csv"
 MAX_PNG_INSTANCES = 65535
+POINTS_DIR = "points"
+#: ``meta.json`` ``"annotations"`` of a points dataset.
+POINTS = "points"
 
 
 @dataclass(frozen=True)
@@ -124,6 +139,46 @@ def check_label_pair(
         raise KerasnucError(f"{name}: nucleus id(s) {multi[:5]} have more than one class")
 
 
+def check_points(
+    name: str,
+    image: np.ndarray,
+    points: np.ndarray,
+    classes: np.ndarray | None,
+    class_ids: set[int],
+) -> None:
+    """Check the points of one image of a points dataset (one-line :class:`KerasnucError`).
+
+    Args:
+        name: what to call the points in messages (a file path).
+        image: ``(H, W, 3)`` uint8.
+        points: ``(K, 2)`` ``(row, col)``; each must lie on the image (pixel edges included:
+            ``-0.5 <= row <= H - 0.5``).
+        classes: ``(K,)`` class ids (0 = unclassified) or None.
+        class_ids: the allowed ids (meta.json).
+    """
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise KerasnucError(f"{name}: image must be RGB uint8; got {image.dtype} {image.shape}")
+    points = np.asarray(points, dtype=np.float64).reshape(-1, 2)
+    h, w = image.shape[:2]
+    outside = (
+        ~np.isfinite(points).all(axis=1)
+        | (points[:, 0] < -0.5)
+        | (points[:, 0] > h - 0.5)
+        | (points[:, 1] < -0.5)
+        | (points[:, 1] > w - 0.5)
+    )
+    if outside.any():
+        row, col = points[outside][0]
+        raise KerasnucError(
+            f"{name}: {int(outside.sum())} point(s) outside the {h}x{w} image, e.g. "
+            f"x={col:g}, y={row:g}"
+        )
+    if classes is not None:
+        bad = sorted(set(np.unique(classes).tolist()) - {0} - class_ids)
+        if bad:
+            raise KerasnucError(f"{name}: class id(s) {bad} not in meta.json classes")
+
+
 class Dataset:
     """Lazy reader of a dataset folder in the interchange layout.
 
@@ -197,6 +252,11 @@ class Dataset:
         return bool(self.class_names)
 
     @property
+    def is_points(self) -> bool:
+        """Whether the dataset has one point per nucleus instead of instance masks."""
+        return self.meta.get("annotations") == POINTS
+
+    @property
     def num_classes(self) -> int:
         """Number of cell types C (0 without classes); class ids run 1..C."""
         return max(self.class_names) if self.class_names else 0
@@ -235,6 +295,31 @@ class Dataset:
     def classes_path(self, id: str) -> Path:
         return self.root / "classes" / f"{id}.png"
 
+    def points_path(self, id: str) -> Path:
+        return self.root / POINTS_DIR / f"{id}.csv"
+
+    def points(self, id: str) -> tuple[np.ndarray, np.ndarray | None]:
+        """The point annotations of a points dataset.
+
+        Returns:
+            ``(points, classes)``: ``(K, 2)`` float64 ``(row, col)`` pixel indices and ``(K,)``
+            int32 class ids (0 = unclassified), or None when no point has a class.
+
+        Raises:
+            KerasnucError: not a points dataset, or a bad points file.
+        """
+        self._check_id(id)
+        if not self.is_points:
+            raise KerasnucError(f"{self.root}: not a points dataset (it has instance masks)")
+        return read_points_csv(self.points_path(id), self.class_names or None)
+
+    def _refuse_points(self) -> None:
+        if self.is_points:
+            raise KerasnucError(
+                f"{self.root}: a points dataset (points/<id>.csv, no instance masks): it "
+                "trains --method weak and is scored with kerasnuc tune --points"
+            )
+
     def _check_id(self, id: str) -> None:
         if id not in self.splits:
             raise KerasnucError(f"{self.root}: unknown image id {id!r}")
@@ -251,8 +336,9 @@ class Dataset:
         return img
 
     def instances(self, id: str) -> np.ndarray:
-        """``(H, W)`` int32 instance map."""
+        """``(H, W)`` int32 instance map (KerasnucError for a points dataset)."""
         self._check_id(id)
+        self._refuse_points()
         path = self.instances_path(id)
         arr = read_image(path)
         if arr.ndim != 2 or not np.issubdtype(arr.dtype, np.integer):
@@ -264,6 +350,7 @@ class Dataset:
     def classes(self, id: str) -> np.ndarray | None:
         """``(H, W)`` int32 class map, or None when the dataset has no classes."""
         self._check_id(id)
+        self._refuse_points()
         if not self.has_classes:
             return None
         path = self.classes_path(id)
@@ -292,6 +379,11 @@ class Dataset:
 
     def validate(self, id: str) -> None:
         """Check one sample against the layout invariants (raises :class:`KerasnucError`)."""
+        if self.is_points:
+            image = self.image(id)
+            points, classes = self.points(id)
+            check_points(str(self.points_path(id)), image, points, classes, set(self.class_names))
+            return
         s = self.sample(id)
         check_label_pair(
             str(self.instances_path(id)),
@@ -311,13 +403,28 @@ class DatasetWriter:
         with DatasetWriter(dst, meta={"name": "x", "mpp": 0.25, "classes": {"1": "tumour"}}) as w:
             w.add("img1", image, instances, classes, split="train")
 
+    A points dataset (see the module docstring) is written with ``annotations="points"`` and
+    :meth:`add_points`.
+
     Args:
         root: destination folder (must not exist unless ``overwrite``).
         meta: metadata for ``meta.json``; ``classes`` maps ids (str or int) to names.
         overwrite: replace an existing folder.
+        annotations: ``"instances"`` (masks, :meth:`add`) or ``"points"`` (:meth:`add_points`).
     """
 
-    def __init__(self, root: str | os.PathLike, meta: Mapping[str, Any], overwrite: bool = False):
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        meta: Mapping[str, Any],
+        overwrite: bool = False,
+        annotations: str = "instances",
+    ):
+        if annotations not in ("instances", POINTS):
+            raise ValueError(
+                f"`annotations` must be 'instances' or 'points'. Received: {annotations!r}"
+            )
+        self.annotations = annotations
         self.root = Path(root)
         self.meta = dict(meta)
         classes = self.meta.get("classes") or {}
@@ -332,7 +439,11 @@ class DatasetWriter:
     def __enter__(self) -> DatasetWriter:
         self._ctx = atomic_dir(self.root, overwrite=self.overwrite)
         self._tmp = self._ctx.__enter__()
-        for sub in ("images", "instances") + (("classes",) if self.class_names else ()):
+        if self.annotations == POINTS:
+            subs: tuple[str, ...] = ("images", POINTS_DIR)
+        else:
+            subs = ("images", "instances") + (("classes",) if self.class_names else ())
+        for sub in subs:
             (self._tmp / sub).mkdir()
         return self
 
@@ -369,11 +480,10 @@ class DatasetWriter:
         """
         if self._tmp is None:
             raise RuntimeError("DatasetWriter.add must be called inside its `with` block")
+        if self.annotations == POINTS:
+            raise RuntimeError("a points dataset is written with add_points")
         name = source or id
-        if not id or "/" in id or "\\" in id or id.startswith("."):
-            raise KerasnucError(f"{name}: invalid image id {id!r}")
-        if id in self._splits:
-            raise KerasnucError(f"{name}: duplicate image id {id!r}")
+        self._check_new_id(id, name)
         image = np.asarray(image)
         instances = np.asarray(instances)
         if self.class_names and classes is None:
@@ -400,11 +510,66 @@ class DatasetWriter:
         self._splits[id] = split
         self._n_nuclei += n
 
+    def _check_new_id(self, id: str, name: str) -> None:
+        if not id or "/" in id or "\\" in id or id.startswith("."):
+            raise KerasnucError(f"{name}: invalid image id {id!r}")
+        if id in self._splits:
+            raise KerasnucError(f"{name}: duplicate image id {id!r}")
+
+    def add_points(
+        self,
+        id: str,
+        image: np.ndarray,
+        points: np.ndarray,
+        classes: np.ndarray | None = None,
+        split: str = "train",
+        source: str | None = None,
+    ) -> None:
+        """Add one image with its point annotations (a points dataset).
+
+        Args:
+            id: image id, used as file stem.
+            image: ``(H, W, 3)`` uint8 RGB.
+            points: ``(K, 2)`` float ``(row, col)`` pixel indices (the centre of pixel
+                ``(r, c)`` is ``(r, c)``), each on the image.
+            classes: ``(K,)`` int class ids (0 = unclassified), or None.
+            split: split name for ``splits.csv``.
+            source: what to name in error messages (defaults to the id).
+
+        Raises:
+            KerasnucError: bad image, points off the image or unknown class ids.
+        """
+        if self._tmp is None:
+            raise RuntimeError("DatasetWriter.add_points must be called inside its `with` block")
+        if self.annotations != POINTS:
+            raise RuntimeError("add_points needs DatasetWriter(..., annotations='points')")
+        name = source or id
+        self._check_new_id(id, name)
+        image = np.asarray(image)
+        points = np.asarray(points, dtype=np.float64).reshape(-1, 2)
+        if classes is not None:
+            classes = np.asarray(classes).astype(np.int64).reshape(-1)
+            if classes.shape[0] != points.shape[0]:
+                raise KerasnucError(f"{name}: {points.shape[0]} points but {classes.size} classes")
+        check_points(name, image, points, classes, set(self.class_names))
+        write_png(self._tmp / "images" / f"{id}.png", image)
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow(["x", "y", "class"])
+        for k, (row, col) in enumerate(points):
+            label = "" if classes is None or classes[k] == 0 else int(classes[k])
+            w.writerow([repr(float(col)), repr(float(row)), label])
+        write_text_atomic(self._tmp / POINTS_DIR / f"{id}.csv", buf.getvalue())
+        self._splits[id] = split
+        self._n_nuclei += int(points.shape[0])
+
     def _finish(self) -> None:
         assert self._tmp is not None
         meta = dict(self.meta)
         meta["n_images"] = len(self._splits)
         meta["n_nuclei"] = self._n_nuclei
+        if self.annotations == POINTS:
+            meta["annotations"] = POINTS
         meta.setdefault("name", self.root.name)
         write_json_atomic(self._tmp / META_FILE, meta)
         buf = io.StringIO()

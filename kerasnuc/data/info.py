@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from kerasnuc.data.dataset import Dataset, check_label_pair
+from kerasnuc.data.dataset import Dataset, check_label_pair, check_points
 from kerasnuc.fileutil import KerasnucError
 
 logger = logging.getLogger(__name__)
@@ -60,6 +60,39 @@ def _labels_look_valid(
     return bool(np.array_equal(class_of[inst], cls))
 
 
+#: A "nucleus" larger than this is reported as implausible (a region, not a nucleus): 1000 um^2
+#: is a disc of 36 um diameter, beyond the largest tumour nuclei.
+MAX_NUCLEUS_AREA_UM2 = 1000.0
+#: Without a pixel size: larger than this many times the dataset's median nucleus area.
+MAX_NUCLEUS_AREA_RATIO = 50.0
+
+
+def implausible_nuclei(
+    areas: np.ndarray, mpp: float | None, median_area: float | None = None
+) -> np.ndarray:
+    """Which nuclei are implausibly large: regions (a tumour outline) imported as nuclei.
+
+    A nucleus is implausible when its area exceeds :data:`MAX_NUCLEUS_AREA_UM2` (with a pixel
+    size ``mpp``), or else :data:`MAX_NUCLEUS_AREA_RATIO` times ``median_area`` (the dataset's
+    median nucleus area in px; default: the median of ``areas``).
+
+    Args:
+        areas: ``(N,)`` nucleus areas in pixels.
+        mpp: um/px, or None.
+        median_area: the reference area in px for datasets without a pixel size.
+
+    Returns:
+        ``(N,)`` bool.
+    """
+    areas = np.asarray(areas, dtype=np.float64)
+    if areas.size == 0:
+        return np.zeros(0, dtype=bool)
+    if mpp:
+        return areas * mpp**2 > MAX_NUCLEUS_AREA_UM2
+    median = float(np.median(areas)) if median_area is None else float(median_area)
+    return areas > MAX_NUCLEUS_AREA_RATIO * max(median, 1.0)
+
+
 def check_labels(datasets: Sequence[Dataset], splits: Sequence[str]) -> None:
     """Check the labels of every image of ``splits`` before training on them.
 
@@ -69,16 +102,25 @@ def check_labels(datasets: Sequence[Dataset], splits: Sequence[str]) -> None:
     maps, or a class missing from ``meta.json``, would otherwise train silently or fail later
     with a misleading shape error.
 
+    A points dataset has its points checked instead (on the image, class ids in ``meta.json``).
+
     Raises:
         KerasnucError: the first problem, in one line naming the file.
     """
     for ds in datasets:
         class_set = set(ds.class_names) if ds.has_classes else None
-        for split in dict.fromkeys(splits):
-            for id in ds.split(split):
-                image, inst, cls = ds.image(id), ds.instances(id), ds.classes(id)
-                if not _labels_look_valid(image, inst, cls, class_set):
-                    check_label_pair(str(ds.instances_path(id)), image, inst, cls, class_set)
+        wanted = set(splits)
+        for id in (i for i, s in ds.splits.items() if s in wanted):  # missing splits: no images
+            if ds.is_points:
+                points, point_classes = ds.points(id)
+                check_points(
+                    str(ds.points_path(id)), ds.image(id), points, point_classes,
+                    set(ds.class_names),
+                )  # fmt: skip
+                continue
+            image, inst, cls = ds.image(id), ds.instances(id), ds.classes(id)
+            if not _labels_look_valid(image, inst, cls, class_set):
+                check_label_pair(str(ds.instances_path(id)), image, inst, cls, class_set)
 
 
 def dataset_info(ds: Dataset | str | os.PathLike) -> dict[str, Any]:
@@ -105,13 +147,18 @@ def dataset_info(ds: Dataset | str | os.PathLike) -> dict[str, Any]:
           and ``equivalent_diameter_um``; ``by_class``: ``{name: area_px stats}``.
         * ``problems``: one line per validation problem (unreadable or missing files, broken
           invariants, non-consecutive ids, files not in ``splits.csv``, ``meta.json`` counts
-          that disagree with the label maps).
+          that disagree with the label maps, implausibly large nuclei: regions imported as
+          nuclei, see :func:`implausible_nuclei`).
+        * ``annotations``: ``"instances"`` or ``"points"``; for a points dataset ``n_nuclei``
+          counts points and ``nucleus_size`` is empty.
 
     Raises:
         KerasnucError: the folder is not a dataset (no ``meta.json`` / ``splits.csv``).
     """
     if not isinstance(ds, Dataset):
         ds = Dataset(ds)
+    if ds.is_points:
+        return _points_info(ds)
     class_ids = sorted(ds.class_names)
     n_cls = max(class_ids) if class_ids else 0
     class_set = set(class_ids) if ds.has_classes else None
@@ -123,6 +170,8 @@ def dataset_info(ds: Dataset | str | os.PathLike) -> dict[str, Any]:
     sizes: dict[str, int] = {}
     channel_hist = np.zeros((3, 256), dtype=np.int64)
     areas: list[np.ndarray] = []
+    area_ids: list[str] = []
+    area_present: dict[str, np.ndarray] = {}
     area_classes: list[np.ndarray] = []
     nuclei_per_image: list[int] = []
     n_empty = 0
@@ -160,6 +209,8 @@ def dataset_info(ds: Dataset | str | os.PathLike) -> dict[str, Any]:
                 f"({n} nuclei, largest id {top})"
             )
         areas.append(counts[present])
+        area_ids.append(id)
+        area_present[id] = present
         nuclei_per_image.append(n)
         n_empty += n == 0
         st["nuclei"] += n
@@ -184,6 +235,17 @@ def dataset_info(ds: Dataset | str | os.PathLike) -> dict[str, Any]:
             )
     all_areas = np.concatenate(areas) if areas else np.zeros(0, np.int64)
     n_nuclei = int(all_areas.size)
+    median = float(np.median(all_areas)) if n_nuclei else None
+    for id, area in zip(area_ids, areas, strict=True):
+        big = np.flatnonzero(implausible_nuclei(area, ds.mpp, median))
+        if big.size:
+            k = int(big[np.argmax(area[big])])
+            size = f"{int(area[k])} px" + (f", {area[k] * ds.mpp**2:.0f} um^2" if ds.mpp else "")
+            problems.append(
+                f"{ds.instances_path(id)}: {big.size} implausibly large nucleus/nuclei, e.g. id "
+                f"{int(area_present[id][k])} ({size}; median {median:.0f} px): a region "
+                "imported as a nucleus? (data import geojson --object-types / --exclude-classes)"
+            )
     for key, actual in (("n_images", len(ds)), ("n_nuclei", n_nuclei)):
         stated = ds.meta.get(key)
         if stated is not None and stated != actual:
@@ -210,16 +272,7 @@ def dataset_info(ds: Dataset | str | os.PathLike) -> dict[str, Any]:
         for c in class_ids
     ]
 
-    n_pix = int(channel_hist[0].sum())
-    levels = np.arange(256, dtype=np.int64)
-    if n_pix:
-        sums = [int(x) for x in channel_hist @ levels]
-        sq_sums = [int(x) for x in channel_hist @ (levels * levels)]
-        mean = [s / n_pix for s in sums]
-        var = [(q * n_pix - s * s) / (n_pix * n_pix) for s, q in zip(sums, sq_sums, strict=True)]
-        pixels = {"mean": mean, "std": [math.sqrt(max(v, 0.0)) for v in var]}
-    else:
-        pixels = {"mean": None, "std": None}
+    pixels = _pixel_stats(channel_hist)
 
     mpp = ds.mpp
     size: dict[str, Any] = {
@@ -239,6 +292,7 @@ def dataset_info(ds: Dataset | str | os.PathLike) -> dict[str, Any]:
     return {
         "name": ds.name,
         "root": str(ds.root),
+        "annotations": "instances",
         "mpp": mpp,
         "classes": {str(c): names[c] for c in class_ids} or None,
         "n_images": len(ds),
@@ -252,5 +306,101 @@ def dataset_info(ds: Dataset | str | os.PathLike) -> dict[str, Any]:
         },
         "pixels": pixels,
         "nucleus_size": size,
+        "problems": problems,
+    }
+
+
+def _pixel_stats(channel_hist: np.ndarray) -> dict[str, Any]:
+    n_pix = int(channel_hist[0].sum())
+    if not n_pix:
+        return {"mean": None, "std": None}
+    levels = np.arange(256, dtype=np.int64)
+    sums = [int(x) for x in channel_hist @ levels]
+    sq_sums = [int(x) for x in channel_hist @ (levels * levels)]
+    mean = [s / n_pix for s in sums]
+    var = [(q * n_pix - s * s) / (n_pix * n_pix) for s, q in zip(sums, sq_sums, strict=True)]
+    return {"mean": mean, "std": [math.sqrt(max(v, 0.0)) for v in var]}
+
+
+def _points_info(ds: Dataset) -> dict[str, Any]:
+    """:func:`dataset_info` of a points dataset: points per split and class, no sizes."""
+    class_ids = sorted(ds.class_names)
+    names = ds.class_names
+    n_cls = max(class_ids) if class_ids else 0
+    problems: list[str] = []
+    split_stats: dict[str, dict[str, Any]] = {}
+    per_class = np.zeros(n_cls + 1, dtype=np.int64)
+    per_class_images = np.zeros(n_cls + 1, dtype=np.int64)
+    sizes: dict[str, int] = {}
+    channel_hist = np.zeros((3, 256), dtype=np.int64)
+    per_image: list[int] = []
+    for id, split in ds.splits.items():
+        st = split_stats.setdefault(
+            split, {"images": 0, "nuclei": 0, "class_nuclei": np.zeros(n_cls + 1, np.int64)}
+        )
+        st["images"] += 1
+        try:
+            image = ds.image(id)
+            points, classes = ds.points(id)
+            check_points(str(ds.points_path(id)), image, points, classes, set(class_ids))
+        except KerasnucError as exc:
+            problems.append(str(exc))
+            continue
+        h, w = image.shape[:2]
+        sizes[f"{h}x{w}"] = sizes.get(f"{h}x{w}", 0) + 1
+        for c in range(3):
+            channel_hist[c] += np.bincount(image[:, :, c].ravel(), minlength=256)
+        n = int(points.shape[0])
+        per_image.append(n)
+        st["nuclei"] += n
+        if classes is not None:
+            in_image = np.bincount(np.clip(classes, 0, n_cls), minlength=n_cls + 1)
+            per_class += in_image
+            per_class_images += in_image > 0
+            st["class_nuclei"] += in_image
+    n_points = int(sum(per_image))
+    for key, actual in (("n_images", len(ds)), ("n_nuclei", n_points)):
+        stated = ds.meta.get(key)
+        if stated is not None and stated != actual:
+            problems.append(
+                f"{ds.root / 'meta.json'}: {key} is {stated} but the dataset has {actual}"
+            )
+    splits_out = {}
+    for split, st in split_stats.items():
+        entry: dict[str, Any] = {"images": st["images"], "nuclei": st["nuclei"]}
+        if ds.has_classes:
+            entry["classes"] = {names[c]: int(st["class_nuclei"][c]) for c in class_ids}
+        splits_out[split] = entry
+    return {
+        "name": ds.name,
+        "root": str(ds.root),
+        "annotations": "points",
+        "mpp": ds.mpp,
+        "classes": {str(c): names[c] for c in class_ids} or None,
+        "n_images": len(ds),
+        "n_nuclei": n_points,
+        "splits": splits_out,
+        "class_counts": [
+            {
+                "id": c,
+                "name": names[c],
+                "nuclei": int(per_class[c]),
+                "images": int(per_class_images[c]),
+                "fraction": float(per_class[c] / n_points) if n_points else 0.0,
+            }
+            for c in class_ids
+        ],
+        "images": {
+            "sizes": sizes,
+            "empty": int(sum(n == 0 for n in per_image)),
+            "nuclei_per_image": summary_stats(np.asarray(per_image)),
+        },
+        "pixels": _pixel_stats(channel_hist),
+        "nucleus_size": {
+            "area_px": None,
+            "equivalent_diameter_px": None,
+            "area_um2": None,
+            "equivalent_diameter_um": None,
+        },
         "problems": problems,
     }

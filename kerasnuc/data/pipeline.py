@@ -49,7 +49,7 @@ import tensorflow as tf
 
 from kerasnuc.config import check_field_types, strict_from_dict
 from kerasnuc.data.augment import AugmentConfig, augment
-from kerasnuc.data.dataset import Dataset
+from kerasnuc.data.dataset import Dataset, Sample
 from kerasnuc.data.points import IGNORE, encode_points, points_from_instances
 from kerasnuc.data.points_cache import cached_encode_points
 from kerasnuc.data.sampling import ImportanceSampler
@@ -177,13 +177,22 @@ class _Item:
     source: int = 0  # index of the dataset it comes from
 
 
-def _resample(image: np.ndarray, labels: np.ndarray, scale: float) -> tuple[np.ndarray, ...]:
+def resample_image(image: np.ndarray, scale: float) -> np.ndarray:
+    """An image resampled by ``scale`` as the pipelines do (area averaging when shrinking,
+    bilinear when enlarging; each side ``max(1, round(side * scale))``)."""
     if abs(scale - 1.0) < 1e-6:
-        return image, labels
+        return image
     h, w = image.shape[:2]
     size = (max(1, int(round(w * scale))), max(1, int(round(h * scale))))
     interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
-    image = cv2.resize(image, size, interpolation=interp)
+    return cv2.resize(image, size, interpolation=interp)
+
+
+def _resample(image: np.ndarray, labels: np.ndarray, scale: float) -> tuple[np.ndarray, ...]:
+    if abs(scale - 1.0) < 1e-6:
+        return image, labels
+    image = resample_image(image, scale)
+    size = (image.shape[1], image.shape[0])
     chans = [
         cv2.resize(labels[..., k], size, interpolation=cv2.INTER_NEAREST_EXACT)
         for k in range(labels.shape[-1])
@@ -191,7 +200,12 @@ def _resample(image: np.ndarray, labels: np.ndarray, scale: float) -> tuple[np.n
     return image, np.stack(chans, axis=-1)
 
 
-def _scale_for(ds: Dataset, target_mpp: float | None) -> float:
+def dataset_scale(ds: Dataset, target_mpp: float | None) -> float:
+    """The factor that resamples a dataset's images to ``target_mpp`` (1 for None).
+
+    Raises:
+        KerasnucError: the dataset states no pixel size.
+    """
     if target_mpp is None:
         return 1.0
     if ds.mpp is None:
@@ -236,7 +250,11 @@ def load_items(
     Returns:
         ``(items, num_classes)``. When no dataset has cell types, nuclei get class 1 and
         ``num_classes`` is 0. When some have, the nuclei of those without get
-        :data:`~kerasnuc.data.targets.UNKNOWN_CLASS`.
+        :data:`~kerasnuc.data.targets.UNKNOWN_CLASS`. A points dataset (no masks) is read only
+        with ``extra`` (its label maps are all 0; ``extra`` reads the points).
+
+    Raises:
+        KerasnucError: no image, or a points dataset without ``extra`` (one line).
     """
     datasets = [datasets] if isinstance(datasets, Dataset) else list(datasets)
     if not datasets:
@@ -244,9 +262,14 @@ def load_items(
     num_classes, _ = shared_classes(datasets)
     items = []
     for source, ds in enumerate(datasets):
-        scale = _scale_for(ds, target_mpp)
+        scale = dataset_scale(ds, target_mpp)
         for id in ds.split(split):
-            s = ds.sample(id)
+            if ds.is_points and extra is not None:
+                image = ds.image(id)
+                blank = np.zeros(image.shape[:2], dtype=np.int32)
+                s = Sample(id, image, blank, None)
+            else:
+                s = ds.sample(id)
             if s.classes is not None:
                 cls = s.classes
             else:
@@ -573,7 +596,8 @@ def weak_dataset(
     ``repel``.
 
     Args:
-        points: ``{image id: (K, 2) (row, col) points}``; default: centroids of the instance maps
+        points: ``{image id: (K, 2) (row, col) points}``; default: the points of a points
+            dataset (``kerasnuc data import points``), else the centroids of the instance maps
             (so instance masks are read only to derive points, never used as targets).
         cache_dir: folder for the encoding cache (default: encode in memory only).
         encode_params: keyword arguments of ``kerasnuc.data.points.encode_points``.
@@ -587,7 +611,10 @@ def weak_dataset(
         if pts is None:
             if points is not None:
                 raise KerasnucError(f"{ds.image_path(id)}: no point annotations for this image")
-            pts, _ = points_from_instances(instances)
+            if ds.is_points:
+                pts, _ = ds.points(id)
+            else:
+                pts, _ = points_from_instances(instances)
         if cache_dir is not None:
             enc = cached_encode_points(cache_dir, f"{ds.name}_{id}", image, pts, **params)
         else:

@@ -622,6 +622,9 @@ class PredictJob:
             files = output_files(name, ctx.has_classes)
             written = sorted(formats - {"summary"})
             outputs = [f for fmt in written for f in files[fmt]] + files["summary"]
+            settings = {**options.settings(), "model_mpp": model_mpp}
+            if not streaming:  # no tissue detection: the whole image counts as tissue
+                settings["tissue_detection"] = False
             summary = build_summary(
                 summary_counts(ctx, counts, total),
                 class_names=ctx.class_names,
@@ -629,10 +632,10 @@ class PredictJob:
                 mpp=source.mpp,
                 runtime_s=time.perf_counter() - start,
                 model_id=self.model_id,
-                settings={**options.settings(), "model_mpp": model_mpp},
+                settings=settings,
                 input=str(source.name),
                 image_shape=[height, width],
-                formats=written,
+                formats=sorted(formats),
                 outputs=outputs,
                 fingerprint=fingerprint,
                 **extra,

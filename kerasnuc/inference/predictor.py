@@ -582,6 +582,11 @@ class Predictor:
     def predict_instances(self, image: np.ndarray) -> PostprocResult:
         """Nuclei of one image: :meth:`predict_maps`, then the method's post-processing.
 
+        The low-level, untiled path: one forward pass over the whole image as given (no
+        resampling, no mirrored tile context, padded to a multiple of 32), so its nuclei differ
+        from those of ``kerasnuc predict`` near the borders. For what the CLI finds (the same
+        tiles, resolution handling and measurements), use :func:`kerasnuc.segment`.
+
         Args:
             image: ``(H, W, 3)`` uint8 RGB at the models' resolution.
 

@@ -5,9 +5,9 @@
 ``<name>.csv``                      one row per nucleus (:mod:`kerasnuc.io.table`)
 ``<name>.instances.ome.tif``        instance map, uint32, tiled pyramidal OME-TIFF
 ``<name>.classes.ome.tif``          class map, uint8 (models with cell types only)
-``<name>.overlay.png``              outlines coloured by class over the image (downsampled so
-                                    that the longer side is at most :data:`OVERVIEW_MAX_SIZE` px
-                                    for streamed inputs)
+``<name>.overlay.png``              2 px outlines coloured by class over the image (downsampled
+                                    so that the longer side is at most :data:`OVERVIEW_MAX_SIZE`
+                                    px for streamed inputs), a colour legend strip below it
 ``<name>.summary.json``             counts per class, densities per mm2 of tissue, runtime, model,
                                     settings (:mod:`kerasnuc.io.summary`); written by the job
 ==================================  ==============================================================
@@ -21,6 +21,7 @@ for a streamed one.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +32,7 @@ import numpy as np
 from kerasnuc.fileutil import write_png
 from kerasnuc.io.geojson import GeoJSONWriter, write_geojson
 from kerasnuc.io.masks import write_class_tiff, write_instance_tiff
-from kerasnuc.io.overlay import draw_overlay, write_overlay
+from kerasnuc.io.overlay import THICKNESS, add_legend, draw_overlay, write_overlay
 from kerasnuc.io.readers import ImageSource
 from kerasnuc.io.summary import class_counts
 from kerasnuc.io.table import CSVWriter, write_csv
@@ -82,6 +83,11 @@ class OutputContext:
     def has_classes(self) -> bool:
         return self.num_classes > 0
 
+    @property
+    def image_name(self) -> str:
+        """The input's file name (the ``image`` column of the CSV)."""
+        return Path(str(self.source.name)).name
+
     def path(self, fmt: str, index: int = 0) -> Path:
         return self.folder / output_files(self.name, self.has_classes)[fmt][index]
 
@@ -94,10 +100,14 @@ def measure_table(
     probabilities: np.ndarray | None,
     offset: tuple[int, int] = (0, 0),
 ) -> NucleusTable:
-    """Measure a map the same way on both paths (same columns for every input of a model)."""
+    """Measure a map the same way on both paths (same columns for every input of a model).
+
+    The first column, ``image``, is the input's file name (:attr:`OutputContext.image_name`),
+    so the CSVs of many inputs can be concatenated.
+    """
     if ctx.has_classes and probabilities is None and not instances.any():
         probabilities = np.zeros((0, ctx.num_classes + 1))
-    return measure_instances(
+    table = measure_instances(
         instances,
         image=image,
         classes=classes if ctx.has_classes else None,
@@ -106,6 +116,27 @@ def measure_table(
         offset=offset,
         class_names=ctx.class_names or None,
     )
+    source = np.full(len(table), ctx.image_name, dtype=object)
+    return dataclasses.replace(table, columns={"image": source, **table.columns})
+
+
+def measure_in_memory(ctx: OutputContext, result: Any) -> tuple[np.ndarray, NucleusTable]:
+    """The level-0 image and the measurement table of an input predicted in one piece.
+
+    Args:
+        ctx: the input's context.
+        result: the stitched :class:`~kerasnuc.postprocess.common.PostprocResult` of the input
+            (level-0 ``instances``, ``classes`` and the table's ``probabilities``).
+
+    Returns:
+        ``(image (H, W, 3) uint8, table)``; the table is the CSV's (:func:`measure_table`).
+    """
+    height, width = ctx.source.shape
+    image = ctx.source.read_region(0, 0, height, width)
+    table = measure_table(
+        ctx, result.instances, image, result.classes, result.table.get("probabilities")
+    )
+    return image, table
 
 
 def summary_counts(ctx: OutputContext, counts: Mapping[int, int], total: int) -> Any:
@@ -124,12 +155,7 @@ def write_in_memory(ctx: OutputContext, result: Any) -> tuple[dict[int, int], in
     Returns:
         ``(counts per class, total)``.
     """
-    source = ctx.source
-    height, width = source.shape
-    image = source.read_region(0, 0, height, width)
-    table = measure_table(
-        ctx, result.instances, image, result.classes, result.table.get("probabilities")
-    )
+    image, table = measure_in_memory(ctx, result)
     if "geojson" in ctx.formats:
         write_geojson(
             ctx.path("geojson"),
@@ -151,6 +177,8 @@ def write_in_memory(ctx: OutputContext, result: Any) -> tuple[dict[int, int], in
             result.instances,
             result.classes if ctx.has_classes else None,
             ctx.class_colours,
+            thickness=THICKNESS,
+            class_names=ctx.class_names if ctx.has_classes else None,
         )
     counts = class_counts(table) if ctx.has_classes else {}
     return counts, len(table)
@@ -275,8 +303,10 @@ class SlideWriter:
                 self._ov_labels,
                 self._ov_classes if ctx.has_classes else None,
                 ctx.class_colours,
+                thickness=THICKNESS,
             )
-            write_png(ctx.path("overlay"), overlay)
+            legend = ctx.class_names if ctx.has_classes else None
+            write_png(ctx.path("overlay"), add_legend(overlay, legend, ctx.class_colours))
 
     def abort(self, exc: BaseException) -> None:
         """Delete the partial outputs after a failure."""

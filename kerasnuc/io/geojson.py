@@ -233,7 +233,7 @@ def instance_features(
     else:
         wanted = np.asarray(table.ids, dtype=np.int64)
         flat = table.flat_columns()
-        columns = {k: v.tolist() for k, v in flat.items() if k != "class_name"}
+        columns = {k: v.tolist() for k, v in flat.items() if np.asarray(v).dtype.kind in "iubf"}
         names = flat["class_name"].tolist() if "class_name" in flat else None
     pos = np.searchsorted(ids, wanted)
     found = ids[np.minimum(pos, ids.size - 1)] == wanted if ids.size else np.zeros(0, bool)

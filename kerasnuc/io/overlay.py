@@ -7,7 +7,11 @@
   ``thickness`` passes of 4-neighbour minimum/maximum filters over the label map.
 * :func:`draw_overlay` / :func:`write_overlay`: outline pixels take the colour of the class under
   them (``class_colors``; ``default_color`` without classes or for unknown classes), all other
-  pixels keep the image colour.
+  pixels keep the image colour. ``kerasnuc predict`` draws :data:`THICKNESS` px outlines, which
+  stay visible on dark nuclei.
+* :func:`draw_legend` / :func:`add_legend`: a white strip below the image naming each class
+  colour (a swatch and the name), so the overlay's top ``H`` rows stay the image, pixel for
+  pixel.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import logging
 import os
 from collections.abc import Mapping, Sequence
 
+import cv2
 import numpy as np
 from scipy import ndimage as ndi
 
@@ -24,7 +29,12 @@ from kerasnuc.fileutil import write_png
 logger = logging.getLogger(__name__)
 
 DEFAULT_COLOR = (0, 255, 0)
+THICKNESS = 2
+"""Outline width of the overlays of ``kerasnuc predict`` (1 px vanishes on dark nuclei)."""
 _CROSS = ndi.generate_binary_structure(2, 1)
+_FONT = cv2.FONT_HERSHEY_SIMPLEX
+_LEGEND_ROW = 20  # px per legend line
+_LEGEND_SCALE = 0.45
 
 
 def outline_mask(instances: np.ndarray, thickness: int = 1) -> np.ndarray:
@@ -122,6 +132,57 @@ def draw_overlay(
     return out
 
 
+def draw_legend(width: int, entries: Sequence[tuple[str, Sequence[int]]]) -> np.ndarray:
+    """A white legend strip: a colour swatch and a name per entry, left to right, wrapped.
+
+    Args:
+        width: strip width in pixels (the image's).
+        entries: ``(name, (r, g, b))`` in order.
+
+    Returns:
+        ``(h, width, 3)`` uint8, ``h`` a multiple of 20 px (one line per 20 px; 0 rows
+        without entries).
+    """
+    if not entries:
+        return np.zeros((0, width, 3), dtype=np.uint8)
+    lines: list[list[tuple[int, str, tuple[int, int, int]]]] = [[]]
+    x = 4
+    for name, color in entries:
+        rgb = _check_color(color, "color")
+        (text_w, _), _ = cv2.getTextSize(name, _FONT, _LEGEND_SCALE, 1)
+        item = 12 + 4 + text_w + 12
+        if x + item > width and lines[-1]:
+            lines.append([])
+            x = 4
+        lines[-1].append((x, name, rgb))
+        x += item
+    strip = np.full((_LEGEND_ROW * len(lines), width, 3), 255, dtype=np.uint8)
+    for row, line in enumerate(lines):
+        y0 = row * _LEGEND_ROW
+        for x0, name, rgb in line:
+            cv2.rectangle(strip, (x0, y0 + 4), (x0 + 11, y0 + 15), rgb, thickness=-1)
+            cv2.rectangle(strip, (x0, y0 + 4), (x0 + 11, y0 + 15), (0, 0, 0), thickness=1)
+            cv2.putText(
+                strip, name, (x0 + 16, y0 + 15), _FONT, _LEGEND_SCALE, (0, 0, 0), 1, cv2.LINE_AA
+            )
+    return strip
+
+
+def add_legend(
+    overlay: np.ndarray,
+    class_names: Mapping[int, str] | None,
+    class_colors: Mapping[int, Sequence[int]] | None,
+    default_color: Sequence[int] = DEFAULT_COLOR,
+) -> np.ndarray:
+    """The overlay with a legend strip below it (:func:`draw_legend`) naming the colour of
+    every class (``default_color`` for classes without one); unchanged without class names."""
+    if not class_names:
+        return overlay
+    colors = class_colors or {}
+    entries = [(str(n), colors.get(k, default_color)) for k, n in sorted(class_names.items())]
+    return np.concatenate([overlay, draw_legend(overlay.shape[1], entries)], axis=0)
+
+
 def write_overlay(
     path: str | os.PathLike,
     image: np.ndarray,
@@ -130,8 +191,11 @@ def write_overlay(
     class_colors: Mapping[int, Sequence[int]] | None = None,
     thickness: int = 1,
     default_color: Sequence[int] = DEFAULT_COLOR,
+    class_names: Mapping[int, str] | None = None,
 ) -> np.ndarray:
-    """:func:`draw_overlay` written as PNG (atomically). Returns the overlay."""
+    """:func:`draw_overlay` written as PNG (atomically), with a legend strip below it when
+    ``class_names`` are given (:func:`add_legend`). Returns what was written."""
     out = draw_overlay(image, instances, classes, class_colors, thickness, default_color)
+    out = add_legend(out, class_names, class_colors, default_color)
     write_png(path, out)
     return out

@@ -51,6 +51,72 @@ _CSV_COORDS = (("y", "x"), ("row", "col"), ("row", "column"))
 _CSV_CLASS = ("class", "label", "type", "classification")
 
 
+def read_point_labels_csv(path: str | os.PathLike) -> tuple[np.ndarray, list[str] | None]:
+    """Points of a CSV file with their class cells as written (see :func:`read_points_csv`).
+
+    Returns:
+        ``(points, labels)``: ``(K, 2)`` float64 ``(row, col)`` and the ``K`` class cells
+        (stripped; ``""`` = unclassified), or None without a class column.
+
+    Raises:
+        KerasnucError: as :func:`read_points_csv`.
+    """
+    pts, labels, _ = _read_csv(Path(path))
+    return pts, labels
+
+
+def _read_csv(path: Path) -> tuple[np.ndarray, list[str] | None, list[str]]:
+    """:func:`read_point_labels_csv` plus where each point is (``"line N"``)."""
+    if not path.is_file():
+        raise KerasnucError(f"{path}: file not found")
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as fh:
+            rows = list(csv.reader(fh))
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise KerasnucError(f"{path}: cannot read CSV ({exc})") from exc
+    if not rows:
+        raise KerasnucError(f"{path}: empty file, expected a header with x,y or row,col columns")
+    header = [h.strip().lower() for h in rows[0]]
+    pair = next((p for p in _CSV_COORDS if p[0] in header and p[1] in header), None)
+    if pair is None:
+        raise KerasnucError(
+            f"{path}: header {rows[0]} has no coordinate columns (expected x,y or row,col)"
+        )
+    i_row, i_col = header.index(pair[0]), header.index(pair[1])
+    cls_name = next((c for c in _CSV_CLASS if c in header), None)
+    i_cls = header.index(cls_name) if cls_name else None
+    points, labels, wheres = [], [], []
+    for line_no, row in enumerate(rows[1:], start=2):
+        if not any(cell.strip() for cell in row):
+            continue
+        where = f"line {line_no}"
+        try:
+            r, c = float(row[i_row]), float(row[i_col])
+        except (IndexError, ValueError) as exc:
+            raise KerasnucError(f"{path}: {where}: bad coordinates {row}") from exc
+        if not (np.isfinite(r) and np.isfinite(c)):
+            raise KerasnucError(f"{path}: {where}: non-finite coordinates {row}")
+        points.append((r, c))
+        wheres.append(where)
+        if i_cls is not None:
+            labels.append(row[i_cls].strip() if i_cls < len(row) else "")
+    pts = np.asarray(points, dtype=np.float64).reshape(-1, 2)
+    return pts, labels if i_cls is not None else None, wheres
+
+
+def _map_labels(
+    labels: list[str] | None,
+    class_names: Mapping[int, str] | None,
+    path: Path,
+    wheres: Sequence[str],
+) -> np.ndarray | None:
+    """Class ids of raw labels (None when there is no label or every point is unclassified)."""
+    if labels is None:
+        return None
+    ids = [_class_id(v, class_names, path, w) for v, w in zip(labels, wheres, strict=True)]
+    return np.asarray(ids, dtype=np.int32) if any(ids) else None
+
+
 def read_points_csv(
     path: str | os.PathLike, class_names: Mapping[int, str] | None = None
 ) -> tuple[np.ndarray, np.ndarray | None]:
@@ -77,42 +143,71 @@ def read_points_csv(
             names the file and the line).
     """
     path = Path(path)
-    if not path.is_file():
-        raise KerasnucError(f"{path}: file not found")
-    try:
-        with path.open(newline="", encoding="utf-8-sig") as fh:
-            rows = list(csv.reader(fh))
-    except (UnicodeDecodeError, csv.Error) as exc:
-        raise KerasnucError(f"{path}: cannot read CSV ({exc})") from exc
-    if not rows:
-        raise KerasnucError(f"{path}: empty file, expected a header with x,y or row,col columns")
-    header = [h.strip().lower() for h in rows[0]]
-    pair = next((p for p in _CSV_COORDS if p[0] in header and p[1] in header), None)
-    if pair is None:
-        raise KerasnucError(
-            f"{path}: header {rows[0]} has no coordinate columns (expected x,y or row,col)"
-        )
-    i_row, i_col = header.index(pair[0]), header.index(pair[1])
-    cls_name = next((c for c in _CSV_CLASS if c in header), None)
-    i_cls = header.index(cls_name) if cls_name else None
-    points, classes = [], []
-    for line_no, row in enumerate(rows[1:], start=2):
-        if not any(cell.strip() for cell in row):
+    pts, labels, wheres = _read_csv(path)
+    return pts, _map_labels(labels, class_names, path, wheres)
+
+
+def read_point_labels_geojson(
+    path: str | os.PathLike, corner_origin: bool = True
+) -> tuple[np.ndarray, list[str] | None, dict[str, int]]:
+    """Points of a (QuPath) GeoJSON file with their classifications as written.
+
+    See :func:`read_points_geojson` for what is read.
+
+    Returns:
+        ``(points, labels, skipped)``: ``(K, 2)`` float64 ``(row, col)``, the ``K`` class names
+        (``""`` = unclassified; ints as text), and ``{geometry type: count}`` of the features
+        that are not points (e.g. a region polygon).
+
+    Raises:
+        KerasnucError: as :func:`read_points_geojson`.
+    """
+    pts, labels, skipped, _ = _read_geojson(Path(path), corner_origin)
+    return pts, labels, skipped
+
+
+def _read_geojson(
+    path: Path, corner_origin: bool
+) -> tuple[np.ndarray, list[str], dict[str, int], list[str]]:
+    """:func:`read_point_labels_geojson` plus where each point is (``"feature N"``)."""
+    features = read_features(path, bare_geometries=("Point", "MultiPoint"))
+    points: list[tuple[float, float]] = []
+    labels: list[str] = []
+    wheres: list[str] = []
+    skipped: dict[str, int] = {}
+    for i, feature in enumerate(features):
+        where = f"feature {i}"
+        geometry = feature.get("geometry") if isinstance(feature, dict) else None
+        if not isinstance(geometry, dict):
+            raise KerasnucError(f"{path}: {where}: no geometry object")
+        kind = geometry.get("type")
+        if kind not in ("Point", "MultiPoint"):
+            skipped[str(kind)] = skipped.get(str(kind), 0) + 1
             continue
-        where = f"line {line_no}"
+        coords = geometry.get("coordinates")
         try:
-            r, c = float(row[i_row]), float(row[i_col])
-        except (IndexError, ValueError) as exc:
-            raise KerasnucError(f"{path}: {where}: bad coordinates {row}") from exc
-        if not (np.isfinite(r) and np.isfinite(c)):
-            raise KerasnucError(f"{path}: {where}: non-finite coordinates {row}")
-        points.append((r, c))
-        if i_cls is not None:
-            cell = row[i_cls] if i_cls < len(row) else ""
-            classes.append(_class_id(cell, class_names, path, where))
+            xy = np.asarray([coords] if kind == "Point" else coords, dtype=np.float64)
+        except (TypeError, ValueError) as exc:
+            raise KerasnucError(f"{path}: {where}: bad {kind} coordinates {coords!r}") from exc
+        if xy.size == 0 and kind == "MultiPoint":
+            continue
+        if xy.ndim != 2 or xy.shape[1] < 2 or not np.isfinite(xy).all():
+            raise KerasnucError(f"{path}: {where}: bad {kind} coordinates {coords!r}")
+        props = feature.get("properties") or {}
+        classification = props.get("classification") if isinstance(props, dict) else None
+        if isinstance(classification, dict):
+            classification = classification.get("name")
+        label = "" if classification is None else str(classification).strip()
+        for x, y in xy[:, :2]:
+            points.append((float(y), float(x)))
+            labels.append(label)
+            wheres.append(where)
+    if skipped:
+        logger.info("%s: skipped non-point features %s", path, skipped)
     pts = np.asarray(points, dtype=np.float64).reshape(-1, 2)
-    cls = np.asarray(classes, dtype=np.int32) if classes and any(classes) else None
-    return pts, cls
+    if corner_origin:
+        pts -= 0.5
+    return pts, labels, skipped, wheres
 
 
 def read_points_geojson(
@@ -147,43 +242,25 @@ def read_points_geojson(
         KerasnucError: missing file, invalid JSON, bad geometry (the message names the file).
     """
     path = Path(path)
-    features = read_features(path, bare_geometries=("Point", "MultiPoint"))
-    points: list[tuple[float, float]] = []
-    classes: list[int] = []
-    skipped = 0
-    for i, feature in enumerate(features):
-        where = f"feature {i}"
-        geometry = feature.get("geometry") if isinstance(feature, dict) else None
-        if not isinstance(geometry, dict):
-            raise KerasnucError(f"{path}: {where}: no geometry object")
-        kind = geometry.get("type")
-        if kind not in ("Point", "MultiPoint"):
-            skipped += 1
-            continue
-        coords = geometry.get("coordinates")
-        try:
-            xy = np.asarray([coords] if kind == "Point" else coords, dtype=np.float64)
-        except (TypeError, ValueError) as exc:
-            raise KerasnucError(f"{path}: {where}: bad {kind} coordinates {coords!r}") from exc
-        if xy.size == 0 and kind == "MultiPoint":
-            continue
-        if xy.ndim != 2 or xy.shape[1] < 2 or not np.isfinite(xy).all():
-            raise KerasnucError(f"{path}: {where}: bad {kind} coordinates {coords!r}")
-        props = feature.get("properties") or {}
-        classification = props.get("classification") if isinstance(props, dict) else None
-        if isinstance(classification, dict):
-            classification = classification.get("name")
-        cls = _class_id(classification, class_names, path, where)
-        for x, y in xy[:, :2]:
-            points.append((float(y), float(x)))
-            classes.append(cls)
-    if skipped:
-        logger.info("%s: skipped %d non-point features", path, skipped)
-    pts = np.asarray(points, dtype=np.float64).reshape(-1, 2)
-    if corner_origin:
-        pts -= 0.5
-    cls_arr = np.asarray(classes, dtype=np.int32) if any(classes) else None
-    return pts, cls_arr
+    pts, labels, _, wheres = _read_geojson(path, corner_origin)
+    return pts, _map_labels(labels, class_names, path, wheres)
+
+
+def read_point_labels(path: str | os.PathLike) -> tuple[np.ndarray, list[str] | None]:
+    """Points of one file by its suffix with their class labels as written (no mapping).
+
+    Returns:
+        ``(points, labels)``: ``(K, 2)`` float64 ``(row, col)`` (QuPath's corner origin
+        converted) and the class labels (None: a CSV file without a class column).
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
+        return read_point_labels_csv(path)
+    if suffix in (".geojson", ".json"):
+        pts, labels, _ = read_point_labels_geojson(path)
+        return pts, labels
+    raise KerasnucError(f"{path}: not a point file (expected one of {', '.join(POINT_SUFFIXES)})")
 
 
 #: File suffixes of point annotation files: CSV and (QuPath) GeoJSON.
@@ -223,7 +300,8 @@ def read_points_path(
     Args:
         path: folder or file.
         ids: read only these image ids (None: every file).
-        class_names: ``{id: name}`` to map class names (classes are read but not returned).
+        class_names: unused (kept for compatibility): the classes are not returned, so class
+            names need no mapping.
 
     Returns:
         ``{image id: (K, 2) float64 (row, col)}``.
@@ -254,5 +332,5 @@ def read_points_path(
         if id in seen:
             raise KerasnucError(f"{file}: second point file for image {id!r} (also {seen[id]})")
         seen[id] = file
-        out[id], _ = read_points_file(file, class_names)
+        out[id], _ = read_point_labels(file)
     return out

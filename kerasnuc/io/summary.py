@@ -37,9 +37,9 @@ from typing import Any
 
 import numpy as np
 
-from kerasnuc import __version__
 from kerasnuc.fileutil import write_json_atomic
 from kerasnuc.postprocess.measure import NucleusTable
+from kerasnuc.version import __version__
 
 UNCLASSIFIED = "unclassified"
 

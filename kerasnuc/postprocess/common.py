@@ -96,6 +96,22 @@ class SettingsFile:
         """Inverse of :meth:`to_dict`; unknown keys are an error, missing keys take defaults."""
         return cls(**cls.checked_dict(config))
 
+    def renumber_classes(self, new_id: Mapping[int, int]):
+        """The settings with the class ids of per-class mappings renumbered.
+
+        Used when a model's classes are reordered by name (``train --init-from`` a model whose
+        classes come in another order than the data's): a per-class value stays with its class.
+
+        Args:
+            new_id: ``{old class id: new class id}`` (ids missing from it are kept).
+        """
+        changes = {}
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if isinstance(value, Mapping):
+                changes[field.name] = {new_id.get(int(k), int(k)): v for k, v in value.items()}
+        return dataclasses.replace(self, **changes) if changes else self
+
     def save(self, path: str | os.PathLike) -> None:
         """Write the settings to a JSON file atomically (e.g. ``postproc.json``)."""
         write_json_atomic(path, self.to_dict())

@@ -48,12 +48,12 @@ from typing import Any
 import keras
 import tensorflow as tf
 
-from kerasnuc import __version__
 from kerasnuc.fileutil import KerasnucError, write_text_atomic
 from kerasnuc.layers.dropout import set_mc_dropout
 from kerasnuc.models.maps import STRIDE
-from kerasnuc.runs import LoadedRun, load_run
+from kerasnuc.runs import LoadedRun, load_run, resolve_model, shareable_config
 from kerasnuc.serving.warmup import DEFAULT_WARMUP_SHAPES, write_warmup_requests
+from kerasnuc.version import __version__
 
 logger = logging.getLogger(__name__)
 
@@ -150,8 +150,8 @@ def export_metadata(
     ``exported_at`` (UTC ISO 8601), ``method``, ``outputs`` ``{name: channels}``,
     ``signatures`` (inputs/outputs of each signature as text), ``stride``, ``padding``, ``mpp``,
     ``class_names`` ``{"1": name}``, ``class_colours`` ``{"1": [r, g, b]}``, ``postproc`` (the
-    method's post-processing config dict), ``run_config`` (the run's full ``config.json``) and
-    ``source_run``.
+    method's post-processing config dict), ``run_config`` (the run's ``config.json`` without local
+    paths, :func:`~kerasnuc.runs.shareable_config`) and ``source_run`` (the run folder's name).
     """
     channels = _output_channels(run.model)
     maps_out = {k: f"float32 (batch, height, width, {c})" for k, c in channels.items()}
@@ -185,8 +185,8 @@ def export_metadata(
         "class_names": data["class_names"],
         "class_colours": data["class_colours"],
         "postproc": run.postproc.to_dict(),
-        "run_config": run.config.to_dict(),
-        "source_run": os.fspath(Path(run.run_dir).resolve()),
+        "run_config": shareable_config(run.config),
+        "source_run": Path(run.run_dir).resolve().name,
     }
 
 
@@ -336,7 +336,7 @@ def export_run(
     if final.exists():
         raise KerasnucError(f"{final}: version {version} of {name!r} already exists")
 
-    run = load_run(run_dir, weights)
+    run = load_run(resolve_model(run_dir), weights)
     metadata = export_metadata(run, name, version, padding)
     model_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{version}-", dir=model_dir))

@@ -21,8 +21,9 @@ Choices where the paper is silent:
   parallel maps overtake each other, so batches differ from run to run), and on GPUs, whose
   kernels (e.g. cuDNN convolution gradients) are not deterministic unless TensorFlow's op
   determinism is enabled.
-* Validation uses the run's ``postproc.json`` (defaults until ``kerasnuc tune`` writes tuned
-  thresholds), so that checkpoint selection and final inference agree.
+* Validation uses the run's ``postproc.json`` (the ``--init-from`` run's tuned thresholds, else
+  the defaults, until ``kerasnuc tune`` writes tuned ones), so that checkpoint selection and
+  final inference agree.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ from kerasnuc.runs import (
     POSTPROC,
     RUN_CONFIG,
     RUN_ENTRIES,
+    initial_postproc,
     load_config,
     load_initial_weights,
     pending_run_dir,
@@ -359,7 +361,7 @@ def _train_run(
     method = get_method(config.method)
     datasets = open_datasets(config.data.datasets, config.data)
     check_labels(datasets, (config.data.train_split, config.data.val_split))
-    num_classes, _ = shared_classes(datasets)
+    num_classes, data_class_names = shared_classes(datasets)
     model_cfg = method.model_config.from_dict(config.model)
     if getattr(model_cfg, "num_classes", None) != max(1, num_classes):
         raise KerasnucError(
@@ -373,8 +375,8 @@ def _train_run(
     pipeline_cfg = _pipeline_config(config)
     if resume and (folder / POSTPROC).is_file():
         postproc = method.postproc_config.load(folder / POSTPROC)
-    else:
-        postproc = method.new_postproc(config)
+    else:  # the --init-from run's tuned settings (classes matched by name), else the defaults
+        postproc = initial_postproc(method, config)
     try:
         items, _ = val_items(
             datasets, config.data.val_split, config.data.mpp, config.train.val_max_images
@@ -392,6 +394,7 @@ def _train_run(
             method,
             datasets,
             num_classes,
+            data_class_names,
             pipeline_cfg,
             postproc,
             items,
@@ -415,6 +418,7 @@ def _fit(
     method: Any,
     datasets: list[Dataset],
     num_classes: int,
+    class_names: dict[int, str],
     pipeline_cfg: Any,
     postproc: Any,
     items: list,
@@ -443,7 +447,12 @@ def _fit(
             )
             state = {"epoch": 0, "best_score": math.nan, "best_epoch": 0, "history": []}
             if train_cfg.init_from and not resume:
-                path = load_initial_weights(model, train_cfg.init_from)
+                path = load_initial_weights(
+                    model,
+                    train_cfg.init_from,
+                    class_names=None if method.class_agnostic else class_names,
+                    class_layers=method.class_layers,
+                )
                 logger.info("starting from the weights of %s", path)
             if resume:
                 model.optimizer.build(model.trainable_variables)

@@ -8,13 +8,15 @@ pads them to a multiple of 32 and crops the maps back), never as training crops.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from kerasnuc.metrics import MetricAccumulator
+from kerasnuc.fileutil import KerasnucError
+from kerasnuc.instances import instance_centroids
+from kerasnuc.metrics import DetectionResult, MetricAccumulator, match_points
 from kerasnuc.models.maps import predict_maps
 
 logger = logging.getLogger(__name__)
@@ -87,6 +89,90 @@ def val_items(
         for it in items
     ]
     return out, num_classes
+
+
+@dataclass(frozen=True)
+class PointItem:
+    """One image with point annotations, at the model's resolution (``tune --points``).
+
+    Attributes:
+        id: ``dataset/id``.
+        image: ``(H, W, 3)`` uint8 RGB.
+        points: ``(K, 2)`` float64 ``(row, col)`` in pixels of ``image``.
+    """
+
+    id: str
+    image: np.ndarray
+    points: np.ndarray
+
+
+def point_items(
+    datasets: Sequence[Any],
+    split: str,
+    target_mpp: float | None = None,
+    max_images: int | None = None,
+    points: Mapping[str, np.ndarray] | None = None,
+) -> list[PointItem]:
+    """The images of ``split`` with one point per nucleus, resampled to ``target_mpp``.
+
+    Args:
+        datasets: :class:`kerasnuc.data.dataset.Dataset` objects.
+        split: split name.
+        target_mpp: pixel size of the model (None: the data's own).
+        max_images: keep the first this many images of each dataset.
+        points: ``{image id: (K, 2) (row, col)}`` (``--points DIR``) instead of the datasets'
+            own: the points of a points dataset, else the centroids of the instance maps.
+
+    Raises:
+        KerasnucError: no image in the split, or an image without points in ``points``.
+    """
+    from kerasnuc.data.pipeline import dataset_scale, resample_image
+    from kerasnuc.data.points import points_from_instances
+
+    out = []
+    for ds in datasets:
+        ids = ds.split(split)
+        for id in ids[:max_images] if max_images is not None else ids:
+            image = ds.image(id)
+            if points is not None:
+                if id not in points:
+                    raise KerasnucError(f"{ds.image_path(id)}: no point annotations for this image")
+                pts = np.asarray(points[id], dtype=np.float64).reshape(-1, 2)
+            elif ds.is_points:
+                pts, _ = ds.points(id)
+            else:
+                pts, _ = points_from_instances(ds.instances(id))
+            resized = resample_image(image, dataset_scale(ds, target_mpp))
+            factor = np.asarray(resized.shape[:2], np.float64) / np.asarray(image.shape[:2])
+            out.append(PointItem(f"{ds.name}/{id}", resized, (pts + 0.5) * factor - 0.5))
+    return out
+
+
+def detection_counts(
+    instances: np.ndarray, points: np.ndarray, max_distance: float
+) -> tuple[int, int, int]:
+    """``(TP, FP, FN)`` of the nuclei of an instance map against point annotations: centroids
+    and points paired one to one within ``max_distance`` px (:func:`kerasnuc.metrics.
+    match_points`)."""
+    _, centroids = instance_centroids(instances)
+    pairs = match_points(np.asarray(points).reshape(-1, 2), centroids, max_distance)[0].size
+    return pairs, len(centroids) - pairs, len(points) - pairs
+
+
+def point_score_fn(
+    items: Sequence[PointItem], max_distance: float
+) -> Callable[[Sequence[np.ndarray], Sequence[np.ndarray]], float]:
+    """``score_fn(pred_instances, pred_classes)`` of the grid search: the pooled detection F1
+    over ``items`` (counts summed over the images, then F1)."""
+
+    def score(pred_instances: Sequence[np.ndarray], pred_classes: Sequence[np.ndarray]) -> float:
+        tp = fp = fn = 0
+        for inst, item in zip(pred_instances, items, strict=True):
+            a, b, c = detection_counts(inst, item.points, max_distance)
+            tp, fp, fn = tp + a, fp + b, fn + c
+        return DetectionResult.from_counts(tp, fp, fn).f1
+
+    return score
 
 
 def tile_items(items: Sequence[ValItem], size: int) -> list[ValItem]:

@@ -496,7 +496,9 @@ def geojson_expected() -> tuple[np.ndarray, np.ndarray]:
 @pytest.mark.parametrize("collection", [True, False])
 def test_geojson_pixel_centre_convention(tmp_path, collection):
     src = make_geojson(tmp_path / "src", collection)
-    report = import_dataset("geojson", src, tmp_path / "out")
+    report = import_dataset(
+        "geojson", src, tmp_path / "out", object_types="annotation,detection,cell"
+    )
     ds = Dataset(tmp_path / "out")
     assert ds.class_names == {1: "Immune", 2: "Stroma", 3: "Tumor"}
     exp_inst, exp_cls = geojson_expected()
@@ -523,6 +525,35 @@ def test_geojson_class_order_and_object_types(tmp_path):
     )
     cls = ds.classes("slide_tile")
     assert cls[5, 0] == 2 and cls[0, 6] == 3
+
+
+def test_geojson_keeps_regions_apart_from_nuclei(tmp_path):
+    # The file holds a detection and a cell: its annotation object (the "Tumor" square) is a
+    # region, skipped and reported; hand-drawn annotations alone would be kept.
+    src = make_geojson(tmp_path / "src")
+    report = import_dataset("geojson", src, tmp_path / "out")
+    ds = Dataset(tmp_path / "out")
+    assert ds.class_names == {1: "Immune", 2: "Stroma"}
+    exp_inst, _ = geojson_expected()
+    exp_inst[exp_inst == 1] = 0
+    np.testing.assert_array_equal(
+        ds.instances("slide_tile"), np.where(exp_inst > 0, exp_inst - 1, 0)
+    )
+    # the "Tumor" square and point are annotation objects
+    assert any("skipped 2 annotation objects (regions), not nuclei" in p for p in report.problems)
+    # A class filter skips regions among hand-drawn annotation nuclei.
+    feats = [f for f in geojson_features() if f["geometry"]["type"] == "Polygon"]
+    for f in feats:
+        f["properties"]["objectType"] = "annotation"
+        f.pop("nucleusGeometry", None)
+        f.pop("id", None)
+    (src / "annotations" / "slide_tile.geojson").write_text(json.dumps(feats))
+    report = import_dataset("geojson", src, tmp_path / "all")
+    assert Dataset(tmp_path / "all").meta["n_nuclei"] == 3
+    report = import_dataset("geojson", src, tmp_path / "some", exclude_classes="Tumor")
+    some = Dataset(tmp_path / "some")
+    assert some.meta["n_nuclei"] == 2 and set(some.class_names.values()) == {"Immune", "Stroma"}
+    assert any("skipped 1 class 'Tumor', not nuclei" in p for p in report.problems)
 
 
 def test_geojson_without_classes_and_multipolygon(tmp_path):

@@ -148,6 +148,30 @@ def test_check_labels_raises_the_first_problem_of_the_splits(tmp_path):
         check_labels([Dataset(root)], ["val"])
 
 
+def test_check_labels_passes_a_dataset_without_a_val_split(tmp_path):
+    """train checks the labels up front; a dataset without 'val' trains without validation."""
+    root = tmp_path / "ds"
+    inst = np.zeros((4, 4), np.int32)
+    inst[1:3, 1:3] = 1
+    with DatasetWriter(root, {"mpp": 0.5}) as w:
+        w.add("a", np.zeros((4, 4, 3), np.uint8), inst, split="train")
+    check_labels([Dataset(root)], ["train", "val"])
+    write_png(root / "instances" / "a.png", np.zeros((4, 5), np.uint16))
+    with pytest.raises(KerasnucError, match="a.png"):
+        check_labels([Dataset(root)], ["train", "val"])
+
+
+def test_check_labels_checks_the_points_of_a_points_dataset(tmp_path):
+    root = tmp_path / "pts"
+    meta = {"mpp": 0.5, "classes": {"1": "tumour"}}
+    with DatasetWriter(root, meta, annotations="points") as w:
+        w.add_points("a", np.zeros((8, 8, 3), np.uint8), [[2.0, 3.0], [5.0, 5.0]], [1, 0])
+    check_labels([Dataset(root)], ["train", "val"])  # no instance maps asked for
+    (root / "points" / "a.csv").write_text("x,y,class\n3.0,2.0,1\n20.0,5.0,\n")
+    with pytest.raises(KerasnucError, match="a.csv"):  # x = 20 is off the 8 px wide image
+        check_labels([Dataset(root)], ["train"])
+
+
 def test_monuseg_kumar_is_fast(shared_data):
     t0 = time.perf_counter()
     info = dataset_info(shared_data / "monuseg_kumar")
@@ -158,3 +182,25 @@ def test_monuseg_kumar_is_fast(shared_data):
     assert info["problems"] == []
     assert info["nucleus_size"]["area_um2"] is not None
     assert elapsed < 30, f"dataset_info took {elapsed:.1f} s"
+
+
+def test_implausibly_large_nucleus_is_a_problem(tmp_path):
+    # A region imported as a nucleus (e.g. a QuPath "Tumor" outline): 100 x 100 px at
+    # 0.25 um/px = 625 um^2 is a large but possible nucleus; 140 x 140 px = 1225 um^2 is not.
+    def write(root, side, mpp):
+        with DatasetWriter(root, {"mpp": mpp}) as w:
+            inst = np.zeros((200, 200), np.int32)
+            for i in range(10):
+                inst[2 + 4 * i : 5 + 4 * i, 2:5] = i + 1  # ten 9-px nuclei
+            inst[50 : 50 + side, 50 : 50 + side] = 11
+            w.add("a", np.zeros((200, 200, 3), np.uint8), inst)
+        return dataset_info(root)["problems"]
+
+    assert write(tmp_path / "ok", 100, 0.25) == []
+    problems = write(tmp_path / "region", 140, 0.25)
+    assert len(problems) == 1 and "instances/a.png: 1 implausibly large nucleus" in problems[0]
+    assert "id 11 (19600 px, 1225 um^2; median 9 px)" in problems[0]
+    # Without a pixel size: more than 50 times the median nucleus area (9 px -> 450 px).
+    assert write(tmp_path / "px_ok", 21, None) == []  # 441 px
+    problems = write(tmp_path / "px_big", 22, None)  # 484 px
+    assert len(problems) == 1 and "id 11 (484 px; median 9 px)" in problems[0]

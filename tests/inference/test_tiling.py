@@ -243,6 +243,27 @@ def test_image_smaller_than_tile_is_mirrored():
     assert same_instances(dark_label(image[None])[0], result.instances)
 
 
+def test_mirror_slivers_are_dropped_border_nuclei_kept():
+    # One 36 px tile over a 20 x 20 image (margin 8): tile pixel (u, v) is image pixel
+    # (u - 8, v - 8); tile rows/columns 0..7 and 28..35 are mirrored context.
+    tile = np.zeros((36, 36), np.int32)
+    tile[0:8, 10:16] = 1  # 48 px in the context above the image ...
+    tile[8, 11:13] = 1  # ... and 2 px reaching into it: a mirror image's sliver (4 %)
+    tile[12:20, 4:12] = 2  # a nucleus cut by the left border: 32 of 64 px inside (50 %)
+    tile[14:30, 14:24] = 3  # a nucleus cut by the bottom border: 140 of 160 px inside
+    tile[20:23, 26:32] = 4  # 6 of 18 px inside (33 %): kept, above a quarter
+    tile[30:36, 30:36] = 5  # entirely in the context: its centroid is outside the core
+    result = predict_tiled(
+        np.full((20, 20, 3), 200, np.uint8), lambda t: [tile] * len(t), tile_size=36, margin=8
+    )
+    want = np.zeros((20, 20), np.int32)
+    want[4:12, 0:4] = 1
+    want[6:20, 6:16] = 2
+    want[12:15, 18:20] = 3
+    np.testing.assert_array_equal(result.instances, want)
+    assert result.table["area"].tolist() == [32, 140, 6]
+
+
 # --- streamed instance records ---------------------------------------------------------------
 
 

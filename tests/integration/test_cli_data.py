@@ -76,12 +76,18 @@ def test_info_on_bundled_example():
 
 
 def test_import_every_format(tmp_path):
+    geojson_opts = [
+        "--classes",
+        "Tumor,Stroma,Immune",
+        "--object-types",
+        "annotation,detection,cell",
+    ]
     cases = [
         ("monuseg", make_monuseg(tmp_path / "monuseg"), [], 1, 2),
         ("consep", make_consep(tmp_path / "consep"), ["--no-merge-classes"], 1, 3),
         ("conic", make_conic(tmp_path / "conic"), [], 2, 4),
         ("pannuke", make_pannuke(tmp_path / "pannuke"), [], 2, 5),
-        ("geojson", make_geojson(tmp_path / "geojson"), ["--classes", "Tumor,Stroma,Immune"], 1, 3),
+        ("geojson", make_geojson(tmp_path / "geojson"), geojson_opts, 1, 3),
     ]
     for fmt, src, extra, n_images, n_nuclei in cases:
         dst = tmp_path / f"{fmt}_out"

@@ -115,7 +115,9 @@ def test_outputs_exist_and_read_back(first_run):
         assert summary["tissue_area_mm2"] == pytest.approx(area_mm2)
         assert summary["mode"] == "in-memory" and summary["mpp"] == 0.25
         overlay = read_image(folder / f"{name}.overlay.png")
-        assert overlay.shape == (*shape, 3)
+        # The image, then a white legend strip naming the class colours.
+        assert overlay.shape[1:] == (shape[1], 3) and overlay.shape[0] % 20 == shape[0] % 20
+        assert overlay.shape[0] > shape[0] and (overlay[shape[0] :, :3] == 255).all()
     assert not any(p.name.startswith(".") for p in out.iterdir())
 
 

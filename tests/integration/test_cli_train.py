@@ -79,8 +79,11 @@ def test_train_errors(tmp_path, agnostic):
     (out / "config.json").write_text("{}")
     res = invoke("train", "--data", agnostic, "--out", out, "--epochs", "1")
     assert res.exit_code == 1 and "already exists" in res.output
+    (tmp_path / "norun").mkdir()
     res = invoke("tune", tmp_path / "norun", "--data", agnostic)
     assert res.exit_code == 1 and "config.json: missing" in res.output
+    res = invoke("tune", tmp_path / "nowhere", "--data", agnostic)
+    assert res.exit_code == 1 and "nowhere: no such run directory, nor a bundled" in res.output
     for res in (invoke("train", "--help"), invoke("tune", "--help")):
         assert res.exit_code == 0 and "Usage" in res.output
 

@@ -17,6 +17,8 @@ Formats:
 * ``pannuke``: one PanNuke fold, ``images.npy`` + ``masks.npy`` (:mod:`.pannuke`).
 * ``masks``: folders of images and instance / binary masks (:mod:`.masks`).
 * ``geojson``: QuPath GeoJSON polygons + images (:mod:`.geojson`).
+* ``points``: one point per nucleus (QuPath points or ``x,y[,class]`` CSV) + images, written as
+  a points dataset (:mod:`.points`).
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from kerasnuc.data.importers.lizard import scan_lizard
 from kerasnuc.data.importers.masks import scan_masks
 from kerasnuc.data.importers.monuseg import scan_monuseg
 from kerasnuc.data.importers.pannuke import scan_pannuke
+from kerasnuc.data.importers.points import scan_points
 
 FORMATS: dict[str, Callable[..., ImportPlan]] = {
     "monuseg": scan_monuseg,
@@ -50,6 +53,7 @@ FORMATS: dict[str, Callable[..., ImportPlan]] = {
     "pannuke": scan_pannuke,
     "masks": scan_masks,
     "geojson": scan_geojson,
+    "points": scan_points,
 }
 
 # Keyword options each format accepts besides ``src``.
@@ -60,7 +64,8 @@ FORMAT_OPTIONS: dict[str, tuple[str, ...]] = {
     "conic": (),
     "pannuke": (),
     "masks": ("classes", "mask_type"),
-    "geojson": ("classes", "object_types"),
+    "geojson": ("classes", "object_types", "exclude_classes"),
+    "points": ("classes", "class_map"),
 }
 
 
@@ -148,5 +153,6 @@ __all__ = [
     "scan_masks",
     "scan_monuseg",
     "scan_pannuke",
+    "scan_points",
     "write_plan",
 ]

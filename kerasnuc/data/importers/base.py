@@ -37,12 +37,16 @@ class LoadedSample:
         instances: ``(H, W)`` integer instance map, 0 = background (ids need not be consecutive).
         classes: ``(H, W)`` integer class map (0 exactly where ``instances`` is 0) or None.
         problems: non-fatal findings worth reporting (skipped regions, count mismatches).
+        points: for a points import, ``(K, 2)`` float ``(row, col)`` (``instances`` unused).
+        point_classes: ``(K,)`` class ids of the points (0 = unclassified) or None.
     """
 
     image: np.ndarray
-    instances: np.ndarray
+    instances: np.ndarray | None
     classes: np.ndarray | None = None
     problems: list[str] = field(default_factory=list)
+    points: np.ndarray | None = None
+    point_classes: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -71,6 +75,7 @@ class ImportPlan:
         items: one entry per image, in import order.
         meta: metadata for ``meta.json`` (``classes``, ``mpp``, ``magnification``, ``notes``, ...).
         problems: non-fatal findings made while scanning (e.g. images without labels).
+        annotations: ``"instances"`` (masks) or ``"points"`` (a points dataset).
     """
 
     format: str
@@ -78,6 +83,7 @@ class ImportPlan:
     items: list[ImportItem]
     meta: dict[str, Any]
     problems: list[str] = field(default_factory=list)
+    annotations: str = "instances"
 
 
 @dataclass
@@ -205,7 +211,7 @@ def write_plan(
     meta.setdefault("mpp", None)
     problems = list(plan.problems)
     any_nucleus = False
-    with DatasetWriter(dst, meta, overwrite=overwrite) as writer:
+    with DatasetWriter(dst, meta, overwrite=overwrite, annotations=plan.annotations) as writer:
         for item in plan.items:
             try:
                 sample = item.load()
@@ -213,21 +219,33 @@ def write_plan(
                 raise
             except (OSError, ValueError, EOFError, KeyError) as exc:
                 raise KerasnucError(f"{item.source}: cannot convert ({exc})") from exc
-            writer.add(
-                item.id,
-                sample.image,
-                sample.instances,
-                sample.classes,
-                split=splits[item.id],
-                source=item.source,
-            )
+            if plan.annotations == "points":
+                writer.add_points(
+                    item.id,
+                    sample.image,
+                    sample.points,
+                    sample.point_classes,
+                    split=splits[item.id],
+                    source=item.source,
+                )
+                any_nucleus = any_nucleus or len(sample.points) > 0
+            else:
+                writer.add(
+                    item.id,
+                    sample.image,
+                    sample.instances,
+                    sample.classes,
+                    split=splits[item.id],
+                    source=item.source,
+                )
+                any_nucleus = any_nucleus or bool(np.any(sample.instances))
             problems.extend(sample.problems)
-            any_nucleus = any_nucleus or bool(np.any(sample.instances))
             if progress is not None:
                 progress(1)
         if not any_nucleus:  # raised inside the writer: nothing is written
+            what = "points" if plan.annotations == "points" else "nuclei"
             raise KerasnucError(
-                f"{plan.src}: no nuclei in any of the {len(plan.items)} images (labels empty or "
+                f"{plan.src}: no {what} in any of the {len(plan.items)} images (labels empty or "
                 f"outside the images); nothing imported"
             )
     n_nuclei = int(Dataset(dst).meta["n_nuclei"])

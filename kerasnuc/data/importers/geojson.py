@@ -10,9 +10,13 @@ Every ``Polygon``/``MultiPolygon`` feature is one nucleus (all parts of a MultiP
 id); other geometries are skipped and reported. For cell objects the ``nucleusGeometry`` is used
 when present. The object type is ``properties.objectType`` (QuPath >= 0.3) or derived from the
 older ``id`` field (``PathDetectionObject`` -> detection, ...); ``object_types`` keeps only the
-listed ones. The class is ``properties.classification.name``; ids 1..C go to the names in sorted
-order, or in the order given by ``classes``. When no feature is classified the dataset has no
-classes; when some are, an unclassified feature is an error.
+listed ones. By default, regions are kept apart from nuclei: when the files hold detections or
+cells, QuPath's annotation objects (tumour regions, ROIs) are regions and skipped (reported);
+files with annotations only (nuclei drawn by hand) keep them. ``exclude_classes`` skips the
+features of those classes (e.g. a "Tumor" region among hand-drawn nuclei). The class is
+``properties.classification.name``; ids 1..C go to the names in sorted order, or in the order
+given by ``classes``. When no feature is classified the dataset has no classes; when some are,
+an unclassified feature is an error.
 
 Coordinates (QuPath convention): pixel units, ``(0, 0)`` at the top-left corner of the top-left
 pixel, so pixel ``(row r, col c)`` covers ``[c, c + 1) x [r, r + 1)`` and has its centre at
@@ -29,6 +33,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -81,8 +86,40 @@ def class_name(feature: dict[str, Any]) -> str | None:
     return None
 
 
-def _keep(feature: dict[str, Any], object_types: set[str] | None) -> bool:
-    return object_types is None or object_type(feature) in object_types
+#: QuPath object types that are regions, not nuclei, when a file also holds detections or cells.
+REGION_TYPES = frozenset({"annotation", "tile", "tma_core", "root"})
+NUCLEUS_TYPES = frozenset({"detection", "cell"})
+
+
+@dataclass(frozen=True)
+class FeatureFilter:
+    """Which features are nuclei.
+
+    Attributes:
+        object_types: keep only these object types (None: all but ``skip_types``).
+        skip_types: object types skipped as regions.
+        exclude_classes: class names skipped (regions).
+    """
+
+    object_types: frozenset[str] | None = None
+    skip_types: frozenset[str] = frozenset()
+    exclude_classes: frozenset[str] = frozenset()
+
+    def reason(self, feature: dict[str, Any]) -> str | None:
+        """Why a feature is skipped (``"annotation objects"``, ``"class 'Tumor'"``) or None."""
+        kind = object_type(feature)
+        if self.object_types is not None and kind not in self.object_types:
+            return f"{kind or 'untyped'} objects"
+        if kind in self.skip_types:
+            return f"{kind} objects (regions)"
+        name = class_name(feature)
+        if name is not None and name in self.exclude_classes:
+            return f"class {name!r}"
+        return None
+
+
+def _keep(feature: dict[str, Any], keep: FeatureFilter) -> bool:
+    return keep.reason(feature) is None
 
 
 def _distinct_vertices(ring: np.ndarray) -> int:
@@ -96,7 +133,7 @@ def rasterise_features(
     shape: tuple[int, int],
     path: Path,
     class_ids: dict[str, int] | None,
-    object_types: set[str] | None = None,
+    object_types: set[str] | FeatureFilter | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None, list[str]]:
     """Draw the polygon features of one file (QuPath pixel-corner convention).
 
@@ -105,19 +142,27 @@ def rasterise_features(
         shape: ``(H, W)`` of the image.
         path: the file named in errors.
         class_ids: ``{class name: id}``, or None for a dataset without classes.
-        object_types: object types to keep (None: all).
+        object_types: object types to keep (None: all), or a :class:`FeatureFilter`.
 
     Returns:
         ``(instances, classes, problems)``: ``(H, W)`` int32 instance map (feature k drawn
         gets id k), ``(H, W)`` int32 class map (None without classes) and report lines.
     """
+    keep = (
+        object_types
+        if isinstance(object_types, FeatureFilter)
+        else FeatureFilter(None if object_types is None else frozenset(object_types))
+    )
     inst = np.zeros(shape, dtype=np.int32)
     cls = np.zeros(shape, dtype=np.int32) if class_ids is not None else None
     skipped_geom: dict[str, int] = {}
+    skipped: dict[str, int] = {}
     n_small = n_empty = n_outside = n_drawn = 0
     k = 0
     for index, feature in enumerate(features):
-        if not _keep(feature, object_types):
+        reason = keep.reason(feature)
+        if reason is not None:
+            skipped[reason] = skipped.get(reason, 0) + 1
             continue
         geometry = feature.get("nucleusGeometry") or feature.get("geometry")
         polys = polygon_rings(geometry, path, index)
@@ -160,6 +205,9 @@ def rasterise_features(
             n_outside += 1
         n_drawn += pixels > 0
     problems = []
+    if skipped and isinstance(object_types, FeatureFilter) and object_types.object_types is None:
+        listing = ", ".join(f"{n} {why}" for why, n in skipped.items())
+        problems.append(f"{path}: skipped {listing}, not nuclei")
     height, width = shape
     if n_outside and not n_drawn:
         raise KerasnucError(
@@ -175,7 +223,12 @@ def rasterise_features(
     if n_empty:
         problems.append(f"{path}: skipped {n_empty} empty geometry/geometries (no coordinates)")
     if skipped_geom:
-        problems.append(f"{path}: skipped non-polygon features {skipped_geom}")
+        hint = (
+            " (point annotations: kerasnuc data import points)"
+            if {"Point", "MultiPoint"} & set(skipped_geom)
+            else ""
+        )
+        problems.append(f"{path}: skipped non-polygon features {skipped_geom}{hint}")
     if n_small:
         problems.append(f"{path}: skipped {n_small} polygon(s) with fewer than 3 vertices")
     return inst, cls, problems
@@ -185,7 +238,7 @@ def _load(
     ann_path: Path,
     image_path: Path,
     class_ids: dict[str, int] | None,
-    object_types: set[str] | None,
+    object_types: FeatureFilter,
 ) -> LoadedSample:
     image = read_rgb(image_path)
     features = read_features(ann_path)
@@ -199,6 +252,7 @@ def scan_geojson(
     src: str | Path,
     classes: str | Sequence[str] | None = None,
     object_types: str | Sequence[str] | None = None,
+    exclude_classes: str | Sequence[str] | None = None,
 ) -> ImportPlan:
     """Pair GeoJSON annotation files with their images and fix the class ids.
 
@@ -207,7 +261,9 @@ def scan_geojson(
         classes: class names for ids 1, 2, ... (``"a,b"`` or a list); default: every name
             found, sorted.
         object_types: keep only these QuPath object types (``"detection,cell"`` or a list);
-            default: all.
+            default: all, except annotation objects when the files hold detections or cells
+            (regions, see the module docstring).
+        exclude_classes: skip the features of these classes (``"Tumor,Stroma"``: regions).
 
     Returns:
         An :class:`ImportPlan` (mpp unknown unless given to :func:`write_plan`).
@@ -223,6 +279,7 @@ def scan_geojson(
     images_dir = require_dir(src, "images", layout)
     ann_dir = require_dir(src, "annotations", layout)
     names = parse_class_names(classes)
+    excluded = frozenset(parse_class_names(exclude_classes) or ())
     types: set[str] | None = None
     if object_types is not None:
         parsed = object_types.split(",") if isinstance(object_types, str) else list(object_types)
@@ -237,12 +294,21 @@ def scan_geojson(
     images = files_by_stem(images_dir, IMAGE_EXTENSIONS)
     found_names: set[str] = set()
     pairs = []
+    features_of: dict[str, list[dict[str, Any]]] = {}
     for stem, ann in anns.items():
-        image = images.get(stem)
-        if image is None:
+        if stem not in images:
             raise KerasnucError(f"{ann}: no image {stem}.<png|tif|jpg> in {images_dir}")
-        for index, feature in enumerate(read_features(ann)):
-            if not _keep(feature, types):
+        features_of[stem] = read_features(ann)
+    skip_types: frozenset[str] = frozenset()
+    if types is None:
+        found_types = {object_type(f) for feats in features_of.values() for f in feats}
+        if found_types & NUCLEUS_TYPES:
+            skip_types = REGION_TYPES
+    keep = FeatureFilter(None if types is None else frozenset(types), skip_types, excluded)
+    for stem, ann in anns.items():
+        image = images[stem]
+        for index, feature in enumerate(features_of[stem]):
+            if not _keep(feature, keep):
                 continue
             name = class_name(feature)
             if name is None:
@@ -257,7 +323,7 @@ def scan_geojson(
         names = sorted(found_names)
     class_ids = {n: i for i, n in enumerate(names, start=1)} if names else None
     items = [
-        ImportItem(stem, str(ann), lambda a=ann, i=image: _load(a, i, class_ids, types))
+        ImportItem(stem, str(ann), lambda a=ann, i=image: _load(a, i, class_ids, keep))
         for stem, image, ann in pairs
     ]
     problems = [
@@ -278,6 +344,8 @@ def scan_geojson(
             "when its centre lies inside it (skimage.draw.polygon(y - 0.5, x - 0.5)); holes "
             "removed; later features overwrite earlier ones; nucleusGeometry used for cells"
             + (f"; object types kept: {sorted(types)}" if types else "")
+            + (f"; regions skipped: {sorted(skip_types)} objects" if skip_types else "")
+            + (f"; classes skipped: {sorted(excluded)}" if excluded else "")
             + (f"; classes from properties.classification.name: {names}" if names else "")
             + "; ids relabelled 1..N."
         ),
