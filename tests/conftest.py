@@ -28,3 +28,14 @@ def shared_data() -> Path:
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(0)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Run the modules that hold ``slow`` tests first (stable: each keeps its order inside).
+
+    With ``pytest -n 2 --dist loadfile --no-loadscope-reorder`` (README, ``.ci/run``) the two
+    workers take whole modules in this order, so the long modules start early and the many short
+    ones even out the end of the run.
+    """
+    slow = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow)
