@@ -226,12 +226,15 @@ def train_run(
                 loss=method.losses(max(1, num_classes)),
                 jit_compile=train_cfg.jit_compile,
             )
+            # The optimizer's variables are made here, eagerly, on every trainable variable of the
+            # model as built: left to Keras they are made inside the traced train step, where each
+            # one is lifted out of the graph (a fifth of the tracing time of a B0 conic model).
+            model.optimizer.build(model.trainable_variables)
             state = {"epoch": 0, "best_score": math.nan, "best_epoch": 0, "history": []}
             if train_cfg.init_from and not resume:
                 path = load_initial_weights(model, train_cfg.init_from)
                 logger.info("starting from the weights of %s", path)
             if resume:
-                model.optimizer.build(model.trainable_variables)
                 state = restore_training_state(run_dir / CHECKPOINT_DIR, model, model.optimizer)
         start = int(state["epoch"])
         result = TrainResult(run_dir, config, initial_epoch=start, model=model)
