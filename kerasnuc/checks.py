@@ -7,9 +7,15 @@ messages say what was expected and what was received, e.g.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
+
+MPP_RANGE = (0.02, 50.0)
+"""Plausible pixel sizes in um/px (0.25 at 40x, 0.5 at 20x; 50 is a 0.2x overview): given
+values outside it are refused, values read from files outside it are ignored (e.g. the 72 dpi
+default of many writers)."""
 
 
 def is_int(value: Any) -> bool:
@@ -34,3 +40,24 @@ def check_positive_int(name: str, value: Any) -> int:
     if not is_int(value) or value < 1:
         raise ValueError(f"`{name}` must be a positive int. Received: {name}={value!r}")
     return int(value)
+
+
+def is_plausible_mpp(value: Any) -> bool:
+    """Whether ``value`` is a number within :data:`MPP_RANGE` (um/px)."""
+    if not is_number(value) or not math.isfinite(float(value)):
+        return False
+    return MPP_RANGE[0] <= float(value) <= MPP_RANGE[1]
+
+
+def check_mpp(value: Any, name: str = "mpp") -> float | None:
+    """``value`` as a float if it is None or a pixel size within :data:`MPP_RANGE` (ValueError
+    otherwise, saying the range)."""
+    if value is None:
+        return None
+    if not is_plausible_mpp(value):
+        low, high = MPP_RANGE
+        raise ValueError(
+            f"`{name}` must be a pixel size in {low:g}..{high:g} um/px (0.25 at 40x, 0.5 at "
+            f"20x) or None. Received: {name}={value!r}"
+        )
+    return float(value)

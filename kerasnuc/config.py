@@ -16,12 +16,17 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import os
-from collections.abc import Callable
+import types
+import typing
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from kerasnuc import __version__
+from kerasnuc.checks import MPP_RANGE, check_mpp, is_int, is_number, is_plausible_mpp
 
 #: Default colours of cell types 1..6 (RGB), reused cyclically.
 DEFAULT_COLOURS = (
@@ -35,15 +40,104 @@ DEFAULT_COLOURS = (
 
 
 def strict_from_dict(cls, data: dict[str, Any]):
-    """``cls(**data)`` for a config dataclass, refusing keys that are not fields (ValueError
-    naming them); missing keys take the defaults."""
+    """``cls(**data)`` for a config dataclass, refusing keys that are not fields and values of
+    the wrong type (ValueError naming them, see :func:`check_field_types`); missing keys take
+    the defaults."""
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - known)
     if unknown:
         raise ValueError(
             f"Unknown {cls.__name__} keys {unknown}. Expected a subset of {sorted(known)}"
         )
+    check_field_types(cls, data)
     return cls(**data)
+
+
+def check_field_types(cls, data: Mapping[str, Any]) -> None:
+    """Check the values of ``data`` against the type hints of the dataclass ``cls``.
+
+    JSON spellings are accepted: lists for tuples, objects for nested dataclasses, string keys
+    for ``dict[int, ...]`` (``"1"``), integers for floats. Keys that are not fields are ignored.
+
+    Raises:
+        ValueError: ``"`clip_norm` must be a number or null. Received: clip_norm='ten'"``.
+    """
+    hints = typing.get_type_hints(cls)
+    for key, value in data.items():
+        hint = hints.get(key)
+        if hint is not None and not _matches(value, hint):
+            raise ValueError(f"`{key}` must be {_describe(hint)}. Received: {key}={value!r}")
+
+
+def _is_union(hint: Any) -> bool:
+    return typing.get_origin(hint) in (typing.Union, types.UnionType)
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    """Whether ``value`` (as read from JSON or given in Python) fits the type hint."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return True
+    if hint is type(None):
+        return value is None
+    if _is_union(hint):
+        return any(_matches(value, a) for a in args)
+    if hint is bool:
+        return isinstance(value, bool | np.bool_)
+    if hint is int:
+        return is_int(value)
+    if hint is float:
+        return is_number(value)
+    if hint is str:
+        return isinstance(value, str | os.PathLike)
+    if origin in (tuple, list):
+        if not isinstance(value, tuple | list):
+            return False
+        if origin is list or (len(args) == 2 and args[1] is Ellipsis):
+            return all(_matches(v, args[0]) for v in value) if args else True
+        return len(value) == len(args) and all(map(_matches, value, args))
+    if origin in (dict, Mapping):
+        if not isinstance(value, Mapping):
+            return False
+        key_hint, value_hint = args if args else (Any, Any)
+
+        def key_ok(k: Any) -> bool:
+            if key_hint is int and isinstance(k, str):
+                return k.strip().lstrip("-").isdigit()
+            return _matches(k, key_hint)
+
+        return all(key_ok(k) and _matches(v, value_hint) for k, v in value.items())
+    if dataclasses.is_dataclass(hint):
+        return isinstance(value, hint | Mapping | str)
+    return True
+
+
+def _describe(hint: Any) -> str:
+    """A type hint in words, as a JSON user would say it (``"a list of integers"``)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is type(None):
+        return "null"
+    if _is_union(hint):
+        parts = [_describe(a) for a in args if a is not type(None)]
+        if len(args) > len(parts):
+            parts.append("null")
+        return " or ".join(parts)
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+    if hint in names:
+        return names[hint]
+    if origin in (tuple, list):
+        if origin is list or (len(args) == 2 and args[1] is Ellipsis):
+            plural = {int: "integers", float: "numbers", str: "strings"}
+            item = args[0] if args else Any
+            if item in plural:
+                return f"a list of {plural[item]}"
+            return f"a list of ({_describe(item)})"
+        return f"a list of {len(args)} values ({', '.join(_describe(a) for a in args)})"
+    if origin in (dict, Mapping):
+        return "an object"
+    if dataclasses.is_dataclass(hint):
+        return f"an object ({hint.__name__})"
+    return str(hint)
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:
@@ -108,10 +202,16 @@ class DataConfig:
             colours.setdefault(k, DEFAULT_COLOURS[(k - 1) % len(DEFAULT_COLOURS)])
         object.__setattr__(self, "class_names", names)
         object.__setattr__(self, "class_colours", colours)
-        assumed = {str(k): float(v) for k, v in dict(self.dataset_mpp).items()}
-        bad = {k: v for k, v in assumed.items() if not v > 0}
+        check_mpp(self.mpp, "mpp")
+        assumed = dict(self.dataset_mpp)
+        bad = {k: v for k, v in assumed.items() if not is_plausible_mpp(v)}
         if bad:
-            raise ValueError(f"`dataset_mpp` values must be > 0 um/px. Received: {bad}")
+            low, high = MPP_RANGE
+            raise ValueError(
+                f"`dataset_mpp` values must be pixel sizes in {low:g}..{high:g} um/px. "
+                f"Received: {bad}"
+            )
+        assumed = {str(k): float(v) for k, v in assumed.items()}
         object.__setattr__(self, "dataset_mpp", assumed)
         if self.points is not None:
             object.__setattr__(self, "points", os.fspath(self.points))
@@ -183,8 +283,28 @@ class TrainConfig:
     keep_epoch_weights: bool = False
 
     def __post_init__(self) -> None:
+        check_field_types(type(self), dataclasses.asdict(self))
         if self.epochs < 1:
             raise ValueError(f"`epochs` must be >= 1. Received: epochs={self.epochs}")
+        for name in ("steps_per_epoch", "val_max_images"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"`{name}` must be >= 1 or null. Received: {name}={value}")
+        if self.val_every < 1:
+            raise ValueError(f"`val_every` must be >= 1. Received: val_every={self.val_every}")
+        if not self.learning_rate > 0:
+            raise ValueError(
+                f"`learning_rate` must be > 0. Received: learning_rate={self.learning_rate}"
+            )
+        if not 0 <= self.min_lr_fraction <= 1:
+            raise ValueError(
+                "`min_lr_fraction` must lie in [0, 1]. "
+                f"Received: min_lr_fraction={self.min_lr_fraction}"
+            )
+        if not self.weight_decay >= 0:
+            raise ValueError(
+                f"`weight_decay` must be >= 0. Received: weight_decay={self.weight_decay}"
+            )
         if self.clip_norm is not None and not self.clip_norm > 0:
             raise ValueError(
                 f"`clip_norm` must be None or > 0. Received: clip_norm={self.clip_norm}"

@@ -2,7 +2,9 @@
 
 Every output kerasnuc writes goes through :func:`atomic_path` or :func:`atomic_dir`: the data is
 written to a temporary sibling and renamed into place only once it is complete, so an interrupted
-job never leaves a half-written file behind.
+job never leaves a half-written file behind. The temporary siblings are created private
+(``tempfile`` makes them 0600 / 0700) and given the permissions the umask grants to a new file or
+folder (:func:`public_mode`) just before the rename, as ``touch`` and ``mkdir`` would.
 """
 
 from __future__ import annotations
@@ -23,6 +25,26 @@ class KerasnucError(Exception):
     """A user-facing error: bad input, a missing file. The CLI prints its message as one line."""
 
 
+def current_umask() -> int:
+    """The process umask, read without changing it where the system allows (Linux)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def public_mode(path: str | os.PathLike) -> None:
+    """Give a file 0o666 & ~umask, a folder 0o777 & ~umask (undoing tempfile's 0600 / 0700)."""
+    full = 0o777 if Path(path).is_dir() else 0o666
+    os.chmod(path, full & ~current_umask())
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; rename it onto ``path`` if the block succeeds.
@@ -38,6 +60,8 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        if tmp_path.exists():
+            public_mode(tmp_path)
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():
@@ -58,17 +82,33 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
-        if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
+        public_mode(tmp)
+        replace_dir(tmp, path)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def replace_dir(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Move the complete folder ``src`` onto ``dst``, deleting the old ``dst`` only afterwards.
+
+    ``dst`` (if any) is first renamed to the hidden sibling ``.<name>.old``, then ``src`` is
+    renamed to ``dst`` and the old folder deleted: ``dst`` never holds a mix of both. Both must
+    lie on one file system (siblings).
+    """
+    src, dst = Path(src), Path(dst)
+    if not dst.exists():
+        os.replace(src, dst)
+        return
+    old = dst.with_name(f".{dst.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    os.replace(dst, old)
+    try:
+        os.replace(src, dst)
+    except OSError:
+        os.replace(old, dst)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:

@@ -12,6 +12,11 @@ is written by ``kerasnuc train --out RUN_DIR``::
     logs/              TensorBoard
     epochs/            per-epoch weights (``TrainConfig.keep_epoch_weights``)
 
+A run that replaces an existing run folder (``train --overwrite``) trains in the hidden sibling
+:func:`pending_run_dir` (``.<name>.pending/``, same layout) and is moved onto ``RUN_DIR`` only
+when it has finished, so the old run stays usable until then and ``--resume`` continues an
+interrupted replacement there.
+
 This module:
 
 * names those files (:data:`RUN_CONFIG`, :data:`BEST_WEIGHTS`, ...) and reads/writes
@@ -65,6 +70,29 @@ CHECKPOINT_DIR = "checkpoint"
 LOG_DIR = "logs"
 #: Folder of the per-epoch weights (``TrainConfig.keep_epoch_weights``).
 EPOCH_WEIGHTS_DIR = "epochs"
+CARD_FILE = "model.json"
+"""Model card of a packed model: name, description, data, licence, resolution, classes, scores."""
+
+RUN_ENTRIES = frozenset(
+    {
+        RUN_CONFIG,
+        BEST_WEIGHTS,
+        POSTPROC,
+        HISTORY,
+        CHECKPOINT_DIR,
+        LOG_DIR,
+        EPOCH_WEIGHTS_DIR,
+        CARD_FILE,
+    }
+)
+"""Everything a run folder may hold; ``train --overwrite`` replaces only folders of these."""
+
+
+def pending_run_dir(run_dir: str | os.PathLike) -> Path:
+    """``<parent>/.<name>.pending``: where a run replacing ``run_dir`` trains until it is done."""
+    run_dir = Path(run_dir)
+    return run_dir.parent / f".{run_dir.name}.pending"
+
 
 BUNDLED_DIR = Path(__file__).resolve().parent / "models_bundled"
 """Folder of the models shipped with the package: ``models_bundled/<name>/`` run folders."""
@@ -91,9 +119,24 @@ def load_config(run_dir: str | os.PathLike) -> RunConfig:
     if not path.is_file():
         raise KerasnucError(f"{path}: missing (not a kerasnuc run directory?)")
     try:
-        return RunConfig.from_dict(json.loads(path.read_text(encoding="utf-8")))
-    except (json.JSONDecodeError, TypeError, ValueError) as exc:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(data, dict):
+            raise ValueError("the run config must be a JSON object")
+        config = RunConfig.from_dict(data)
+        if not isinstance(config.model, dict):
+            raise ValueError("section 'model' must be a JSON object")
+        get_method(config.method).model_config.from_dict(config.model)
+    except (json.JSONDecodeError, UnicodeDecodeError, TypeError, ValueError) as exc:
         raise KerasnucError(f"{path}: invalid run config ({exc})") from exc
+    except KerasnucError as exc:  # unknown method
+        raise KerasnucError(f"{path}: {exc}") from exc
+    return config
+
+
+def _first_line(exc: Exception, limit: int = 200) -> str:
+    """The start of an exception's message: Keras puts whole tensors in some of them."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 # --- model and weights ---------------------------------------------------------------------
@@ -146,9 +189,12 @@ def load_run(run_dir: str | os.PathLike, weights: str | os.PathLike | None = Non
         raise KerasnucError(f"{path}: weights file not found")
     try:
         model.load_weights(path)
-    except (ValueError, OSError) as exc:
+    except OSError as exc:
+        raise KerasnucError(f"{path}: cannot read the weights ({_first_line(exc)})") from exc
+    except (ValueError, TypeError, KeyError) as exc:
         raise KerasnucError(
-            f"{path}: cannot load weights into the {config.method} model ({exc})"
+            f"{run_dir}: the architecture in {RUN_CONFIG} ({config.method}) does not match the "
+            f"weights in {path.name} ({_first_line(exc)})"
         ) from exc
     pp_path = run_dir / POSTPROC
     postproc = (
@@ -170,8 +216,11 @@ def load_initial_weights(model: keras.Model, source: str | os.PathLike) -> Path:
         raise KerasnucError(f"{path}: weights to start from not found (train.init_from)")
     try:
         model.load_weights(path)
-    except (ValueError, OSError) as exc:
-        raise KerasnucError(f"{path}: cannot start from these weights ({exc})") from exc
+    except (ValueError, OSError, TypeError, KeyError) as exc:
+        raise KerasnucError(
+            f"{path}: cannot start from these weights: another architecture or not a weights "
+            f"file ({_first_line(exc)})"
+        ) from exc
     return path
 
 
@@ -222,9 +271,6 @@ def resolve_model(name_or_path: str | os.PathLike | None) -> Path:
 
 # --- packing a run as a named model -----------------------------------------------------------
 
-
-CARD_FILE = "model.json"
-"""Model card of a packed model: name, description, data, licence, resolution, classes, scores."""
 
 CARD_KEYS = (
     "name",

@@ -32,11 +32,58 @@ def test_bad_configs():
         TrainConfig(strategy="tpu")
 
 
+def test_wrong_types_name_the_key():
+    """Issue 20, item 9: wrong-typed values fail at once, naming the key and the expected type."""
+    from kerasnuc.data.pipeline import PipelineConfig
+    from kerasnuc.models.conic import ConicModelConfig
+    from kerasnuc.postprocess.conic import ConicPostprocConfig
+
+    cases = [
+        (TrainConfig.from_dict, {"clip_norm": "ten"}, "`clip_norm` must be a number or null"),
+        (TrainConfig.from_dict, {"learning_rate": "1e-3"}, "`learning_rate` must be a number"),
+        (TrainConfig.from_dict, {"epochs": 2.5}, "`epochs` must be an integer"),
+        (TrainConfig.from_dict, {"mixed_precision": "yes"}, "must be true or false"),
+        (TrainConfig.from_dict, {"steps_per_epoch": 0}, "`steps_per_epoch` must be >= 1"),
+        (TrainConfig.from_dict, {"learning_rate": -1}, "`learning_rate` must be > 0"),
+        (PipelineConfig.from_dict, {"crop_size": "256"}, "`crop_size` must be an integer"),
+        (
+            PipelineConfig.from_dict,
+            {"dataset_weights": [1, "a"]},
+            "`dataset_weights` must be a list of numbers or null",
+        ),
+        (
+            ConicModelConfig.from_dict,
+            {"decoder_filters": "eight"},
+            "`decoder_filters` must be a list of integers",
+        ),
+        (
+            ConicModelConfig.from_dict,
+            {"input_shape": [None, None, "3"]},
+            r"`input_shape` must be a list of 3 values \(an integer or null, an integer or null",
+        ),
+        (DataConfig.from_dict, {"class_names": ["a"]}, "`class_names` must be an object"),
+        (ConicPostprocConfig.from_dict, {"min_size": "10"}, "`min_size` must be a number"),
+    ]
+    for from_dict, data, message in cases:
+        with pytest.raises(ValueError, match=message):
+            from_dict(data)
+    # JSON spellings of the right types pass: lists for tuples, string keys for class ids.
+    assert DataConfig.from_dict({"class_names": {"1": "a"}}).class_names == {1: "a"}
+    assert ConicModelConfig.from_dict({"input_shape": [64, 64, 3]}).input_shape == (64, 64, 3)
+    assert TrainConfig.from_dict({"learning_rate": 1}).learning_rate == 1
+
+
 def test_load_errors(tmp_path):
     with pytest.raises(KerasnucError, match="config.json: missing"):
         load_config(tmp_path)
     (tmp_path / "config.json").write_text('{"method": "conic", "model": {}, "train": {"x": 1}}')
     with pytest.raises(KerasnucError, match="invalid run config"):
+        load_config(tmp_path)
+    (tmp_path / "config.json").write_text('{"method": "conic", "model": {"dropout": "high"}}')
+    with pytest.raises(KerasnucError, match=r"config.json: invalid run config \(`dropout` must"):
+        load_config(tmp_path)
+    (tmp_path / "config.json").write_text('{"method": "nope", "model": {}}')
+    with pytest.raises(KerasnucError, match="config.json: unknown method 'nope'"):
         load_config(tmp_path)
 
 
@@ -63,6 +110,15 @@ def test_load_run_restores_weights_and_postproc(tmp_path):
         np.testing.assert_allclose(a[k], b[k], atol=1e-6)
     with pytest.raises(KerasnucError, match="nope.h5: weights file not found"):
         load_run(tmp_path, weights=tmp_path / "nope.h5")
+    # Issue 20, item 9: a config that does not match the weights is one short line, not the
+    # 87 KB of tensors in Keras' message.
+    other = RunConfig("conic", {**cfg.model, "decoder_filters": [16, 8, 8, 8, 8]})
+    save_config(other, tmp_path)
+    with pytest.raises(KerasnucError) as info:
+        load_run(tmp_path)
+    message = str(info.value)
+    assert message.startswith(f"{tmp_path}: the architecture in config.json (conic) does not ")
+    assert "\n" not in message and len(message) < 400
 
 
 def test_old_run_configs_store_the_model_resolution_once():

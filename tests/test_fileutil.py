@@ -1,7 +1,17 @@
+import os
+import stat
+
 import numpy as np
 import pytest
 
-from kerasnuc.fileutil import KerasnucError, atomic_path, read_image, write_json_atomic, write_png
+from kerasnuc.fileutil import (
+    KerasnucError,
+    atomic_dir,
+    atomic_path,
+    read_image,
+    write_json_atomic,
+    write_png,
+)
 
 
 def test_atomic_path_commits_on_success(tmp_path):
@@ -42,3 +52,28 @@ def test_read_image_errors(tmp_path):
     (tmp_path / "y.tif").write_bytes(b"not a tiff")
     with pytest.raises(KerasnucError, match="y.tif: cannot read TIFF"):
         read_image(tmp_path / "y.tif")
+
+
+@pytest.fixture(params=[0o022, 0o077, 0o002])
+def umask(request):
+    """Run the test under a given umask (restored afterwards)."""
+    old = os.umask(request.param)
+    try:
+        yield request.param
+    finally:
+        os.umask(old)
+
+
+def test_outputs_follow_the_umask(tmp_path, umask):
+    """Files get 0o666 & ~umask and folders 0o777 & ~umask, as `touch` and `mkdir` would."""
+    write_json_atomic(tmp_path / "a.json", {"a": 1})
+    assert stat.S_IMODE((tmp_path / "a.json").stat().st_mode) == 0o666 & ~umask
+    write_png(tmp_path / "b.png", np.zeros((2, 2), np.uint8))
+    assert stat.S_IMODE((tmp_path / "b.png").stat().st_mode) == 0o666 & ~umask
+    with atomic_dir(tmp_path / "d") as tmp:
+        (tmp / "x.txt").write_text("x")
+    assert stat.S_IMODE((tmp_path / "d").stat().st_mode) == 0o777 & ~umask
+    assert stat.S_IMODE((tmp_path / "d" / "x.txt").stat().st_mode) == 0o666 & ~umask
+    with atomic_dir(tmp_path / "d", overwrite=True) as tmp:  # replacing keeps the rule
+        pass
+    assert stat.S_IMODE((tmp_path / "d").stat().st_mode) == 0o777 & ~umask

@@ -6,20 +6,54 @@ Command modules import TensorFlow inside their command bodies, so ``kerasnuc --h
 
 from __future__ import annotations
 
+import sys
+import traceback
+
 import click
 
 from kerasnuc import __version__
+from kerasnuc.cli.common import VERBOSE_KEY
+from kerasnuc.cli.terminal import quiet_process, wants_verbose
 from kerasnuc.fileutil import KerasnucError
 
 
+def _first_line(exc: BaseException, limit: int = 300) -> str:
+    text = str(exc).strip()
+    line = text.splitlines()[0] if text else ""
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
 class KerasnucGroup(click.Group):
-    """A click group that turns :class:`KerasnucError` into a one-line error (exit code 1)."""
+    """The ``kerasnuc`` group: one line per problem, and the terminal kept ours.
+
+    * :class:`KerasnucError` becomes a one-line error (exit code 1); any other exception too,
+      saying that it is unexpected. ``-v`` / ``--verbose`` on a command also prints the
+      traceback (and lets an unexpected exception through as Python would show it).
+    * Run as a process (``kerasnuc``, ``python -m kerasnuc``), TensorFlow's C++ log lines are
+      filtered from the terminal unless ``--verbose`` is given (:mod:`kerasnuc.cli.terminal`).
+    """
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        argv = sys.argv[1:] if args is None else list(args)
+        with quiet_process(wants_verbose(argv)):
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
         except KerasnucError as exc:
+            if ctx.meta.get(VERBOSE_KEY):
+                traceback.print_exc(file=sys.stderr)
             raise click.ClickException(str(exc)) from exc
+        except Exception as exc:
+            if ctx.meta.get(VERBOSE_KEY):
+                raise
+            raise click.ClickException(
+                f"unexpected {type(exc).__name__}: {_first_line(exc)} (rerun with --verbose for "
+                "the traceback)"
+            ) from exc
 
 
 @click.group(cls=KerasnucGroup, context_settings={"help_option_names": ["-h", "--help"]})

@@ -7,7 +7,14 @@ from pathlib import Path
 
 import click
 
-from kerasnuc.cli.common import dataset_path, format_table, json_option
+from kerasnuc.cli.common import (
+    MPP,
+    check_writable_dir,
+    dataset_path,
+    format_table,
+    json_option,
+    verbose_option,
+)
 
 IMPORT_FORMATS = ("monuseg", "consep", "lizard", "conic", "pannuke", "masks", "geojson")
 MAX_PROBLEMS_SHOWN = 20
@@ -29,7 +36,7 @@ def _echo_problems(problems: list[str]) -> None:
 @click.argument("fmt", metavar="FORMAT", type=click.Choice(IMPORT_FORMATS))
 @click.argument("src", type=click.Path(exists=True, path_type=Path))
 @click.argument("dst", type=click.Path(path_type=Path))
-@click.option("--mpp", type=click.FloatRange(min=0, min_open=True), help="Microns per pixel.")
+@click.option("--mpp", type=MPP, help="Microns per pixel.")
 @click.option("--name", help="Dataset name for meta.json (default: DST folder name).")
 @click.option("--split", default="train", show_default=True, help="Split of the imported images.")
 @click.option(
@@ -59,6 +66,7 @@ def _echo_problems(problems: list[str]) -> None:
     "--object-types",
     help="geojson: keep only these QuPath object types, e.g. 'detection,cell' (default: all).",
 )
+@verbose_option
 def import_(
     fmt: str,
     src: Path,
@@ -104,6 +112,7 @@ def import_(
             raise click.UsageError(f"{flag} does not apply to format {fmt!r}")
         options[key] = value
     check_destination(dst, overwrite)
+    check_writable_dir(dst.parent, dst)
     try:
         plan = scan(fmt, src, **options)
         with click.progressbar(
@@ -142,6 +151,7 @@ def _stats_row(label: str, stats: dict | None) -> dict:
 @data.command("info")
 @click.argument("dataset")
 @json_option
+@verbose_option
 def info(dataset: str, as_json: bool) -> None:
     """Counts, pixel statistics, nucleus sizes and validation problems of DATASET.
 

@@ -9,7 +9,13 @@ from typing import Any
 
 import click
 
-from kerasnuc.cli.common import dataset_path, format_table, json_option
+from kerasnuc.cli.common import (
+    check_writable_dir,
+    dataset_path,
+    format_table,
+    json_option,
+    verbose_option,
+)
 from kerasnuc.fileutil import KerasnucError
 
 MAX_SKIPPED_SHOWN = 20
@@ -61,6 +67,10 @@ def _read_label_map(path: Path, shape: tuple[int, ...], what: str):
         )
     if arr.shape != tuple(shape):
         raise KerasnucError(f"{path}: shape {arr.shape} does not match the ground truth {shape}")
+    if arr.size and (int(arr.min()) < 0 or int(arr.max()) > np.iinfo(np.int32).max):
+        raise KerasnucError(
+            f"{path}: {what} ids must lie in 0..2^31-1; got {int(arr.min())}..{int(arr.max())}"
+        )
     return arr.astype(np.int32)
 
 
@@ -178,6 +188,7 @@ def _print_tables(result: dict[str, Any]) -> None:
     type=click.Path(dir_okay=False, path_type=Path),
     help="Also write the results as JSON to this file (atomically).",
 )
+@verbose_option
 def evaluate(
     pred: str, gt: str, split: str | None, max_dist: float, as_json: bool, out: Path | None
 ) -> None:
@@ -198,6 +209,8 @@ def evaluate(
     from kerasnuc.fileutil import write_json_atomic
     from kerasnuc.metrics import MetricAccumulator
 
+    if out is not None:
+        check_writable_dir(out.parent, out)
     ds = Dataset(dataset_path(gt))
     pred_dir = dataset_path(pred)
     if not pred_dir.is_dir():

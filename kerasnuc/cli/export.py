@@ -6,7 +6,7 @@ import json
 
 import click
 
-from kerasnuc.cli.common import json_option
+from kerasnuc.cli.common import check_writable_dir, json_option, verbose_option
 
 
 def _warmup_sizes(value: str) -> list[tuple[int, int, int]]:
@@ -65,6 +65,7 @@ def _warmup_sizes(value: str) -> list[tuple[int, int, int]]:
     help="Do not rewrite BASE/models.config (the TF Serving --model_config_file).",
 )
 @json_option
+@verbose_option
 def export(
     run_dir: str,
     name: str,
@@ -83,6 +84,7 @@ def export(
     the input size. Metadata and warm-up requests go to assets.extra/.
     """
     shapes = _warmup_sizes(warmup)
+    check_writable_dir(base)
     from kerasnuc.serving.export import check_model_name, export_run
 
     check_model_name(name)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from kerasnuc.cli.common import format_table, json_option
+from kerasnuc.cli.common import check_writable_dir, format_table, json_option, verbose_option
 from kerasnuc.fileutil import KerasnucError
 
 
@@ -27,6 +27,7 @@ def _headline(card: dict) -> str:
 @click.group("models", invoke_without_command=True)
 @json_option
 @click.pass_context
+@verbose_option
 def models(ctx: click.Context, as_json: bool) -> None:
     """List the named models (bundled with the package), or show / pack one.
 
@@ -59,6 +60,7 @@ def models(ctx: click.Context, as_json: bool) -> None:
 
 @models.command("show")
 @click.argument("name")
+@verbose_option
 def show(name: str) -> None:
     """Print the model card of NAME (a named model or a run folder) as JSON."""
     from kerasnuc.runs import read_card, resolve_model
@@ -77,10 +79,12 @@ def show(name: str) -> None:
 )
 @click.option("--float32", is_flag=True, help="Keep float32 weights (default: float16).")
 @click.option("--overwrite", is_flag=True, help="Replace DST.")
+@verbose_option
 def pack(run_dir: Path, dst: Path, card_file: Path | None, float32: bool, overwrite: bool) -> None:
     """Write RUN_DIR as a weights-only named model folder DST with a model card."""
     from kerasnuc.runs import pack_run
 
+    check_writable_dir(dst.parent, dst)
     card = None
     if card_file is not None:
         try:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from kerasnuc.cli.common import format_table
+from kerasnuc.cli.common import MPP, check_writable_dir, format_table, verbose_option
 from kerasnuc.fileutil import KerasnucError
 
 FORMAT_NAMES = ("geojson", "csv", "tiff", "overlay", "summary")
@@ -95,6 +95,59 @@ def example_inputs(values: tuple[str, ...]) -> list[str]:
     return out
 
 
+def _echo_report(report) -> None:
+    for message in report.warnings:
+        click.echo(f"warning: {message}", err=True)
+    if report.status == "failed":
+        click.echo(f"failed: {_reason(report)}", err=True)
+
+
+def _predict_here(predictor, paths, out, options, model_id) -> list:
+    """Inputs one after the other in this process, a progress bar over the tiles of each."""
+    from kerasnuc.inference.job import predict_inputs
+
+    bars: list[_TileProgress] = []
+
+    def progress_factory(path: Path, name: str) -> _TileProgress:
+        bars.append(_TileProgress(f"{name}: tiles"))
+        return bars[-1]
+
+    def on_report(report) -> None:
+        if bars:
+            bars[-1].close()
+        _echo_report(report)
+
+    return predict_inputs(
+        paths,
+        predictor,
+        out,
+        options,
+        model_id=model_id,
+        progress_factory=progress_factory,
+        on_report=on_report,
+    )
+
+
+def _predict_on_cluster(cluster, worker_threads, spec, paths, out, options, model_id) -> list:
+    """One Dask task per input (kerasnuc.inference.cluster), a progress bar over the inputs."""
+    from kerasnuc.inference.cluster import open_client, predict_on_cluster
+
+    with open_client(cluster, worker_threads) as client:
+        workers = len(client.scheduler_info().get("workers", {}))
+        click.echo(f"Dask cluster: {workers} worker(s)", err=True)
+        with click.progressbar(
+            length=len(paths), label="inputs", file=click.get_text_stream("stderr"), show_pos=True
+        ) as bar:
+
+            def on_report(report) -> None:
+                _echo_report(report)
+                bar.update(1)
+
+            return predict_on_cluster(
+                client, paths, out, spec, options, model_id=model_id, on_report=on_report
+            )
+
+
 @click.command("predict")
 @click.argument("inputs", nargs=-1, required=True)
 @click.option(
@@ -119,7 +172,7 @@ def example_inputs(values: tuple[str, ...]) -> list[str]:
 )
 @click.option(
     "--mpp",
-    type=click.FloatRange(min=0, min_open=True),
+    type=MPP,
     default=None,
     help="Pixel size of the inputs in um/px, overriding their files (not the model's "
     "resolution, which comes with the model).",
@@ -152,7 +205,12 @@ def example_inputs(values: tuple[str, ...]) -> list[str]:
     show_default=True,
     help="Tiles per model call (and forward passes per batch with --tta).",
 )
-@click.option("--resume", is_flag=True, help="Skip complete inputs, continue interrupted slides.")
+@click.option(
+    "--resume",
+    is_flag=True,
+    help="Skip inputs already predicted from the same file with the same model and settings; "
+    "continue interrupted slides.",
+)
 @click.option(
     "--device",
     type=click.Choice(["auto", "cpu", "gpu"]),
@@ -175,6 +233,22 @@ def example_inputs(values: tuple[str, ...]) -> list[str]:
     help="TF Serving endpoint (http://host:8501 or grpc://host:8500) that runs the model "
     "instead of this machine; --model then names the served model.",
 )
+@click.option(
+    "--cluster",
+    default=None,
+    metavar="SPEC",
+    help="Run one Dask task per input: 'local' or 'local:N' (N worker processes on this "
+    "machine), a scheduler address (tcp://host:8786) or a scheduler file. Needs "
+    "kerasnuc[cluster]; inputs and --out must be on storage every worker can read.",
+)
+@click.option(
+    "--worker-threads",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="With --cluster: TensorFlow threads per worker (local: workers = cores // threads).",
+)
+@verbose_option
 def predict(
     inputs: tuple[str, ...],
     model: str | None,
@@ -191,6 +265,8 @@ def predict(
     no_tissue: bool,
     recursive: bool,
     server: str | None,
+    cluster: str | None,
+    worker_threads: int,
 ) -> None:
     """Find, outline, classify and measure the nuclei of images and whole slides.
 
@@ -200,16 +276,22 @@ def predict(
     <name>.instances.ome.tif and <name>.classes.ome.tif (pyramidal label maps),
     <name>.overlay.png and <name>.summary.json (counts and densities per class). A folder
     appears only once all of its files are complete. Unreadable inputs are reported and skipped;
-    the exit code is 1 when any input failed.
+    the exit code is 1 when any input failed. With --cluster, each input is a task on a Dask
+    worker that loads the model once.
     """
     format_set = _parse_formats(formats)
     if tile - 2 * margin < 1:
         raise click.BadParameter(
             f"must be less than half of --tile ({tile}); got {margin}", param_hint="--margin"
         )
+    if cluster is not None:
+        from kerasnuc.inference.cluster import parse_cluster
+
+        parse_cluster(cluster)  # a bad spec fails before the model is loaded
+    check_writable_dir(out)
     _set_device(device)
     from kerasnuc.inference.inputs import find_inputs
-    from kerasnuc.inference.job import PredictOptions, predict_inputs
+    from kerasnuc.inference.job import PredictOptions
     from kerasnuc.runs import resolve_model
 
     if server is not None and not model:
@@ -218,13 +300,16 @@ def predict(
     paths = find_inputs(example_inputs(inputs), recursive=recursive, exclude=out)
     if not paths:
         raise KerasnucError(f"no images found in {', '.join(inputs)}")
-    from kerasnuc.inference.predictor import Predictor
+    if cluster is None:
+        from kerasnuc.inference.predictor import Predictor
 
+        if run_dir is None:
+            predictor = Predictor.from_server(server, model, tta=tta, batch_size=batch_size)
+        else:
+            predictor = Predictor.from_run_dirs(run_dir, tta=tta, batch_size=batch_size)
     if run_dir is None:
-        predictor = Predictor.from_server(server, model, tta=tta, batch_size=batch_size)
         model_id, source = f"{model} @ {server}", f"{model} on {server}"
     else:
-        predictor = Predictor.from_run_dirs(run_dir, tta=tta, batch_size=batch_size)
         model_id, source = run_dir.resolve().name, str(run_dir)
     options = PredictOptions(
         formats=format_set,
@@ -236,31 +321,23 @@ def predict(
         tissue=not no_tissue,
         resume=resume,
     )
-    click.echo(f"{len(paths)} input(s), model {source}, output {out}", err=True)
-    bars: list[_TileProgress] = []
-
-    def progress_factory(path: Path, name: str) -> _TileProgress:
-        bars.append(_TileProgress(f"{name}: tiles"))
-        return bars[-1]
-
-    def on_report(report) -> None:
-        if bars:
-            bars[-1].close()
-        for message in report.warnings:
-            click.echo(f"warning: {message}", err=True)
-        if report.status == "failed":
-            click.echo(f"failed: {_reason(report)}", err=True)
-
+    where = f", cluster {cluster}" if cluster is not None else ""
+    click.echo(f"{len(paths)} input(s), model {source}, output {out}{where}", err=True)
     start = time.perf_counter()
-    reports = predict_inputs(
-        paths,
-        predictor,
-        out,
-        options,
-        model_id=model_id,
-        progress_factory=progress_factory,
-        on_report=on_report,
-    )
+    if cluster is not None:
+        from kerasnuc.inference.cluster import PredictorSpec
+
+        spec = PredictorSpec(
+            run_dir=str(run_dir.resolve()) if run_dir is not None else None,
+            server=server,
+            model=model,
+            tta=tta,
+            batch_size=batch_size,
+            threads=worker_threads,
+        )
+        reports = _predict_on_cluster(cluster, worker_threads, spec, paths, out, options, model_id)
+    else:
+        reports = _predict_here(predictor, paths, out, options, model_id)
     rows = [
         {
             "input": r.path.name,

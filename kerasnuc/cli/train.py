@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from pathlib import Path
 from typing import Any
 
 import click
 
-from kerasnuc.cli.common import dataset_path
+from kerasnuc.checks import MPP_RANGE, is_plausible_mpp
+from kerasnuc.cli.common import MPP, check_writable_dir, dataset_path, verbose_option
 from kerasnuc.fileutil import KerasnucError
 
 SECTIONS = ("model", "pipeline", "train", "data")
@@ -43,17 +45,22 @@ def build_run_config(
     data_dirs: list[Path],
     file_config: dict[str, Any],
     overrides: dict[str, dict[str, Any]],
+    config_file: Path | None = None,
 ):
     """The :class:`~kerasnuc.config.RunConfig` of a new run: defaults < ``--config`` < flags.
+
+    Every section is checked here, before any data is read or a model built: unknown keys,
+    value types and ranges, and one ``pipeline.dataset_weights`` entry per dataset.
 
     Args:
         method_name: registry name.
         data_dirs: dataset folders.
         file_config: sections read by :func:`read_config_file`.
         overrides: flag values per section (None values are ignored).
+        config_file: the file ``file_config`` was read from (named in errors).
 
     Raises:
-        KerasnucError: bad values (one line).
+        KerasnucError: bad values (one line naming the file, the section and the key).
     """
     from kerasnuc.config import DataConfig, RunConfig, TrainConfig, migrate_model_mpp
     from kerasnuc.data.dataset import Dataset
@@ -69,15 +76,26 @@ def build_run_config(
         out.update({k: v for k, v in overrides.get(name, {}).items() if v is not None})
         return out
 
+    def invalid(name: str, exc: Exception) -> KerasnucError:
+        where = f"{config_file}: " if config_file is not None and name in file_config else ""
+        return KerasnucError(f"{where}invalid configuration, section {name!r}: {exc}")
+
     num_classes, class_names = shared_classes(datasets)
     try:
         file_config = migrate_model_mpp(file_config)
+    except ValueError as exc:
+        raise invalid("pipeline", exc) from exc
+    name = "model"
+    try:
         base_model = method.model_config(num_classes=max(1, num_classes)).to_dict()
         model = method.model_config.from_dict(section("model", base_model)).to_dict()
+        name = "pipeline"
         pipeline_dict = section("pipeline", PipelineConfig(batch_size=4).to_dict())
         pipeline = PipelineConfig.from_dict(pipeline_dict).to_dict()
+        name = "train"
         train_base = {**TrainConfig().to_dict(), **dict(method.train_defaults or {})}
         train = TrainConfig.from_dict(section("train", train_base))
+        name = "data"
         mpps = {ds.mpp for ds in datasets}
         data_base = {
             "datasets": [str(d) for d in data_dirs],
@@ -85,8 +103,17 @@ def build_run_config(
             "class_names": class_names,
         }
         data = DataConfig.from_dict(section("data", data_base))
-    except (TypeError, ValueError) as exc:
-        raise KerasnucError(f"invalid configuration: {exc}") from exc
+    except (TypeError, ValueError, KerasnucError) as exc:
+        raise invalid(name, exc) from exc
+    weights = pipeline.get("dataset_weights")
+    if weights is not None and len(weights) != len(data_dirs):
+        raise invalid(
+            "pipeline",
+            ValueError(
+                f"`dataset_weights` has {len(weights)} weight(s) for {len(data_dirs)} --data "
+                "folder(s) (one weight per folder, in their order)"
+            ),
+        )
     return RunConfig(method=method.name, model=model, data=data, pipeline=pipeline, train=train)
 
 
@@ -94,7 +121,7 @@ def parse_dataset_mpp(values: tuple[str, ...], dirs: list[Path]) -> dict[str, fl
     """``("NAME=MPP", ...)`` of ``--dataset-mpp`` -> ``{NAME: MPP}`` (NAME: a --data folder's name).
 
     Raises:
-        KerasnucError: malformed value, non-positive size, or a name that is no --data folder.
+        KerasnucError: malformed value, an implausible size, or a name that is no --data folder.
     """
     names = {d.resolve().name for d in dirs}
     out: dict[str, float] = {}
@@ -104,8 +131,12 @@ def parse_dataset_mpp(values: tuple[str, ...], dirs: list[Path]) -> dict[str, fl
             mpp = float(number) if sep else float("nan")
         except ValueError:
             mpp = float("nan")
-        if not mpp > 0:
-            raise KerasnucError(f"--dataset-mpp {value!r}: expected NAME=MPP with MPP > 0 (um/px)")
+        if not is_plausible_mpp(mpp):
+            low, high = MPP_RANGE
+            raise KerasnucError(
+                f"--dataset-mpp {value!r}: expected NAME=MPP with MPP a pixel size in "
+                f"{low:g}..{high:g} um/px"
+            )
         if name not in names:
             raise KerasnucError(
                 f"--dataset-mpp {value!r}: {name!r} is not one of the --data folders"
@@ -138,7 +169,7 @@ def parse_dataset_mpp(values: tuple[str, ...], dirs: list[Path]) -> dict[str, fl
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), help="Peak learning rate.")
 @click.option(
     "--mpp",
-    type=click.FloatRange(min=0, min_open=True),
+    type=MPP,
     help="Model resolution in um/px: the training images are resampled to it (stored in the "
     "run; predict resamples its inputs to it). Default: the datasets' own, when they agree.",
 )
@@ -163,7 +194,12 @@ def parse_dataset_mpp(values: tuple[str, ...], dirs: list[Path]) -> dict[str, fl
 )
 @click.option("--seed", type=int, help="Seed of weights, pipeline and dropout.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its checkpoint.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing run folder.")
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    help="Replace an existing run folder, once the new run has finished (until then it trains "
+    "in the hidden sibling .NAME.pending, which --resume continues).",
+)
 @click.option(
     "--strategy", type=click.Choice(["default", "mirrored", "multiworker"]), help="tf.distribute."
 )
@@ -179,7 +215,7 @@ def parse_dataset_mpp(values: tuple[str, ...], dirs: list[Path]) -> dict[str, fl
     default=None,
     help="Also save the weights after every epoch (OUT/epochs/epoch_NNN.weights.h5).",
 )
-@click.option("-v", "--verbose", is_flag=True, help="Log progress details.")
+@verbose_option(expose=True, help="Log progress details; show tracebacks and TensorFlow's logs.")
 def train(
     method: str,
     data_dirs: tuple[str, ...],
@@ -211,7 +247,9 @@ def train(
 
     The best checkpoint (validation mPQ+, or PQ without classes, computed with the real
     post-processing) goes to OUT/model.weights.h5; OUT/checkpoint holds the state of the last
-    epoch for --resume (which reuses OUT/config.json and ignores the other options).
+    epoch for --resume (which reuses OUT/config.json and ignores the other options). Data,
+    config and OUT are checked before anything is written; a run that fails before its first
+    epoch ends leaves nothing behind.
     """
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s")
     from kerasnuc.registry import get_method
@@ -220,12 +258,12 @@ def train(
     get_method(method)
     if resume and overwrite:
         raise KerasnucError("--resume and --overwrite exclude each other")
+    check_writable_dir(run_dir)
     if resume:
         from kerasnuc.runs import load_config
+        from kerasnuc.training.trainer import resume_dir
 
-        config = load_config(run_dir) if (run_dir / "config.json").is_file() else None
-        if config is None:
-            raise KerasnucError(f"{run_dir}: no run to resume (config.json missing)")
+        config = load_config(resume_dir(run_dir))
     else:
         if not data_dirs:
             raise KerasnucError("--data is required (a dataset folder)")
@@ -279,8 +317,10 @@ def train(
                 "points": str(points) if points is not None else None,
             },
         }
-        config = build_run_config(method, dirs, file_config, overrides)
-    result = train_run(config, run_dir, resume=resume, overwrite=overwrite, verbose=1)
+        config = build_run_config(method, dirs, file_config, overrides, config_file)
+    # A progress bar on a terminal; one line per epoch, without colour codes, in a log file.
+    fit_verbose = 1 if sys.stdout.isatty() else 2
+    result = train_run(config, run_dir, resume=resume, overwrite=overwrite, verbose=fit_verbose)
     best = (
         f"best validation score {result.best_score:.4f} at epoch {result.best_epoch}"
         if result.best_epoch

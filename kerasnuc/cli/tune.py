@@ -10,7 +10,7 @@ from typing import Any
 
 import click
 
-from kerasnuc.cli.common import dataset_path, format_table
+from kerasnuc.cli.common import check_writable_dir, dataset_path, format_table, verbose_option
 from kerasnuc.fileutil import KerasnucError
 
 SHOWN = 10
@@ -47,6 +47,7 @@ def read_grid(path: Path) -> dict[str, list[Any]]:
     help="Predict and score non-overlapping tiles of at most N px instead of whole images (for "
     "dense images with panoptic, whose forward pass has max_detections slots; or big images).",
 )
+@verbose_option
 def tune(
     run_dir: Path,
     data_dirs: tuple[str, ...],
@@ -65,6 +66,8 @@ def tune(
     """
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     grid = read_grid(grid_file) if grid_file is not None else None
+    if run_dir.is_dir():
+        check_writable_dir(run_dir)  # postproc.json is written there at the end
     dirs = [dataset_path(d) for d in data_dirs]
     for d in dirs:
         if not d.is_dir():

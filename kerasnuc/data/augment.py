@@ -45,6 +45,7 @@ from typing import Any
 
 import tensorflow as tf
 
+from kerasnuc.config import check_field_types
 from kerasnuc.data.stain import hed_augment, stain_augment
 from kerasnuc.fileutil import KerasnucError
 
@@ -378,6 +379,7 @@ class AugmentConfig:
         if unknown:
             raise KerasnucError(f"unknown augmentation config keys: {unknown}")
         try:
+            check_field_types(cls, data)
             return cls(**data)
         except (TypeError, ValueError) as exc:
             raise KerasnucError(f"invalid augmentation config: {exc}") from exc

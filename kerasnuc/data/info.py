@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -57,6 +58,27 @@ def _labels_look_valid(
     class_of = np.zeros(int(inst.max()) + 1, dtype=cls.dtype)
     class_of[inst.ravel()] = cls.ravel()
     return bool(np.array_equal(class_of[inst], cls))
+
+
+def check_labels(datasets: Sequence[Dataset], splits: Sequence[str]) -> None:
+    """Check the labels of every image of ``splits`` before training on them.
+
+    The same invariants as ``kerasnuc data info`` (:func:`dataset_info`): readable files, label
+    maps of the image's size, the class map 0 exactly where the instance map is 0, one class per
+    nucleus, class ids that ``meta.json`` names. Class maps that disagree with the instance
+    maps, or a class missing from ``meta.json``, would otherwise train silently or fail later
+    with a misleading shape error.
+
+    Raises:
+        KerasnucError: the first problem, in one line naming the file.
+    """
+    for ds in datasets:
+        class_set = set(ds.class_names) if ds.has_classes else None
+        for split in dict.fromkeys(splits):
+            for id in ds.split(split):
+                image, inst, cls = ds.image(id), ds.instances(id), ds.classes(id)
+                if not _labels_look_valid(image, inst, cls, class_set):
+                    check_label_pair(str(ds.instances_path(id)), image, inst, cls, class_set)
 
 
 def dataset_info(ds: Dataset | str | os.PathLike) -> dict[str, Any]:

@@ -12,7 +12,9 @@ Order, for every method::
 
 Every random choice derives from ``(config.seed, epoch, position in epoch)``, so a pipeline is
 reproducible and a resumed run continues with the epochs it had not seen. ``deterministic=True``
-also fixes the element order of the parallel maps (tests).
+(the default) also keeps the element order of the parallel maps: without it, crops that finish
+early overtake others, batches are made of other crops from run to run, and neither a repeated
+nor a resumed run reproduces the first.
 
 One public function per method returns a ``tf.data.Dataset`` of ``(image, targets)`` batches whose
 target keys match the output names of that method's model:
@@ -38,13 +40,14 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import cv2
 import numpy as np
 import tensorflow as tf
 
+from kerasnuc.config import check_field_types, strict_from_dict
 from kerasnuc.data.augment import AugmentConfig, augment
 from kerasnuc.data.dataset import Dataset
 from kerasnuc.data.points import IGNORE, encode_points, points_from_instances
@@ -85,7 +88,9 @@ class PipelineConfig:
             radius at 0.25 um/px (MoNuSeg median equivalent diameter: 20 px).
         augment: augmentation settings; ``AugmentConfig.none()`` to switch off.
         seed: base seed of the whole pipeline.
-        deterministic: fixed element order of the parallel maps (slower; tests).
+        deterministic: keep the element order of the parallel maps (default), so that a run
+            is reproducible and ``--resume`` exact; False lets finished crops overtake slower
+            ones (a little more throughput, batches differ from run to run).
         parallel_calls: parallelism of the maps; -1 = ``tf.data.AUTOTUNE``.
         max_instances: ``panoptic``: ground-truth box slots per crop (a 512x512 MoNuSeg crop
             holds up to ~450 nuclei).
@@ -102,11 +107,12 @@ class PipelineConfig:
     vector_scale: float = 10.0
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     seed: int = 0
-    deterministic: bool = False
+    deterministic: bool = True
     parallel_calls: int = -1
     max_instances: int = 512
 
     def __post_init__(self) -> None:
+        check_field_types(type(self), {f.name: getattr(self, f.name) for f in fields(self)})
         if self.crop_size < 8:
             raise ValueError(f"`crop_size` must be >= 8. Received: crop_size={self.crop_size}")
         if self.batch_size < 1:
@@ -117,6 +123,16 @@ class PipelineConfig:
             )
         if not 0 <= self.context <= 1:
             raise ValueError(f"`context` must lie in [0, 1]. Received: context={self.context}")
+        if self.samples_per_epoch is not None and self.samples_per_epoch < 1:
+            raise ValueError(
+                "`samples_per_epoch` must be >= 1 or null. "
+                f"Received: samples_per_epoch={self.samples_per_epoch}"
+            )
+        if self.boundary_width < 0 or not self.vector_scale > 0:
+            raise ValueError(
+                "`boundary_width` must be >= 0 and `vector_scale` > 0. Received: "
+                f"boundary_width={self.boundary_width}, vector_scale={self.vector_scale}"
+            )
         if self.dataset_weights is not None:
             weights = tuple(float(w) for w in self.dataset_weights)
             if not weights or min(weights) < 0 or sum(weights) <= 0:
@@ -146,7 +162,7 @@ class PipelineConfig:
                 raise KerasnucError(f"pipeline.augment: {err}") from err
         elif "augment" in data:
             data["augment"] = AugmentConfig.from_dict(data["augment"])
-        return cls(**data)
+        return strict_from_dict(cls, data)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -399,6 +415,10 @@ def _crops(
     crop = _crop(items, size, margin, pad_value, shift=label_fill is not None)
     par = tf.data.AUTOTUNE if config.parallel_calls < 0 else config.parallel_calls
 
+    # Every branch of the crop and of the augmentation is decided in Python (settings, static
+    # shapes) or by explicit tf.cond / tf.where, so AutoGraph has nothing to convert; converting
+    # the augmentation's source anyway took ~10 s at the start of every training run.
+    @tf.autograph.experimental.do_not_convert
     def load(k, y0, x0, seed):
         img, lab = tf.numpy_function(crop, [k, y0, x0, seed], [tf.uint8, tf.int32], stateful=False)
         img = tf.ensure_shape(img, (big, big, 3))

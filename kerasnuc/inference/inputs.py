@@ -1,8 +1,13 @@
 """Stage 0 of the predict job: which files are inputs, and the output folder name of each.
 
 Folders contribute their image and slide files (:data:`INPUT_SUFFIXES`, hidden files ignored),
-sorted; ``<name>`` is the file name without its extension (``.ome.tif`` counts as one); when
-several inputs share a stem, the extension is appended (``a_png``, ``a_tif``) and then a counter.
+sorted; ``<name>`` is the file name without its extension (``.ome.tif`` counts as one) and
+without leading dots (no hidden output folders). When several inputs of one run share a stem
+(ignoring case, as the file systems of macOS and Windows do), each of them gets its extension
+appended (``a_png``, ``a_tif``), and a name still taken (ignoring case) by an earlier input gets
+a counter (``a_png_2``, ``a_png_3``) in input order; so the names depend only on the list of
+inputs, and no two inputs of a run share a folder. Which input produced a folder is recorded in
+its summary (``predict --resume`` checks it, see :mod:`kerasnuc.inference.job`).
 """
 
 from __future__ import annotations
@@ -77,16 +82,19 @@ def input_stem(path: Path) -> str:
 
 def output_names(paths: Sequence[Path]) -> list[str]:
     """Output folder name of each input: its stem, made unique (see the module docstring)."""
-    stems = [input_stem(p) or "image" for p in paths]
+    stems = [input_stem(p).lstrip(".") or "image" for p in paths]
+    folded = [s.casefold() for s in stems]
     names = [
-        f"{s}_{p.suffix.lstrip('.').lower()}" if stems.count(s) > 1 and p.suffix else s
-        for s, p in zip(stems, paths, strict=True)
+        f"{s}_{p.suffix.lstrip('.').lower()}" if folded.count(f) > 1 and p.suffix else s
+        for s, f, p in zip(stems, folded, paths, strict=True)
     ]
     out: list[str] = []
+    taken: set[str] = set()
     for name in names:
         unique, k = name, 1
-        while unique in out:
+        while unique.casefold() in taken:
             k += 1
             unique = f"{name}_{k}"
         out.append(unique)
+        taken.add(unique.casefold())
     return out

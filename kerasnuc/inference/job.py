@@ -39,9 +39,20 @@ densities need the input's pixel size and are left out (``null``) without it.
 renamed to ``OUT/<name>/`` only when every file is complete
 (:func:`~kerasnuc.fileutil.atomic_dir`), so ``OUT/<name>/`` exists only when complete. A
 failed slide keeps only its hidden work folder (checkpoint and finished tiles), which a rerun
-with ``resume=True`` continues from; a run without ``resume`` starts that input over. With
-``resume=True`` an input whose folder holds a summary listing every requested format and whose
-listed outputs all exist is skipped (the model is not compared).
+with ``resume=True`` continues from; a run without ``resume`` starts that input over.
+
+**Resuming.** Every summary records a *fingerprint* (:func:`input_fingerprint` and
+:attr:`PredictJob.fingerprint`): the input (absolute path, size, modification time), the
+predictor (a digest of the model weights, the post-processing settings, the test-time
+augmentation, see :meth:`~kerasnuc.inference.predictor.Predictor.fingerprint`) and every
+option that changes the nuclei (tile, margin, batch size, ``--mpp``, ``--grey``, tissue
+detection). With ``resume=True`` an input is skipped only when its folder holds a summary
+with the same fingerprint, listing every requested format, whose listed outputs all exist.
+Otherwise the folder came from another input with the same name, another model or other
+settings: the input is predicted again and its folder replaced, with a warning saying which
+of the three differs (we recompute rather than refuse: the folder's name is this input's, and
+a run without ``resume`` would replace it too). A slide's work folder is resumed under the
+same rule.
 
 One cohesive concept: the job, its options, its report and its stages.
 """
@@ -54,7 +65,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,7 +73,7 @@ from typing import Any
 import numpy as np
 
 from kerasnuc.fileutil import KerasnucError, atomic_dir, write_json_atomic
-from kerasnuc.inference.inputs import input_stem, output_names
+from kerasnuc.inference.inputs import output_names
 from kerasnuc.inference.sinks import (
     FORMATS,
     OVERVIEW_MAX_SIZE,
@@ -183,15 +194,46 @@ class InputReport:
     outputs: list[str] = field(default_factory=list)
 
 
-def is_complete(folder: Path, name: str, formats: frozenset[str] | None) -> bool:
-    """Whether ``folder`` holds the complete outputs of an earlier run with these formats."""
-    path = folder / f"{name}.summary.json"
+def input_fingerprint(path: str | os.PathLike) -> dict[str, Any]:
+    """The input part of a fingerprint: absolute path, size and modification time (ns)."""
+    path = Path(path)
     try:
-        summary = json.loads(path.read_text(encoding="utf-8"))
+        stat = path.stat()
+        size, mtime = int(stat.st_size), int(stat.st_mtime_ns)
+    except OSError:
+        size = mtime = None
+    return {"path": str(path.resolve()), "size": size, "mtime_ns": mtime}
+
+
+FINGERPRINT_PARTS = {"input": "input", "predictor": "model", "options": "settings"}
+"""Fingerprint keys and how a warning names them."""
+
+
+def fingerprint_differences(saved: Any, current: Mapping[str, Any]) -> list[str]:
+    """What differs between a stored and the current fingerprint (``["input", "model"]``);
+    empty when equal. A missing or malformed stored fingerprint differs in everything."""
+    if not isinstance(saved, dict):
+        return list(FINGERPRINT_PARTS.values())
+    return [word for key, word in FINGERPRINT_PARTS.items() if saved.get(key) != current.get(key)]
+
+
+def _read_summary(folder: Path, name: str) -> dict[str, Any] | None:
+    try:
+        summary = json.loads((folder / f"{name}.summary.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return summary if isinstance(summary, dict) else None
+
+
+def is_complete(folder: Path, name: str, formats: frozenset[str] | None) -> bool:
+    """Whether ``folder`` holds the complete outputs of an earlier run with these formats (its
+    fingerprint is compared separately, see :func:`fingerprint_differences`)."""
+    summary = _read_summary(folder, name)
+    try:
         outputs = [str(o) for o in summary["outputs"]]
         requested = summary["settings"]["formats"]
         written = set(summary["formats"])
-    except (OSError, ValueError, KeyError, TypeError):
+    except (KeyError, TypeError):
         return False
     if not all((folder / o).is_file() for o in outputs):
         return False
@@ -434,6 +476,17 @@ def _remove_work(work: Path) -> None:
         work.parent.rmdir()
 
 
+def failed_report(
+    path: str | os.PathLike, name: str, out_dir: str | os.PathLike, exc: Exception
+) -> InputReport:
+    """The ``failed`` report of an input whose prediction raised ``exc`` (logged at debug)."""
+    logger.debug("%s failed", path, exc_info=exc)
+    reason = str(exc) if isinstance(exc, KerasnucError) else f"{type(exc).__name__}: {exc}"
+    return InputReport(
+        path=Path(path), name=name, status="failed", out_dir=Path(out_dir) / name, reason=reason
+    )
+
+
 class PredictJob:
     """Predict inputs with one predictor and write their outputs (see the module docstring).
 
@@ -455,6 +508,17 @@ class PredictJob:
         self.source_stage = SourceStage(self.options)
         self.tile_stage = TileStage(self.options)
         self.predict_fn = tile_predictor(predictor)
+        self.fingerprint = self._fingerprint()
+
+    def _fingerprint(self) -> dict[str, Any]:
+        """The predictor and option parts of every input's fingerprint (see the module
+        docstring); a predictor without ``fingerprint()`` is known by ``model_id`` only."""
+        own = getattr(self.predictor, "fingerprint", None)
+        predictor = own() if callable(own) else {"model_id": self.model_id}
+        options = self.options.settings()
+        options.pop("formats")
+        options["small_max_pixels"] = self.options.small_max_pixels
+        return json.loads(json.dumps({"predictor": predictor, "options": options}, default=str))
 
     def run_input(
         self,
@@ -481,20 +545,32 @@ class PredictJob:
         path = Path(path)
         out_dir = Path(out_dir)
         options = self.options
-        name = input_stem(path) if name is None else name
+        name = output_names([path])[0] if name is None else name
         folder = out_dir / name
         report = InputReport(path=path, name=name, status="done", out_dir=folder)
-        if options.resume and is_complete(folder, name, options.formats):
-            report.status = "complete"
-            return report
+        fingerprint = {"input": input_fingerprint(path), **self.fingerprint}
         start = time.perf_counter()
-        for stale in out_dir.glob(f".{name}.*.tmp"):
-            shutil.rmtree(stale, ignore_errors=True)
         with _collect_warnings() as warnings:
             try:
+                if options.resume and is_complete(folder, name, options.formats):
+                    saved = (_read_summary(folder, name) or {}).get("fingerprint")
+                    differs = fingerprint_differences(saved, fingerprint)
+                    if not differs:
+                        report.status = "complete"
+                        return report
+                    logger.warning(
+                        "%s: %s holds the results of %s; predicting it again",
+                        path,
+                        folder,
+                        " and ".join(
+                            f"another {w}" if w != "settings" else "other settings" for w in differs
+                        ),
+                    )
+                for stale in out_dir.glob(f".{name}.*.tmp"):
+                    shutil.rmtree(stale, ignore_errors=True)
                 with self.source_stage.open(path) as source:
                     report.n_nuclei, report.mode, report.outputs = self._run(
-                        source, out_dir, name, progress
+                        source, out_dir, name, progress, fingerprint
                     )
             finally:
                 report.warnings = list(warnings)
@@ -502,7 +578,12 @@ class PredictJob:
         return report
 
     def _run(
-        self, source: ImageSource, out_dir: Path, name: str, progress: ProgressFn | None
+        self,
+        source: ImageSource,
+        out_dir: Path,
+        name: str,
+        progress: ProgressFn | None,
+        fingerprint: dict[str, Any],
     ) -> tuple[int, str, list[str]]:
         start = time.perf_counter()
         options = self.options
@@ -525,15 +606,14 @@ class PredictJob:
                 mpp=source.mpp,
             )
             if streaming:
-                fingerprint = {
-                    "model": self.model_id,
+                work_fingerprint = {
+                    **fingerprint,
                     "model_mpp": model_mpp,
                     "mpp": source.mpp,
-                    "options": options.settings(),
                     "formats": sorted(formats),
                 }
                 counts, total, tissue_px, extra = self._streamed(
-                    ctx, target_mpp, progress, work, fingerprint
+                    ctx, target_mpp, progress, work, work_fingerprint
                 )
             else:
                 result = self.tile_stage.in_memory(source, self.predict_fn, target_mpp, progress)
@@ -554,6 +634,7 @@ class PredictJob:
                 image_shape=[height, width],
                 formats=written,
                 outputs=outputs,
+                fingerprint=fingerprint,
                 **extra,
             )
             write_summary(ctx.path("summary"), summary)
@@ -623,17 +704,7 @@ class PredictJob:
             try:
                 report = self.run_input(path, out_dir, name, progress)
             except Exception as exc:  # one bad input must not stop a batch of slides
-                logger.debug("%s failed", path, exc_info=True)
-                reason = (
-                    str(exc) if isinstance(exc, KerasnucError) else f"{type(exc).__name__}: {exc}"
-                )
-                report = InputReport(
-                    path=path,
-                    name=name,
-                    status="failed",
-                    out_dir=Path(out_dir) / name,
-                    reason=reason,
-                )
+                report = failed_report(path, name, out_dir, exc)
             reports.append(report)
             if on_report is not None:
                 on_report(report)

@@ -1,5 +1,8 @@
 """Predictor: test-time augmentation, MC dropout and ensembles behind one API.
 
+One cohesive concept: how a model (or an ensemble, or a served model) turns images into maps and
+instances, including its fingerprint (the identity of those results for --resume).
+
 Rumberger, Baumann, Hirsch et al., "Panoptic segmentation with highly imbalanced semantic
 labels" (CoNIC challenge, ISBI 2022, "Inference") average 16 stochastic
 forward passes pixel-wise: every pass sees the image with a random HED stain-intensity change
@@ -30,6 +33,8 @@ spread of the TTA / MC dropout passes and the disagreement between the ensemble'
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import logging
 import os
 from collections.abc import Iterator, Mapping, Sequence
@@ -316,6 +321,7 @@ class Predictor:
         self.plan = plan_passes(
             self.tta, len(models), self.hed_intensity, self.mc_dropout, self.seed
         )
+        self._fingerprint: dict[str, Any] | None = None
 
     @classmethod
     def from_run_dirs(
@@ -435,6 +441,35 @@ class Predictor:
         """The models' resolution in um/px (None: unknown)."""
         return self.data_config.mpp
 
+    def fingerprint(self) -> dict[str, Any]:
+        """What this predictor's results depend on, as JSON-ready values (computed once).
+
+        A SHA-256 digest of every model's variables (for a served model: the server, the model
+        name and version and the export's metadata), the method, the post-processing
+        settings, the test-time augmentation (passes, MC dropout, HED intensity, seed), the
+        batch size and the models' resolution and cell types. ``predict --resume`` reuses an
+        earlier output only when its fingerprint is the same
+        (:mod:`kerasnuc.inference.job`).
+        """
+        if self._fingerprint is None:
+            postproc = self.postproc
+            to_dict = getattr(postproc, "to_dict", None)
+            self._fingerprint = _json_ready(
+                {
+                    "method": self.method.name,
+                    "models": [_model_digest(m) for m in self.models],
+                    "postproc": to_dict() if callable(to_dict) else repr(postproc),
+                    "tta": self.tta,
+                    "mc_dropout": self.mc_dropout,
+                    "hed_intensity": self.hed_intensity,
+                    "seed": self.seed,
+                    "batch_size": self.batch_size,
+                    "mpp": self.data_config.mpp,
+                    "class_names": dict(self.data_config.class_names),
+                }
+            )
+        return self._fingerprint
+
     def predict_maps(
         self, image: np.ndarray, return_variance: bool = False
     ) -> dict[str, np.ndarray] | tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
@@ -550,6 +585,31 @@ class Predictor:
             self.method.postprocess({k: v[b] for k, v in maps.items()}, self.postproc)
             for b in range(len(images))
         ]
+
+
+def _model_digest(model: Any) -> str | dict[str, Any]:
+    """SHA-256 of a Keras model's weights (position, dtype, shape, values); for a remote
+    backend its server, model, version and metadata."""
+    if not isinstance(model, keras.Model):
+        meta = getattr(model, "metadata", None)
+        return {
+            "server": getattr(model, "url", None),
+            "model": getattr(model, "model_name", None),
+            "version": getattr(model, "version", None),
+            "metadata": meta() if callable(meta) else None,
+        }
+    digest = hashlib.sha256()
+    # By position, not by name: layer names are numbered per process (conv2d_3, ...).
+    for i, var in enumerate(model.weights):
+        value = np.ascontiguousarray(keras.ops.convert_to_numpy(var.value))
+        digest.update(f"{i}:{value.dtype}:{value.shape};".encode())
+        digest.update(value.tobytes())
+    return digest.hexdigest()
+
+
+def _json_ready(value: Any) -> Any:
+    """``value`` as it reads back from JSON (tuples as lists, keys as strings)."""
+    return json.loads(json.dumps(value, default=str))
 
 
 def _is_backend(obj: Any) -> bool:

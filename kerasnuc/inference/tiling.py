@@ -18,14 +18,25 @@ instances are kept only if their centroid falls inside that tile's core, so ever
 from exactly one tile, the one that sees it with at least ``margin`` pixels of context around its
 centre.
 
-**Assumption**: the largest object fits in the margin, i.e. every predicted instance's bounding
-box is at most ``margin`` model pixels high and wide. Then the tile owning a nucleus sees it
-whole (it reaches at most ``margin`` pixels beyond the core), and any tile that sees only a part
-of it, cut by the tile border, finds that part's centroid less than ``margin`` pixels from the
-border, in its margin, and drops it; so no nucleus is cut or duplicated, and a
-translation-equivariant ``predict_fn`` gives exactly the instances of an untiled prediction.
-Larger objects may come out cut or twice. The default margin of 64 px is 16 um at 0.25 um/px,
-above the diameter of nearly all nuclei.
+**Seams.** That rule assumes both tiles on a seam outline a nucleus there alike. A network is not
+translation-equivariant: zero padding at the tile border and, above all, global pooling
+(squeeze-excitation in the EfficientNet encoder) make its output depend on the whole tile, most
+where one tile is largely glass and its neighbour tissue. The two tiles then place the centroid
+of a seam nucleus on different sides of the seam: each claims it (a duplicate: 3 of 105 nuclei
+of a 9000 x 9000 image of tissue on glass came out twice) or neither does (a lost nucleus).
+So the streaming engine (:class:`_SeamFilter`) takes a tile's instance when its centroid falls
+in the core extended by ``seam_tolerance`` pixels (default ``margin // 8``), unless it covers at
+least half of (or half of it is covered by) an instance already taken from an earlier
+neighbouring tile: the same nucleus seen twice; the first tile in tile order keeps it. Streamed
+and in-memory predictions go through the same engine, so they give the same nuclei.
+
+**Assumption**: the largest object fits in the margin less the tolerance, i.e. every predicted
+instance's bounding box is at most ``margin - seam_tolerance`` model pixels high and wide. Then
+the tile owning a nucleus sees it whole, and any tile that sees only a part of it, cut by the
+tile border, finds that part's centroid in its margin, outside the extended core, and drops it;
+so no nucleus is cut or duplicated, and a translation-equivariant ``predict_fn`` gives exactly
+the instances of an untiled prediction. Larger objects may come out cut or twice. The default
+margin of 64 px is 16 um at 0.25 um/px, above the diameter of nearly all nuclei.
 
 Resolution: with ``target_mpp`` (the model's pixel size) and the input's ``mpp``, tiles are read
 from the best pyramid level (the coarsest not coarser than the model's resolution), resampled to
@@ -45,7 +56,8 @@ Sink protocol (duck-typed, see :class:`TileSink`):
 * ``on_tile(instances: list[dict])``: called once per processed tile, in tile order (the list
   may be empty). Each dict describes one kept nucleus in level-0 input pixels:
 
-  - ``"id"``: int, unique in the image, consecutive from 1 in tile order;
+  - ``"id"``: int, unique in the image, consecutive from 1 in tile order (after the seam
+    filter);
   - ``"class"``: int cell type (``table["class"]`` if given, else the majority of the class
     map over the nucleus, else 0);
   - ``"bbox"``: ``(y0, x0, y1, x1)`` ints, half-open, clipped to the image;
@@ -67,7 +79,10 @@ written atomically after every batch (once the sink has had the batch's tiles). 
 the same checkpoint and tiling parameters skips finished tiles and continues the ids. The sink
 must keep what it received before the interruption: :class:`ResumableSink` stores each tile's
 instances in a work folder (one ``.npz`` per tile, written atomically, rewritten if a tile is
-redone) and replays them, in tile order, into any final sink on ``close()``.
+redone) and replays them, in tile order, into any final sink on ``close()``; its
+``replay(tiles)`` also gives the seam filter the instances of the finished neighbours of the
+tiles still to do (an optional sink method: without it a resumed run may repeat a nucleus on a
+seam between a finished and a new tile).
 
 One cohesive concept: the overlap-tile engine (grid, reading, ownership, stitching, streaming,
 checkpoint) whose parts share the tile geometry and the ownership rule above.
@@ -111,7 +126,11 @@ GEOMETRY_KEYS = frozenset({"id", "centroid", "area", "bbox"})
 ``"class"`` column becomes the instance's top-level ``"class"``)."""
 
 CHECKPOINT_FORMAT = "kerasnuc-tiling-checkpoint"
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2
+
+SAME_NUCLEUS_OVERLAP = 0.5
+"""Two instances from different tiles are one nucleus when their overlap is at least this
+fraction of the smaller one."""
 
 
 class TileSink(Protocol):
@@ -375,6 +394,7 @@ def tile_instances(
     index: int,
     first_id: int,
     contours: bool = True,
+    seam_tolerance: int = 0,
 ) -> list[dict[str, Any]]:
     """The instances of one tile's prediction that its core owns, in level-0 coordinates.
 
@@ -385,6 +405,9 @@ def tile_instances(
         first_id: global id given to the first kept instance (then consecutive, in the order
             of the tile's ids).
         contours: also compute each instance's outer contour.
+        seam_tolerance: model pixels by which the core is extended on every side for the
+            ownership test (0: the core itself); neighbouring tiles then both own the nuclei
+            on their seam, and :func:`predict_streaming` keeps one of them.
 
     Returns:
         The instance dicts of the sink protocol (see the module docstring).
@@ -435,8 +458,10 @@ def tile_instances(
         ly, lx = oy + (cy + 0.5) * k - 0.5, ox + (cx + 0.5) * k - 0.5
     else:
         ly, lx = oy + cy, ox + cx
-    c0y, c0x = oy + grid.read_margin, ox + grid.read_margin
-    own = (ly >= c0y) & (ly < c0y + grid.core) & (lx >= c0x) & (lx < c0x + grid.core)
+    tol = check_int("seam_tolerance", seam_tolerance, 0) * k
+    c0y, c0x = oy + grid.read_margin - tol, ox + grid.read_margin - tol
+    side = grid.core + 2 * tol
+    own = (ly >= c0y) & (ly < c0y + side) & (lx >= c0x) & (lx < c0x + side)
     kept = np.flatnonzero(own)
     if kept.size == 0:
         return []
@@ -588,6 +613,81 @@ def _majority_class(labels: np.ndarray, classes: Any, size: int, top: int) -> np
     return best
 
 
+def _same_nucleus(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether two instances (level-0 bbox + mask) overlap by :data:`SAME_NUCLEUS_OVERLAP` of
+    the smaller one."""
+    ay0, ax0, ay1, ax1 = a["bbox"]
+    by0, bx0, by1, bx1 = b["bbox"]
+    y0, x0, y1, x1 = max(ay0, by0), max(ax0, bx0), min(ay1, by1), min(ax1, bx1)
+    if y1 <= y0 or x1 <= x0:
+        return False
+    inter = np.count_nonzero(
+        a["mask"][y0 - ay0 : y1 - ay0, x0 - ax0 : x1 - ax0]
+        & b["mask"][y0 - by0 : y1 - by0, x0 - bx0 : x1 - bx0]
+    )
+    return inter > 0 and inter >= SAME_NUCLEUS_OVERLAP * min(a["area"], b["area"])
+
+
+class _SeamFilter:
+    """Keeps one copy of a nucleus that neighbouring tiles both own (see the module docstring).
+
+    Tiles are processed in index order, so the earlier neighbours of tile ``(r, c)`` are
+    ``(r, c - 1)`` and ``(r - 1, c - 1 .. c + 1)``. Of each processed tile, the instances that
+    reach within ``reach`` level-0 pixels of its core's border (the only ones a neighbour's
+    instance can overlap) are remembered until no later tile has that tile as a neighbour, so
+    memory stays bounded by one row of tiles' borders.
+
+    Args:
+        grid: the tiling.
+        reach: level-0 pixels from the core border within which an instance may meet one of
+            a neighbour (margin plus tolerance).
+    """
+
+    def __init__(self, grid: TileGrid, reach: float) -> None:
+        self.grid = grid
+        self.reach = reach
+        self.boxes = grid.core_boxes()
+        self.border: dict[int, list[dict[str, Any]]] = {}
+
+    def _neighbours(self, index: int) -> list[int]:
+        row, col = divmod(index, self.grid.cols)
+        out = [(row, col - 1)] + [(row - 1, col + d) for d in (-1, 0, 1)]
+        return [r * self.grid.cols + c for r, c in out if r >= 0 and 0 <= c < self.grid.cols]
+
+    def remember(self, index: int, instances: list[dict[str, Any]]) -> None:
+        """Record the instances kept from tile ``index`` (also those of a resumed run)."""
+        y0, x0, y1, x1 = self.boxes[index]
+        r = self.reach
+        near = [
+            d
+            for d in instances
+            if d["bbox"][0] < y0 + r
+            or d["bbox"][1] < x0 + r
+            or d["bbox"][2] > y1 - r
+            or d["bbox"][3] > x1 - r
+        ]
+        if near:
+            self.border[index] = near
+
+    def __call__(self, index: int, instances: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The instances of tile ``index`` that no earlier neighbour has kept already."""
+        taken = [d for t in self._neighbours(index) for d in self.border.get(t, ())]
+        kept = instances
+        if taken:
+            boxes = np.array([d["bbox"] for d in taken], dtype=np.int64)
+            kept = []
+            for inst in instances:
+                y0, x0, y1, x1 = inst["bbox"]
+                rows = (boxes[:, 0] < y1) & (boxes[:, 2] > y0)
+                near = np.flatnonzero(rows & (boxes[:, 1] < x1) & (boxes[:, 3] > x0))
+                if not any(_same_nucleus(inst, taken[j]) for j in near):
+                    kept.append(inst)
+        self.remember(index, kept)
+        for t in [t for t in self.border if t < index - self.grid.cols - 1]:
+            del self.border[t]
+        return kept
+
+
 class _Checkpoint:
     """Finished tiles and the next free id, saved atomically as JSON."""
 
@@ -701,6 +801,7 @@ def predict_streaming(
     progress: ProgressFn | None = None,
     contours: bool = True,
     prefetch: bool = True,
+    seam_tolerance: int | None = None,
 ) -> StreamSummary:
     """Predict a large image or slide tile by tile and stream the kept instances to ``sink``.
 
@@ -727,6 +828,9 @@ def predict_streaming(
         progress: ``progress(done, total)`` after every batch (and once at the start).
         contours: compute each instance's contour.
         prefetch: read the next batch in a background thread.
+        seam_tolerance: model pixels by which the cores are extended for ownership, so that a
+            nucleus on a seam that two tiles outline differently is found once, not twice or
+            never (see the module docstring); None: ``margin // 8``.
 
     Returns:
         A :class:`StreamSummary`.
@@ -735,6 +839,9 @@ def predict_streaming(
         KerasnucError: unreadable input or a checkpoint from another run.
     """
     batch_size = check_int("batch_size", batch_size, 1)
+    if seam_tolerance is None:
+        seam_tolerance = check_int("margin", margin, 0) // 8
+    seam_tolerance = check_int("seam_tolerance", seam_tolerance, 0)
     source, opened = _as_source(image, mpp)
     try:
         return _stream(
@@ -748,6 +855,7 @@ def predict_streaming(
             progress,
             contours,
             prefetch,
+            seam_tolerance,
         )
     finally:
         if opened:
@@ -765,6 +873,7 @@ def _stream(
     progress: ProgressFn | None,
     contours: bool,
     prefetch: bool,
+    seam_tolerance: int,
 ) -> StreamSummary:
     start = time.perf_counter()
     selected = _tissue_selection(source, grid, tissue)
@@ -787,6 +896,7 @@ def _stream(
             "grid": [list(v) if isinstance(v, tuple) else v for v in dataclasses.astuple(grid)],
             "selected": hashlib.sha1(selected.tobytes()).hexdigest(),
             "n_selected": int(selected.size),
+            "seam_tolerance": seam_tolerance,
         }
         ckpt = _Checkpoint(checkpoint, fingerprint)
         done, next_id = set(ckpt.done), ckpt.next_id
@@ -795,6 +905,13 @@ def _stream(
     begin = getattr(sink, "begin", None)
     if callable(begin):
         begin(frozenset(int(i) for i in selected if int(i) in done))
+    k = grid.read_size / grid.tile_size * grid.downsample  # level-0 px per model px
+    seams = _SeamFilter(grid, (grid.margin + seam_tolerance) * k + 1)
+    replay = getattr(sink, "replay", None)
+    if todo and done and callable(replay):
+        first = todo[0] - grid.cols - 1  # no later tile has an earlier neighbour before this
+        for index, instances in replay(sorted(i for i in done if i >= first)):
+            seams.remember(index, instances)
     if progress is not None:
         progress(n_resumed, int(selected.size))
     batches = [todo[i : i + batch_size] for i in range(0, len(todo), batch_size)]
@@ -817,7 +934,10 @@ def _stream(
                     f"Received: {len(results)} results for {len(batch)} tiles"
                 )
             for index, result in zip(batch, results, strict=True):
-                instances = tile_instances(result, grid, index, next_id, contours)
+                found = tile_instances(result, grid, index, next_id, contours, seam_tolerance)
+                instances = seams(index, found)
+                for offset, inst in enumerate(instances):
+                    inst["id"] = next_id + offset
                 next_id += len(instances)
                 sink.on_tile(instances)
             if ckpt is not None:
@@ -918,6 +1038,7 @@ def predict_tiled(
     tissue: bool | np.ndarray | None = False,
     progress: ProgressFn | None = None,
     max_pixels: int = 12000 * 12000,
+    seam_tolerance: int | None = None,
 ) -> PostprocResult:
     """Predict an image that fits in memory tile by tile and stitch full-size maps.
 
@@ -937,6 +1058,7 @@ def predict_tiled(
             tissue throughout).
         progress: ``progress(done, total)`` after every batch.
         max_pixels: larger images raise (use :func:`predict_streaming`).
+        seam_tolerance: as in :func:`predict_streaming`.
 
     Returns:
         :class:`~kerasnuc.postprocess.common.PostprocResult`: ``instances`` ``(H, W)`` int32
@@ -964,6 +1086,7 @@ def predict_tiled(
             tissue=tissue,
             progress=progress,
             contours=False,
+            seam_tolerance=seam_tolerance,
         )
         return sink.result()
     finally:
@@ -1025,12 +1148,23 @@ class ResumableSink:
     def iter_tiles(self) -> Iterable[list[dict[str, Any]]]:
         """The stored tiles' instance lists, in tile order."""
         for _, path in self._parts():
-            try:
-                with np.load(path, allow_pickle=False) as data:
-                    arrays = {key: data[key] for key in data.files}
-            except (OSError, ValueError) as exc:
-                raise KerasnucError(f"{path}: unreadable partial output ({exc})") from exc
-            yield _unpack_part(arrays)
+            yield self._read(path)
+
+    def replay(self, tiles: Iterable[int]) -> Iterable[tuple[int, list[dict[str, Any]]]]:
+        """``(tile, instances)`` of the given finished tiles that hold instances."""
+        for tile in tiles:
+            path = self._part(int(tile))
+            if path.is_file():
+                yield int(tile), self._read(path)
+
+    @staticmethod
+    def _read(path: Path) -> list[dict[str, Any]]:
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                arrays = {key: data[key] for key in data.files}
+        except (OSError, ValueError) as exc:
+            raise KerasnucError(f"{path}: unreadable partial output ({exc})") from exc
+        return _unpack_part(arrays)
 
     def close(self) -> None:
         for instances in self.iter_tiles():

@@ -22,12 +22,17 @@ file when it converts: 16-bit (or other integer) data is divided by the smallest
 keeps its contrast; float data in [0, 1] is multiplied by 255; RGBA is composited on white (the
 colour of empty glass, so transparent areas read as background, never as dark tissue); greyscale
 raises a :class:`~kerasnuc.fileutil.KerasnucError` unless ``grey="convert"`` (then the grey value
-is repeated in R, G and B).
+is repeated in R, G and B). A TIFF's 2nd or 4th channel is alpha only when its tags say so
+(photometric RGB, or grey for 2 channels, with ExtraSamples associated or unassociated alpha;
+associated alpha is premultiplied colour, composited as ``C + 255 - A``); other 2- and 4-channel
+TIFFs (multiplex planes, CMYK, an unnamed extra sample, one page per channel) are refused with a
+line naming the file and its channel layout.
 
 Pixel size (``mpp``, micrometres per pixel at level 0) comes from, in order: the ``mpp``
 argument; OME-XML ``PhysicalSizeX`` (with its unit); the Aperio ``MPP = ...`` field of the SVS
 ImageDescription; the TIFF ``ResolutionUnit``/``XResolution`` tags; OpenSlide's ``openslide.mpp-x``
-property. Values outside 0.02-50 um/px (e.g. the 72 dpi default of many writers) are ignored.
+property. Values outside 0.02-50 um/px (:data:`~kerasnuc.checks.MPP_RANGE`; e.g. the 72 dpi
+default of many writers) are ignored; a given ``mpp`` outside it is refused (ValueError).
 
 Coordinates are ``(y, x)`` = ``(row, column)`` in pixels of the level they refer to; level 0 is
 the full resolution.
@@ -51,6 +56,7 @@ from typing import Any, Literal
 import cv2
 import numpy as np
 
+from kerasnuc.checks import check_mpp, is_plausible_mpp
 from kerasnuc.fileutil import KerasnucError, read_image
 
 logger = logging.getLogger(__name__)
@@ -61,26 +67,12 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 TIFF_SUFFIXES = (".tif", ".tiff", ".btf", ".tf8", ".tf2")
 OPENSLIDE_SUFFIXES = (".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide")
 TIFF_BASED_SLIDE_SUFFIXES = (".svs", ".ndpi", ".scn", ".bif", ".svslide")
-MPP_RANGE = (0.02, 50.0)
-"""Plausible pixel sizes in um/px; resolution tags outside this range are ignored."""
 
 DEFAULT_CACHE_BYTES = 128 * 1024**2
 """Decoded TIFF segments kept by :class:`TiffSource` (bytes)."""
 
 _FALLBACK_PIXELS = 64 * 1024**2
 """TIFF layouts that cannot be read lazily are decoded whole up to this many pixels."""
-
-
-def check_mpp(mpp: float | None, name: str = "mpp") -> float | None:
-    """Return ``mpp`` as a float, or raise a ``ValueError`` when it is not a positive number."""
-    if mpp is None:
-        return None
-    if isinstance(mpp, bool) or not isinstance(mpp, int | float | np.integer | np.floating):
-        raise ValueError(f"`{name}` must be a positive number or None. Received: {name}={mpp!r}")
-    value = float(mpp)
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"`{name}` must be a positive number or None. Received: {name}={mpp!r}")
-    return value
 
 
 def _check_grey(grey: str) -> None:
@@ -91,7 +83,7 @@ def _check_grey(grey: str) -> None:
 def _plausible_mpp(value: float | None, origin: str, name: str) -> float | None:
     if value is None or not math.isfinite(value):
         return None
-    if MPP_RANGE[0] <= value <= MPP_RANGE[1]:
+    if is_plausible_mpp(value):
         return float(value)
     logger.debug("%s: ignoring implausible pixel size %.4g um/px from %s", name, value, origin)
     return None
@@ -122,6 +114,8 @@ class _Conversion:
         grey: policy for greyscale data.
         name: file name for messages.
         invert: the data is MinIsWhite greyscale.
+        premultiplied: the alpha channel (of 2 or 4 channels) is associated alpha: the colour is
+            already multiplied by it.
     """
 
     def __init__(
@@ -132,10 +126,13 @@ class _Conversion:
         grey: GreyPolicy,
         name: str,
         invert: bool = False,
+        premultiplied: bool = False,
     ) -> None:
         _check_grey(grey)
         self.channels = channels
         self.invert = invert
+        self.premultiplied = premultiplied
+        self.name = name
         self.dtype = np.dtype(dtype)
         self.top: float | None = None
         if channels not in (1, 2, 3, 4):
@@ -157,6 +154,8 @@ class _Conversion:
         if self.dtype == np.bool_:
             self.top = 1.0
         elif self.dtype.kind == "f":
+            if not math.isfinite(max_value):
+                raise KerasnucError(f"{name}: NaN or infinite pixel values in a float image")
             self.top = 1.0 if max_value <= 1.0 else 255.0
         elif self.dtype.kind in "iu":
             bits = 8
@@ -180,6 +179,8 @@ class _Conversion:
         """``(h, w[, c])`` stored pixels -> ``(h, w, 3)`` uint8 RGB."""
         if arr.ndim == 2:
             arr = arr[:, :, None]
+        if self.dtype.kind == "f" and not np.all(np.isfinite(arr)):
+            raise KerasnucError(f"{self.name}: NaN or infinite pixel values in a float image")
         if self.top is not None:
             scaled = arr.astype(np.float32) * np.float32(255.0 / self.top)
             arr = np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
@@ -189,7 +190,10 @@ class _Conversion:
         if self.channels in (2, 4):
             color = arr[:, :, :-1].astype(np.uint32)
             alpha = arr[:, :, -1:].astype(np.uint32)
-            arr = ((color * alpha + 255 * (255 - alpha) + 127) // 255).astype(np.uint8)
+            if self.premultiplied:
+                arr = np.minimum(color + (255 - alpha), 255).astype(np.uint8)
+            else:
+                arr = ((color * alpha + 255 * (255 - alpha) + 127) // 255).astype(np.uint8)
         if arr.shape[2] == 1:
             arr = np.repeat(arr, 3, axis=2)
         return np.ascontiguousarray(arr, dtype=np.uint8)
@@ -342,6 +346,8 @@ class ArraySource(ImageSource):
         mpp: micrometres per pixel, or None.
         name: label used in messages.
         grey: ``"error"`` (default) rejects greyscale images, ``"convert"`` repeats the grey value.
+        premultiplied: the alpha of a 2- or 4-channel image is associated alpha (colour already
+            multiplied by it); default: straight alpha, as in PNG.
     """
 
     def __init__(
@@ -350,6 +356,7 @@ class ArraySource(ImageSource):
         mpp: float | None = None,
         name: str = "<array>",
         grey: GreyPolicy = "error",
+        premultiplied: bool = False,
     ) -> None:
         _check_grey(grey)
         arr = np.asarray(image)
@@ -360,7 +367,9 @@ class ArraySource(ImageSource):
             )
         channels = 1 if arr.ndim == 2 else arr.shape[2]
         max_value = float(arr.max()) if arr.dtype != np.uint8 else 255.0
-        convert = _Conversion(channels, arr.dtype, max_value, grey, name)
+        convert = _Conversion(
+            channels, arr.dtype, max_value, grey, name, premultiplied=premultiplied
+        )
         self.image = convert(arr)
         self.mpp = check_mpp(mpp)
         self._init_levels([self.image.shape[:2]])
@@ -422,6 +431,57 @@ def _tag_mpp(page: Any, name: str) -> float | None:
     if um_per_unit is None or per_unit <= 0:
         return None
     return _plausible_mpp(um_per_unit / per_unit, "TIFF resolution tags", name)
+
+
+_ALPHA = {1: True, 2: False}  # TIFF ExtraSamples value -> premultiplied (associated alpha)
+
+
+def _tiff_alpha(
+    channels: int, photometric: int, extrasamples: tuple, name: str, pages: int = 0
+) -> bool:
+    """Whether the last of ``channels`` TIFF channels is premultiplied alpha (False: straight
+    alpha or no alpha at all), from the photometric and ExtraSamples tags.
+
+    Args:
+        channels: channels of the decoded image.
+        photometric: the TIFF photometric interpretation.
+        extrasamples: the ExtraSamples tag values.
+        name: the file named in errors.
+        pages: > 0 when the channels are that many pages of one sample each.
+
+    Raises:
+        KerasnucError: 2 or 4 channels whose tags do not make the last one alpha (multiplex
+            planes, CMYK, an unspecified extra sample): the message names the layout.
+    """
+    if channels not in (2, 4):
+        return False
+    colour = photometric == 2 if channels == 4 else photometric in (0, 1)
+    extra = [int(e) for e in extrasamples]
+    if colour and not pages and len(extra) == 1 and extra[0] in _ALPHA:
+        return _ALPHA[extra[0]]
+    import tifffile
+
+    try:
+        kind = tifffile.PHOTOMETRIC(photometric).name
+    except ValueError:
+        kind = str(photometric)
+    if photometric == 5:
+        kind += " (CMYK)"
+    if pages:
+        layout = f"{pages} pages of one {kind} sample each"
+    else:
+        names = []
+        for e in extra:
+            try:
+                names.append(tifffile.EXTRASAMPLE(e).name)
+            except ValueError:
+                names.append(str(e))
+        layout = f"photometric {kind}, ExtraSamples {', '.join(names) or 'none'}"
+    expected = "RGB" if channels == 4 else "grey"
+    raise KerasnucError(
+        f"{name}: {channels} channels that are not {expected} + alpha ({layout}); kerasnuc reads "
+        "RGB H&E images: save the RGB channels alone (multiplex planes and CMYK are not supported)"
+    )
 
 
 class _UnsupportedLayout(Exception):
@@ -492,9 +552,16 @@ class TiffSource(ImageSource):
         sep, _, _, _, contig = key0.shaped
         self._samples = sep * contig
         try:
+            premultiplied = _tiff_alpha(self._samples, photometric, key0.extrasamples, self.name)
             max_value = self._max_value(key0.dtype)
             self._convert = _Conversion(
-                self._samples, key0.dtype, max_value, grey, self.name, invert=photometric == 0
+                self._samples,
+                key0.dtype,
+                max_value,
+                grey,
+                self.name,
+                invert=photometric == 0,
+                premultiplied=premultiplied,
             )
         except Exception:
             self.close()
@@ -530,7 +597,7 @@ class TiffSource(ImageSource):
                 values.append(
                     float(self._raw(level, y, x, min(h, y + 2048), min(w, x + 2048)).max())
                 )
-        return max(values)
+        return math.nan if any(math.isnan(v) for v in values) else max(values)
 
     def _segment(self, level: int, index: int) -> np.ndarray | None:
         """Decoded segment ``(rows, cols, samples)`` (None for a segment absent from the file)."""
@@ -743,11 +810,25 @@ def _small_tiff(path: Path, mpp: float | None, grey: GreyPolicy, why: Exception)
             if pixels > _FALLBACK_PIXELS:
                 raise KerasnucError(f"{path}: unsupported TIFF layout for a large image ({why})")
             arr = np.squeeze(series.asarray())
-            found = _tag_mpp(series.keyframe, str(path))
+            key = series.keyframe
+            found = _tag_mpp(key, str(path))
+            photometric, extrasamples = int(key.photometric), tuple(key.extrasamples)
+            samples = int(key.samplesperpixel)
     except KerasnucError:
         raise
     except Exception as exc:  # corrupt file
         raise KerasnucError(f"{path}: cannot read TIFF ({exc})") from exc
     if arr.ndim == 3 and arr.shape[0] in (1, 2, 3, 4) and arr.shape[2] not in (1, 2, 3, 4):
         arr = np.moveaxis(arr, 0, -1)
-    return ArraySource(arr, mpp=_resolve_mpp(mpp, found, str(path)), name=str(path), grey=grey)
+    channels = arr.shape[2] if arr.ndim == 3 else 1
+    pages = channels if samples == 1 and channels > 1 else 0
+    premultiplied = _tiff_alpha(channels, photometric, extrasamples, str(path), pages=pages)
+    if photometric == 5:  # CMYK with 3 or 5+ channels: not RGB either
+        raise KerasnucError(f"{path}: CMYK (photometric SEPARATED) TIFF; save it as RGB first")
+    return ArraySource(
+        arr,
+        mpp=_resolve_mpp(mpp, found, str(path)),
+        name=str(path),
+        grey=grey,
+        premultiplied=premultiplied,
+    )

@@ -109,6 +109,7 @@ class ConicModel(keras.Model):
                 dtype="float32",
                 trainable=False,
                 autocast=False,
+                aggregation="mean",  # replicas' updates averaged: one global prior
                 name="class_frequency",
             )
 

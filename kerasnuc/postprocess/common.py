@@ -23,6 +23,7 @@ import numpy as np
 from scipy import ndimage as ndi
 from skimage.measure import label as _sk_label
 
+from kerasnuc.config import check_field_types
 from kerasnuc.fileutil import KerasnucError, write_json_atomic
 from kerasnuc.instances import instance_centroids
 
@@ -78,7 +79,8 @@ class SettingsFile:
 
     @classmethod
     def checked_dict(cls, config: Mapping[str, Any]) -> dict[str, Any]:
-        """``dict(config)`` after checking that every key is a field (ValueError if not)."""
+        """``dict(config)`` after checking that every key is a field and every value has the
+        field's type (ValueError naming the key if not)."""
         names = {field.name for field in dataclasses.fields(cls)}
         unknown = sorted(set(config) - names)
         if unknown:
@@ -86,6 +88,7 @@ class SettingsFile:
                 f"Unknown post-processing setting(s) {unknown}; "
                 f"expected a subset of {sorted(names)}"
             )
+        check_field_types(cls, config)
         return dict(config)
 
     @classmethod

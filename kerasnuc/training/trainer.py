@@ -12,21 +12,29 @@ Choices where the paper is silent:
   pipeline draws ``steps_per_epoch * batch_size`` crops per epoch, so that the pipeline's epochs
   and Keras' epochs coincide and a resumed run continues the data stream exactly where it
   stopped (``start_epoch``).
-* The full training state is saved after every epoch; resuming restores it and calls ``fit``
-  with ``initial_epoch``. With ``PipelineConfig.deterministic=True`` and one thread per op a
-  resumed run reproduces the history of an uninterrupted one; with the default parallel,
-  non-deterministic pipeline only the order of the crops inside a batch window may differ.
+* The full training state is saved after every epoch (model variables including batch-norm
+  statistics, the conic class prior and the dropout seed generators; optimizer variables
+  including the step that drives the schedule); resuming restores it and calls ``fit`` with
+  ``initial_epoch``, and the pipeline restarts at ``start_epoch`` with the same per-element
+  seeds. On a CPU, with ``PipelineConfig.deterministic`` (the default), a resumed run is
+  bit-identical to an uninterrupted one. Not so with ``deterministic=False`` (crops of the
+  parallel maps overtake each other, so batches differ from run to run), and on GPUs, whose
+  kernels (e.g. cuDNN convolution gradients) are not deterministic unless TensorFlow's op
+  determinism is enabled.
 * Validation uses the run's ``postproc.json`` (defaults until ``kerasnuc tune`` writes tuned
   thresholds), so that checkpoint selection and final inference agree.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
-from collections.abc import Sequence
+import shutil
+import tempfile
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -35,17 +43,18 @@ import keras
 
 from kerasnuc.config import DataConfig, RunConfig
 from kerasnuc.data.dataset import Dataset
-from kerasnuc.fileutil import KerasnucError
+from kerasnuc.data.info import check_labels
+from kerasnuc.fileutil import KerasnucError, replace_dir
 from kerasnuc.optimizers.schedules import build_optimizer, set_clip_norm
 from kerasnuc.runs import (
-    BEST_WEIGHTS,
     CHECKPOINT_DIR,
-    HISTORY,
     LOG_DIR,
     POSTPROC,
     RUN_CONFIG,
+    RUN_ENTRIES,
     load_config,
     load_initial_weights,
+    pending_run_dir,
     save_config,
 )
 from kerasnuc.training.callbacks import (
@@ -55,7 +64,12 @@ from kerasnuc.training.callbacks import (
     TrainingState,
 )
 from kerasnuc.training.checkpoint import has_checkpoint, restore_training_state
-from kerasnuc.training.strategy import get_strategy, precision_policy
+from kerasnuc.training.strategy import (
+    get_strategy,
+    precision_policy,
+    synchronize_batch_norm,
+    worker_role,
+)
 from kerasnuc.training.validation import val_items
 
 logger = logging.getLogger(__name__)
@@ -124,29 +138,131 @@ def resolve_config(config: RunConfig, datasets: Sequence[Dataset]) -> RunConfig:
     return replace(config, pipeline=pipeline, train=replace(config.train, steps_per_epoch=steps))
 
 
-def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
-    """Check ``run_dir`` for a new run (empty or absent) or a resumed one (has a checkpoint).
+def resume_dir(run_dir: str | os.PathLike) -> Path:
+    """The folder ``train --resume --out RUN_DIR`` continues: an unfinished replacement of the
+    run (:func:`~kerasnuc.runs.pending_run_dir`, ``train --overwrite`` interrupted) if there
+    is one, else ``RUN_DIR`` itself.
 
     Raises:
-        KerasnucError: resuming without a checkpoint, or a non-empty folder without ``resume``
-            or ``overwrite``.
+        KerasnucError: neither holds a training checkpoint.
     """
-    if resume:
-        if not has_checkpoint(run_dir / CHECKPOINT_DIR):
-            raise KerasnucError(f"{run_dir}: no training checkpoint to resume (not started?)")
-        return
-    if run_dir.exists() and any(run_dir.iterdir()):
+    run_dir = Path(run_dir)
+    pending = pending_run_dir(run_dir)
+    if has_checkpoint(pending / CHECKPOINT_DIR) and (pending / RUN_CONFIG).is_file():
+        return pending
+    if has_checkpoint(run_dir / CHECKPOINT_DIR) and (run_dir / RUN_CONFIG).is_file():
+        return run_dir
+    if not run_dir.exists():
+        raise KerasnucError(f"{run_dir}: no run to resume (no such folder)")
+    raise KerasnucError(
+        f"{run_dir}: no run to resume (no training checkpoint: no epoch of it has finished)"
+    )
+
+
+def prepare_run_dir(run_dir: str | os.PathLike, overwrite: bool) -> tuple[Path, bool]:
+    """The folder a new run trains in, created and checked writable; nothing is deleted.
+
+    ``RUN_DIR`` itself when it is absent or empty; with ``overwrite``, a run folder's
+    replacement trains in :func:`~kerasnuc.runs.pending_run_dir` (an earlier unfinished
+    replacement there is started over) and :func:`finish_run_dir` moves it onto ``RUN_DIR``
+    at the end.
+
+    Returns:
+        ``(folder, created)``: ``created`` tells whether this call made the folder.
+
+    Raises:
+        KerasnucError: ``RUN_DIR`` holds files without ``overwrite``, holds files that are not
+            part of a run (``overwrite`` would delete them), a replacement is pending without
+            ``overwrite``, or the folder cannot be written.
+    """
+    run_dir = Path(run_dir)
+    pending = pending_run_dir(run_dir)
+    if pending.exists() and not overwrite:
+        raise KerasnucError(
+            f"{run_dir}: an unfinished --overwrite run of it is in {pending} (use --resume to "
+            "continue it or --overwrite to start again)"
+        )
+    if run_dir.exists() and not run_dir.is_dir():
+        raise KerasnucError(f"{run_dir}: exists and is not a folder")
+    entries = sorted(p.name for p in run_dir.iterdir()) if run_dir.is_dir() else []
+    folder = run_dir
+    if entries:
         if not overwrite:
             raise KerasnucError(
                 f"{run_dir}: already exists (use --resume to continue it or --overwrite)"
             )
-        for name in (RUN_CONFIG, HISTORY, BEST_WEIGHTS, POSTPROC):
-            (run_dir / name).unlink(missing_ok=True)
-        import shutil
+        foreign = [name for name in entries if name not in RUN_ENTRIES]
+        if foreign:
+            raise KerasnucError(
+                f"{run_dir}: holds files that are not part of a training run "
+                f"({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}); --overwrite "
+                "replaces the whole folder, so move them or choose another --out"
+            )
+        folder = pending
+        shutil.rmtree(pending, ignore_errors=True)
+    created = not folder.exists()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-test.", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        if created:
+            shutil.rmtree(folder, ignore_errors=True)
+        raise KerasnucError(f"{folder}: cannot write the run folder ({exc.strerror})") from exc
+    return folder, created
 
-        shutil.rmtree(run_dir / CHECKPOINT_DIR, ignore_errors=True)
-        shutil.rmtree(run_dir / LOG_DIR, ignore_errors=True)
-    run_dir.mkdir(parents=True, exist_ok=True)
+
+def finish_run_dir(folder: Path, run_dir: Path) -> None:
+    """Move a finished replacement run (``folder`` = its pending folder) onto ``run_dir``."""
+    if folder != run_dir:
+        replace_dir(folder, run_dir)
+        logger.info("%s: replaced by the new run", run_dir)
+
+
+def discard_unstarted_run(folder: Path, run_dir: Path, created: bool) -> None:
+    """After a failed new run: delete what it wrote unless an epoch finished (then it resumes).
+
+    ``folder`` was empty or absent when the run started, so everything in it is the run's own.
+    """
+    if has_checkpoint(folder / CHECKPOINT_DIR):
+        if folder != run_dir:
+            logger.warning(
+                "%s is unchanged; the new run so far is in %s (train --resume --out %s "
+                "continues it)",
+                run_dir,
+                folder,
+                run_dir,
+            )
+        return
+    if created:
+        shutil.rmtree(folder, ignore_errors=True)
+    elif folder.is_dir():
+        for child in folder.iterdir():
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child, ignore_errors=True)
+            else:
+                child.unlink(missing_ok=True)
+
+
+class RunFiles(keras.callbacks.Callback):
+    """Write ``config.json`` and ``postproc.json`` of a new run at the end of its first epoch.
+
+    Until then the run folder stays empty, so a run that fails before it has anything to
+    resume leaves nothing behind that would block a rerun.
+    """
+
+    def __init__(self, run_dir: Path, config: RunConfig, postproc: Any) -> None:
+        super().__init__()
+        self.run_dir = Path(run_dir)
+        self.config = config
+        self.postproc = postproc
+
+    def on_epoch_end(self, epoch, logs=None):
+        if not (self.run_dir / RUN_CONFIG).is_file():
+            save_config(self.config, self.run_dir)
+        if not (self.run_dir / POSTPROC).is_file():
+            self.postproc.save(self.run_dir / POSTPROC)
 
 
 def train_run(
@@ -161,16 +277,26 @@ def train_run(
 ) -> TrainResult:
     """Train the model of ``config`` into ``run_dir``.
 
+    Everything is checked (data, classes, config, the folder is writable) before anything is
+    written or deleted. A new run writes its files from the end of its first epoch on; if it
+    fails before that, what it wrote is removed again. With ``overwrite`` an existing run is
+    replaced only when the new one has finished: until then the new one trains in
+    :func:`~kerasnuc.runs.pending_run_dir`, where ``resume`` continues it.
+
     Args:
         config: run config; ``data.datasets`` names the dataset folders; the ``model`` section
             must have ``num_classes = max(1, C)`` of the data. Ignored when resuming (the run's
             ``config.json`` is used).
         run_dir: output folder (see :mod:`kerasnuc.runs` for its files).
-        resume: continue the run from ``run_dir/checkpoint``.
-        overwrite: replace the outputs of an existing run folder.
+        resume: continue the run from its checkpoint (see :func:`resume_dir`).
+        overwrite: replace an existing run folder (once the new run has finished).
         verbose: Keras ``fit`` verbosity (1: progress bar).
         callbacks: extra Keras callbacks, run after the kerasnuc ones.
         tensorboard: write TensorBoard logs to ``run_dir/logs``.
+
+    With ``train.strategy == "multiworker"`` every worker process calls this with the same
+    arguments and its own ``TF_CONFIG``; only the chief writes into ``run_dir``, the others into
+    a temporary folder (see :func:`_worker_scratch`), so ``run_dir`` may be shared storage.
 
     Returns:
         :class:`TrainResult`.
@@ -178,15 +304,61 @@ def train_run(
     Raises:
         KerasnucError: bad data or run folder (one-line messages for the CLI).
     """
+    run_dir = Path(run_dir)
+    source = resume_dir(run_dir) if resume else None
+    if (load_config(source) if source else config).train.strategy == "multiworker":
+        kind, index, chief = worker_role()
+        if not chief:
+            with _worker_scratch(source, f"{kind}{index}") as scratch:
+                return _train_run(config, scratch, resume, True, verbose, callbacks, tensorboard)
+    return _train_run(config, run_dir, resume, overwrite, verbose, callbacks, tensorboard)
+
+
+# Keep the scratch folder of a non-chief worker (for tests and debugging); it is removed otherwise.
+KEEP_WORKER_DIR_ENV = "KERASNUC_KEEP_WORKER_DIR"
+
+
+@contextlib.contextmanager
+def _worker_scratch(source: Path | None, task: str) -> Iterator[Path]:
+    """A temporary run folder for a non-chief worker of a multi-worker run.
+
+    Only the chief writes into the run folder (weights, checkpoint, history, logs); the other
+    workers run the same steps and write their copies here, as TensorFlow's multi-worker
+    guide prescribes. Resuming, the scratch folder starts as a copy of ``source``, the folder
+    the chief resumes (:func:`resume_dir`), so every worker restores the same state.
+    """
+    scratch = Path(tempfile.mkdtemp(prefix=f"kerasnuc-{task}-"))
+    logger.info("%s is not the chief: its run files go to %s", task, scratch)
+    try:
+        if source is not None:
+            shutil.copytree(source, scratch, dirs_exist_ok=True)
+        yield scratch
+    finally:
+        if os.environ.get(KEEP_WORKER_DIR_ENV) != "1":
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _train_run(
+    config: RunConfig,
+    run_dir: Path,
+    resume: bool,
+    overwrite: bool,
+    verbose: int | str,
+    callbacks: Sequence[keras.callbacks.Callback],
+    tensorboard: bool,
+) -> TrainResult:
     from kerasnuc.data.pipeline import shared_classes
     from kerasnuc.registry import get_method
 
     run_dir = Path(run_dir)
-    prepare_run_dir(run_dir, resume, overwrite)
     if resume:
-        config = load_config(run_dir)
+        folder = resume_dir(run_dir)
+        config = load_config(folder)
+        if folder != run_dir:
+            logger.info("%s: continuing its unfinished replacement in %s", run_dir, folder)
     method = get_method(config.method)
     datasets = open_datasets(config.data.datasets, config.data)
+    check_labels(datasets, (config.data.train_split, config.data.val_split))
     num_classes, _ = shared_classes(datasets)
     model_cfg = method.model_config.from_dict(config.model)
     if getattr(model_cfg, "num_classes", None) != max(1, num_classes):
@@ -198,26 +370,69 @@ def train_run(
         config = resolve_config(config, datasets)
         if method.prepare_config is not None:
             config = method.prepare_config(config, datasets)
-        save_config(config, run_dir)
-        if not (run_dir / POSTPROC).is_file():
-            method.new_postproc(config).save(run_dir / POSTPROC)
     pipeline_cfg = _pipeline_config(config)
-    train_cfg = config.train
-    postproc = method.postproc_config.load(run_dir / POSTPROC)
+    if resume and (folder / POSTPROC).is_file():
+        postproc = method.postproc_config.load(folder / POSTPROC)
+    else:
+        postproc = method.new_postproc(config)
     try:
         items, _ = val_items(
-            datasets, config.data.val_split, config.data.mpp, train_cfg.val_max_images
+            datasets, config.data.val_split, config.data.mpp, config.train.val_max_images
         )
     except KerasnucError as exc:
         logger.warning("no validation (%s): the last epoch's weights are kept", exc)
         items = []
+    created = False
+    if not resume:
+        folder, created = prepare_run_dir(run_dir, overwrite)
+    try:
+        result = _fit(
+            config,
+            folder,
+            method,
+            datasets,
+            num_classes,
+            pipeline_cfg,
+            postproc,
+            items,
+            resume,
+            verbose,
+            callbacks,
+            tensorboard,
+        )
+    except BaseException:
+        if not resume:
+            discard_unstarted_run(folder, run_dir, created)
+        raise
+    finish_run_dir(folder, run_dir)
+    result.run_dir = run_dir
+    return result
 
+
+def _fit(
+    config: RunConfig,
+    run_dir: Path,
+    method: Any,
+    datasets: list[Dataset],
+    num_classes: int,
+    pipeline_cfg: Any,
+    postproc: Any,
+    items: list,
+    resume: bool,
+    verbose: int | str,
+    callbacks: Sequence[keras.callbacks.Callback],
+    tensorboard: bool,
+) -> TrainResult:
+    """Build, restore and fit the model of ``config`` in the training folder ``run_dir``."""
+    train_cfg = config.train
     with precision_policy(train_cfg.mixed_precision):
         keras.utils.set_random_seed(train_cfg.seed)
         strategy = get_strategy(train_cfg.strategy)
         steps = int(train_cfg.steps_per_epoch)
         with strategy.scope():
             model = method.build(method.model_config.from_dict(config.model))
+            if train_cfg.strategy == "multiworker":
+                synchronize_batch_norm(model)
             make_optimizer = method.optimizer or build_optimizer
             optimizer = make_optimizer(train_cfg, train_cfg.epochs * steps)
             set_clip_norm(optimizer, train_cfg.clip_norm)
@@ -277,7 +492,7 @@ def train_run(
             best_epoch=state["best_epoch"],
         )
         record = TrainingState(run_dir, best, state["history"])
-        all_callbacks: list[keras.callbacks.Callback] = []
+        all_callbacks: list[keras.callbacks.Callback] = [RunFiles(run_dir, config, postproc)]
         if method.callbacks is not None:
             all_callbacks.extend(method.callbacks(config, model))
         all_callbacks.extend([best, record])

@@ -559,6 +559,75 @@ def test_geojson_class_errors(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def write_geojson_source(root: Path, features: list[dict], size: int = 8) -> Path:
+    (root / "images").mkdir(parents=True)
+    (root / "annotations").mkdir()
+    write_png(root / "images" / "t.png", rgb(size, size))
+    (root / "annotations" / "t.geojson").write_text(
+        json.dumps({"type": "FeatureCollection", "features": features})
+    )
+    return root
+
+
+def polygon_feature(coordinates: list) -> dict:
+    return {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": coordinates}}
+
+
+def test_geojson_polygons_outside_the_image(tmp_path):
+    """Issue 20, item 4: polygons that miss the image are an error, not 0 nuclei and exit 0."""
+    far = [polygon_feature([square(100, 100, 110, 110)]), polygon_feature([square(-9, 0, -1, 4)])]
+    src = write_geojson_source(tmp_path / "far", far)
+    with pytest.raises(KerasnucError, match=r"t\.geojson: none of its 2 polygons covers a pixel"):
+        import_dataset("geojson", src, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    # One inside (rows 0..1, cols 0..1), one outside: imported, the miss reported.
+    src = write_geojson_source(tmp_path / "half", [polygon_feature([square(0, 0, 2, 2)]), far[0]])
+    report = import_dataset("geojson", src, tmp_path / "out")
+    assert report.n_nuclei == 1
+    assert any("t.geojson: 1 polygon(s) outside the 8x8 image" in p for p in report.problems)
+
+
+def test_geojson_empty_coordinates(tmp_path):
+    """``"coordinates": []`` (an empty geometry, RFC 7946) is skipped and reported."""
+    feats = [polygon_feature([]), polygon_feature([square(0, 0, 2, 2)])]
+    src = write_geojson_source(tmp_path / "src", feats)
+    report = import_dataset("geojson", src, tmp_path / "out")
+    assert report.n_nuclei == 1
+    assert any("t.geojson: skipped 1 empty geometry" in p for p in report.problems)
+    src = write_geojson_source(tmp_path / "only", [polygon_feature([])])
+    with pytest.raises(KerasnucError, match=r"t\.geojson: no polygon"):
+        import_dataset("geojson", src, tmp_path / "out2")
+    assert not (tmp_path / "out2").exists()
+
+
+def test_monuseg_rejects_other_xml_and_regions_outside(tmp_path):
+    """Issue 20, item 4: a non-MoNuSeg XML is an error naming the file, not 0 nuclei."""
+    src = make_monuseg(tmp_path / "src")
+    xml = src / "Annotations" / "TCGA-XX.xml"
+    xml.write_text(
+        "<annotation><object><name>cell</name><bndbox><xmin>1</xmin></bndbox></object></annotation>"
+    )  # Pascal VOC
+    with pytest.raises(KerasnucError, match=r"TCGA-XX\.xml: not a MoNuSeg .*<annotation>"):
+        import_dataset("monuseg", src, tmp_path / "out")
+    xml.write_text(MONUSEG_XML.replace('X="', 'X="10').replace('Y="', 'Y="10'))
+    with pytest.raises(KerasnucError, match=r"TCGA-XX\.xml: none of its 2 regions covers a pixel"):
+        import_dataset("monuseg", src, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_import_without_any_nucleus_fails(tmp_path):
+    """Every image of the import empty: nothing to train or score on, so nothing is written."""
+    src = tmp_path / "src"
+    (src / "images").mkdir(parents=True)
+    (src / "masks").mkdir()
+    for stem in ("a", "b"):
+        write_png(src / "images" / f"{stem}.png", rgb(6, 6))
+        write_png(src / "masks" / f"{stem}.png", np.zeros((6, 6), np.uint16))
+    with pytest.raises(KerasnucError, match="no nuclei in any of the 2 images"):
+        import_dataset("masks", src, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 # Shared behaviour --------------------------------------------------------------------------------
 
 

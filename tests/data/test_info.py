@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from kerasnuc.data import Dataset, DatasetWriter
-from kerasnuc.data.info import dataset_info
-from kerasnuc.fileutil import write_json_atomic, write_png
+from kerasnuc.data.info import check_labels, dataset_info
+from kerasnuc.fileutil import KerasnucError, write_json_atomic, write_png
 
 
 def make_dataset(root, mpp=0.5):
@@ -128,6 +128,24 @@ def test_nucleus_with_two_classes_is_reported(tmp_path):
     assert problems == [
         f"{root / 'instances' / 'b.png'}: nucleus id(s) [1] have more than one class"
     ]
+
+
+def test_check_labels_raises_the_first_problem_of_the_splits(tmp_path):
+    """``check_labels`` (train's up-front check) raises what ``dataset_info`` reports."""
+    root = make_dataset(tmp_path / "ds")
+    check_labels([Dataset(root)], ["train", "val"])  # a consistent dataset passes
+    cls = np.zeros((4, 6), np.uint8)
+    cls[1:3, 0:3] = 2
+    cls[1, 0] = 1  # nucleus 1 of b: classes 2 and 1
+    write_png(root / "classes" / "b.png", cls)
+    check_labels([Dataset(root)], ["train"])  # b is a val image
+    with pytest.raises(KerasnucError) as info:
+        check_labels([Dataset(root)], ["train", "val"])
+    assert str(info.value) == dataset_info(root)["problems"][0]
+    cls[1, 0] = 0  # a nucleus pixel without class
+    write_png(root / "classes" / "b.png", cls)
+    with pytest.raises(KerasnucError, match="b.png: class map must be 0 exactly where"):
+        check_labels([Dataset(root)], ["val"])
 
 
 def test_monuseg_kumar_is_fast(shared_data):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,6 +19,7 @@ from kerasnuc.inference.inputs import find_inputs, output_names
 from kerasnuc.inference.job import PredictOptions, is_complete, predict_input, predict_inputs
 from kerasnuc.io.geojson import read_geojson_instances
 from kerasnuc.io.masks import read_label_tiff
+from tests.inference.test_tiling import glass_sensitive_label, seam_image
 
 BLUE, RED = (40, 40, 200), (200, 40, 40)
 # (row, col, class) of the nuclei of the synthetic image: discs of radius 5, class 1 blue,
@@ -36,10 +39,16 @@ def disc_image() -> np.ndarray:
 class FakePredictor:
     """Dark pixels are nuclei (connected components), blue ones class 1, red ones class 2."""
 
-    def __init__(self, fail_after: int | None = None, mpp: float | None = 0.5) -> None:
+    def __init__(
+        self, fail_after: int | None = None, mpp: float | None = 0.5, version: str = "v1"
+    ) -> None:
         self.data_config = DataConfig(mpp=mpp, class_names={1: "blue", 2: "red"})
         self.calls = 0
         self.fail_after = fail_after
+        self.version = version
+
+    def fingerprint(self) -> dict:
+        return {"fake": self.version}
 
     def predict_instances_batch(self, tiles: np.ndarray) -> list:
         if self.fail_after is not None and self.calls >= self.fail_after:
@@ -237,3 +246,96 @@ def test_find_inputs_and_output_names(tmp_path):
 def test_options_are_checked():
     with pytest.raises(ValueError, match="formats"):
         PredictOptions(formats=frozenset({"pdf"}))
+
+
+class GlassSensitivePredictor:
+    """:func:`tests.inference.test_tiling.glass_sensitive_label` as a job predictor, 1 class."""
+
+    def __init__(self) -> None:
+        self.data_config = DataConfig(mpp=0.5, class_names={1: "nucleus"})
+
+    def predict_instances_batch(self, tiles: np.ndarray) -> list:
+        out = []
+        for inst in glass_sensitive_label(tiles):
+            n = int(inst.max())
+            probs = np.zeros((n, 2))
+            probs[:, 1] = 1.0
+            out.append((inst, (inst > 0).astype(np.int32), {"probabilities": probs}))
+        return out
+
+
+def test_streamed_slide_counts_each_nucleus_once_on_glass_seams(tmp_path):
+    """Issue 20 item 3: tissue on glass, streamed, gave some nuclei twice in GeoJSON/CSV/counts."""
+    image, centres = seam_image()
+    path = tmp_path / "in" / "seams.png"
+    write_png(path, image)
+    opts = PredictOptions(tile_size=96, margin=16, batch_size=4, mpp=0.5)
+    memory = predict_input(path, GlassSensitivePredictor(), tmp_path / "a", options=opts)
+    streamed_opts = PredictOptions(**{**opts.__dict__, "small_max_pixels": 0})
+    streamed = predict_input(path, GlassSensitivePredictor(), tmp_path / "b", options=streamed_opts)
+    assert (memory.mode, streamed.mode) == ("in-memory", "streaming")
+    assert memory.n_nuclei == streamed.n_nuclei == len(centres)
+    a, b = tmp_path / "a" / "seams", tmp_path / "b" / "seams"
+
+    def key(rows):
+        return sorted((r["centroid_x_px"], r["centroid_y_px"], r["area_px"]) for r in rows)
+
+    assert key(read_csv(a / "seams.csv")) == key(read_csv(b / "seams.csv"))
+    inst = read_label_tiff(b / "seams.instances.ome.tif")
+    assert len(np.unique(inst)) - 1 == len(centres)
+    np.testing.assert_array_equal(
+        read_geojson_instances(b / "seams.geojson", image.shape[:2]), inst
+    )
+    summary = json.loads((b / "seams.summary.json").read_text())
+    assert summary["counts"] == {"nucleus": len(centres)}
+    assert summary["tiles"]["predicted"] < summary["tiles"]["total"]  # glass skipped
+
+
+def test_resume_reuses_a_folder_only_for_the_same_input_model_and_settings(tmp_path):
+    """Issue 20 item 2: another input with the same stem, another model or other settings used
+    to get the old results back from ``--resume``."""
+    a, b = tmp_path / "a" / "x.png", tmp_path / "b" / "x.png"
+    write_png(a, disc_image())
+    write_png(b, np.ascontiguousarray(disc_image()[:90]))  # 3 of the 6 discs
+    out = tmp_path / "out"
+    opts = PredictOptions(tile_size=64, margin=16, mpp=0.5, resume=True)
+
+    def run(path, predictor=None, options=opts):
+        report = predict_input(path, predictor or FakePredictor(), out, options=options)
+        summary = json.loads((out / "x" / "x.summary.json").read_text())
+        return report, summary
+
+    report, _ = run(a)
+    assert (report.status, report.n_nuclei) == ("done", 6)
+    assert run(a)[0].status == "complete"
+    report, summary = run(b)
+    assert (report.status, report.n_nuclei) == ("done", 3)
+    assert summary["input"] == str(b) and summary["total"] == 3
+    assert any("another input" in w for w in report.warnings), report.warnings
+    assert run(b)[0].status == "complete"
+    # Another model, other settings (--mpp), a changed input file: predicted again.
+    report, summary = run(b, FakePredictor(version="v2"))
+    assert report.status == "done" and any("another model" in w for w in report.warnings)
+    assert summary["fingerprint"]["predictor"] == {"fake": "v2"}
+    other_mpp = PredictOptions(**{**opts.__dict__, "mpp": 0.25})
+    report, _ = run(b, FakePredictor(version="v2"), other_mpp)
+    assert report.status == "done" and any("other settings" in w for w in report.warnings)
+    assert run(b, FakePredictor(version="v2"), other_mpp)[0].status == "complete"
+    stat = b.stat()
+    os.utime(b, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    assert run(b, FakePredictor(version="v2"), other_mpp)[0].status == "done"
+
+
+def test_same_stem_inputs_of_one_batch_get_their_own_folders(tmp_path):
+    a, b, c = tmp_path / "a" / "x.png", tmp_path / "b" / "x.png", tmp_path / "c" / "X.png"
+    write_png(a, disc_image())
+    write_png(b, np.ascontiguousarray(disc_image()[:90]))
+    write_png(c, np.ascontiguousarray(disc_image()[:, :50]))
+    # Names differ also without regard to case (folders on macOS and Windows).
+    assert output_names([a, b, c]) == ["x_png", "x_png_2", "X_png_3"]
+    out = tmp_path / "out"
+    reports = predict_inputs([a, b, c], FakePredictor(), out, OPTIONS)
+    assert [(r.name, r.n_nuclei) for r in reports] == [("x_png", 6), ("x_png_2", 3), ("X_png_3", 3)]
+    for r, path in zip(reports, (a, b, c), strict=True):
+        summary = json.loads((out / r.name / f"{r.name}.summary.json").read_text())
+        assert Path(summary["input"]) == path

@@ -1,3 +1,5 @@
+import json
+
 import keras
 import numpy as np
 import pytest
@@ -263,3 +265,30 @@ def test_mismatched_ensemble_raises(run_dirs, tmp_path):
         Predictor.from_run_dirs([run_dirs["a"], run_dirs["c"]])
     with pytest.raises(KerasnucError, match="missing"):
         Predictor.from_run_dirs([run_dirs["a"], tmp_path])
+
+
+def test_fingerprint_names_the_weights_and_every_setting_that_changes_results():
+    """``predict --resume`` reuses earlier outputs only for an equal fingerprint (issue 20)."""
+    postproc = ConicPostprocConfig()
+    data = DataConfig(mpp=0.5, class_names=CLASSES)
+    model = _equivariant_model()
+    base = Predictor(model, CONIC, postproc, data).fingerprint()
+    # Equal for the same weights in another model object (a rerun loads the run again).
+    twin = _equivariant_model()
+    assert Predictor(twin, CONIC, postproc, data).fingerprint() == base
+    assert json.loads(json.dumps(base)) == base  # stored in the summary as JSON
+    # Other weights: one kernel value changed.
+    kernel = twin.get_layer("semantic").kernel
+    kernel.assign(kernel.numpy() + np.float32(1e-3))
+    changed = {
+        "weights": Predictor(twin, CONIC, postproc, data),
+        "tta": Predictor(model, CONIC, postproc, data, tta=4),
+        "mc_dropout": Predictor(model, CONIC, postproc, data, tta=4, mc_dropout=False),
+        "postproc": Predictor(model, CONIC, ConicPostprocConfig(fg_threshold=0.4), data),
+        "mpp": Predictor(model, CONIC, postproc, DataConfig(mpp=0.25, class_names=CLASSES)),
+        "ensemble": Predictor([model, twin], CONIC, postproc, data),
+    }
+    prints = {name: p.fingerprint() for name, p in changed.items()}
+    for name, fp in prints.items():
+        assert fp != base, name
+    assert prints["tta"] != prints["mc_dropout"]

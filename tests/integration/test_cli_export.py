@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 
 import pytest
 from click.testing import CliRunner
@@ -18,8 +20,16 @@ def test_export_command(tmp_path):
     base = tmp_path / "saved_models"
     runner = CliRunner()
     args = ["export", str(run_dir), "--name", "conic_tiny", "--base", str(base)]
-    result = runner.invoke(main, [*args, "--warmup", "64,32x48", "--json"])
+    old_umask = os.umask(0o022)
+    try:
+        result = runner.invoke(main, [*args, "--warmup", "64,32x48", "--json"])
+    finally:
+        os.umask(old_umask)
     assert result.exit_code == 0, result.output
+    # Readable by a TF Serving process or a colleague under umask 022 (issue 20, item 7).
+    for path in [base, *base.rglob("*")]:
+        mode = stat.S_IMODE(path.stat().st_mode)
+        assert mode == (0o755 if path.is_dir() else 0o644), (path, oct(mode))
     summary = json.loads(result.output)
     assert summary["version"] == 1
     assert summary["path"] == str(base / "conic_tiny" / "1")

@@ -120,7 +120,7 @@ def test_parse_dataset_mpp(tmp_path):
     dirs = [tmp_path / "kumar", tmp_path / "dsb"]
     assert parse_dataset_mpp(("dsb=0.3",), dirs) == {"dsb": 0.3}
     assert parse_dataset_mpp((), dirs) == {}
-    for bad in ("dsb", "dsb=x", "dsb=0", "dsb=-1"):
+    for bad in ("dsb", "dsb=x", "dsb=0", "dsb=-1", "dsb=1000", "dsb=1e-9", "dsb=nan"):
         with pytest.raises(KerasnucError, match="NAME=MPP"):
             parse_dataset_mpp((bad,), dirs)
     with pytest.raises(KerasnucError, match="not one of the --data folders"):

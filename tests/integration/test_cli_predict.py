@@ -140,6 +140,14 @@ def test_resume_skips_finished_inputs(first_run, run_dir, inputs):
     assert "0 predicted, 2 already complete" in result.output
     after = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
     assert after == before
+    # Other results with --tta: predicted again, not the old folder returned (issue 20).
+    result = invoke(inputs / "consep.png", "--model", run_dir, "--out", out, "--mpp", "0.25",
+                    "--resume", "--tta", "2", *FAST)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "1 predicted, 0 already complete" in result.output
+    assert "holds the results of another model; predicting it again" in result.output
+    summary = json.loads((out / "consep" / "consep.summary.json").read_text())
+    assert summary["fingerprint"]["predictor"]["tta"] == 2
 
 
 @pytest.mark.slow
@@ -174,3 +182,42 @@ def test_missing_model_and_bad_format_fail_with_one_line(tmp_path, monkeypatch):
     assert result.exit_code == 1 and "pass --model" in result.output
     result = invoke(tmp_path, "--out", tmp_path / "out", "--format", "geojson,pdf")
     assert result.exit_code == 2 and "pdf" in result.output
+
+
+@pytest.mark.slow
+def test_cluster_of_two_workers_equals_the_serial_run(run_dir, inputs, shared_data, tmp_path):
+    """--cluster local:2 on 6 real images and a corrupt one: the serial run's instance maps."""
+    pytest.importorskip("distributed", reason="needs kerasnuc[cluster] (dask)")
+    folder = tmp_path / "six"
+    folder.mkdir()
+    consep = sorted((shared_data / "consep" / "images").glob("train_*.png"))[:3]
+    kumar = read_image(sorted((shared_data / "monuseg_kumar" / "images").glob("*.png"))[1])
+    for k, path in enumerate(consep):
+        write_png(folder / f"consep{k}.png", read_image(path)[:192, :224])
+    for k in range(3):
+        write_png(folder / f"kumar{k}.png", kumar[k * 300 : k * 300 + 200, 100:360])
+    (folder / "zcorrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 64)
+    common = ["--model", run_dir, "--mpp", "0.25", "--format", "tiff,summary", *FAST]
+    serial = invoke(folder, "--out", tmp_path / "serial", *common)
+    cluster = invoke(folder, "--out", tmp_path / "cluster", "--cluster", "local:2", *common)
+    for result in (serial, cluster):
+        assert result.exit_code == 1, result.output
+        assert "6 predicted, 0 already complete (--resume), 1 failed" in result.output
+        assert "zcorrupt.png" in result.output.split("Failed inputs:")[1]
+    names = sorted(p.stem for p in folder.glob("[ck]*.png"))
+    assert sorted(p.name for p in (tmp_path / "cluster").iterdir()) == names
+    counts = []
+    for name in names:
+        a = tifffile.imread(tmp_path / "serial" / name / f"{name}.instances.ome.tif")
+        b = tifffile.imread(tmp_path / "cluster" / name / f"{name}.instances.ome.tif")
+        np.testing.assert_array_equal(a, b)
+        counts.append(np.unique(a[a > 0]).size)
+    assert min(counts) > 0, counts  # the comparison is not between empty maps
+
+
+def test_cluster_spec_errors_are_one_line(tmp_path):
+    for spec, says in (("local:0", "positive integer"), ("nowhere", "scheduler address")):
+        result = invoke(tmp_path, "--out", tmp_path / "o", "--cluster", spec)
+        assert result.exit_code == 1
+        assert f"--cluster {spec}: " in result.output and says in result.output
+        assert not (tmp_path / "o").exists()

@@ -19,23 +19,30 @@ from kerasnuc.postprocess.conic import ConicPostprocConfig, postprocess_conic
 from kerasnuc.runs import load_config, load_run
 
 
+def disc_sample(rng: np.random.Generator, size: int = 64):
+    """A noisy H&E-like image with 4 discs: ``(image, instances, classes 1 / 2 alternating)``."""
+    yy, xx = np.mgrid[:size, :size]
+    img = np.full((size, size, 3), 230.0)
+    inst = np.zeros((size, size), np.int32)
+    for i in range(1, 5):
+        cy, cx = rng.integers(8, size - 8, 2)
+        m = ((yy - cy) ** 2 + (xx - cx) ** 2 <= 25) & (inst == 0)
+        inst[m] = i
+        img[m] = (90, 30, 140)
+    cls = np.where(inst > 0, 1 + inst % 2, 0).astype(np.int32)
+    img = np.clip(img + rng.normal(0, 8, img.shape), 0, 255).astype(np.uint8)
+    return img, inst, cls
+
+
 def write_discs(root, classes: bool, n_train=2, n_val=2, size=64, seed=0):
     """Noisy images with 4 discs each (classes 1 / 2 alternating when ``classes``), seeded."""
     rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[:size, :size]
     meta = {"name": "discs", "mpp": 0.5, "classes": {"1": "a", "2": "b"} if classes else None}
     with DatasetWriter(root, meta) as w:
         for k in range(n_train + n_val):
-            img = np.full((size, size, 3), 230.0)
-            inst = np.zeros((size, size), np.int32)
-            for i in range(1, 5):
-                cy, cx = rng.integers(8, size - 8, 2)
-                m = ((yy - cy) ** 2 + (xx - cx) ** 2 <= 25) & (inst == 0)
-                inst[m] = i
-                img[m] = (90, 30, 140)
-            cls = np.where(inst > 0, 1 + inst % 2, 0).astype(np.int32) if classes else None
-            img = np.clip(img + rng.normal(0, 8, img.shape), 0, 255).astype(np.uint8)
-            w.add(f"im{k}", img, inst, cls, split="train" if k < n_train else "val")
+            img, inst, cls = disc_sample(rng, size)
+            split = "train" if k < n_train else "val"
+            w.add(f"im{k}", img, inst, cls if classes else None, split=split)
     return root
 
 
@@ -91,6 +98,8 @@ def test_train_then_tune_class_agnostic(tmp_path, agnostic):
         "--no-importance-sampling", "--val-max-images", "1",
     )  # fmt: skip
     assert res.exit_code == 0, res.output
+    # Not a terminal (a log file): one line per epoch, no colour codes (issue 20, item 11).
+    assert "\x1b[" not in res.output and "1/1 - " in res.output
     config = load_config(out)
     # defaults < file < flags
     assert config.model["num_classes"] == 1 and config.model["decoder_filters"] == [8] * 5

@@ -215,8 +215,9 @@ def test_mpp_sources_and_override(tmp_path, caplog):
         with open_image(svs, mpp=0.5) as src:
             assert src.mpp == 0.5
     assert "the file says 0.252" in caplog.text
-    with pytest.raises(ValueError, match="`mpp` must be a positive number"):
-        open_image(svs, mpp=0)
+    for bad in (0, 1000, 1e-9):  # issue 20, item 8: a typo is refused, not run for minutes
+        with pytest.raises(ValueError, match=r"`mpp` must be a pixel size in 0\.02\.\.50 um/px"):
+            open_image(svs, mpp=bad)
 
 
 def write_fake_svs(path, image):
@@ -364,3 +365,47 @@ def test_multipage_channels_tiff_falls_back_to_full_read(tmp_path):
     with open_image(path) as src:
         assert isinstance(src, ArraySource)
         np.testing.assert_array_equal(src.read_region(0, 0, 50, 60), planes.transpose(1, 2, 0))
+
+
+@pytest.mark.parametrize(
+    "name, kwargs, layout",
+    [
+        ("planes.tif", {"photometric": "minisblack", "planarconfig": "contig"}, "MINISBLACK"),
+        ("cmyk.tif", {"photometric": "separated"}, "CMYK"),
+        ("rgbx.tif", {"photometric": "rgb", "extrasamples": ["unspecified"]}, "UNSPECIFIED"),
+        ("planar.tif", {"photometric": "minisblack", "planarconfig": "separate"}, "MINISBLACK"),
+        ("pages.tif", {"photometric": "minisblack"}, "4 pages"),
+    ],
+)
+def test_four_channels_that_are_not_rgba_are_refused(tmp_path, name, kwargs, layout):
+    """Multiplex planes, CMYK and an unnamed 4th sample are not RGB + alpha (issue 20, item 5)."""
+    data = random_rgb((40, 30), seed=8)
+    data = np.concatenate([data, data[:, :, :1]], axis=2)  # 4 samples, 4th not an alpha
+    if kwargs.get("planarconfig") == "separate" or name == "pages.tif":
+        data = data.transpose(2, 0, 1)
+    path = tmp_path / name
+    tifffile.imwrite(path, data, **kwargs)
+    with pytest.raises(KerasnucError, match=f"{name}: 4 channels.*{layout}") as info:
+        open_image(path)
+    assert "\n" not in str(info.value)
+
+
+def test_rgb_with_associated_or_unassociated_alpha(tmp_path):
+    """Only ExtraSamples ASSOCALPHA / UNASSALPHA make a 4th sample alpha; premultiplied colour is
+    composited on white as C + (255 - A), straight colour as C * A / 255 + (255 - A)."""
+    px = np.array([[[50, 25, 100, 128], [0, 0, 0, 0], [10, 20, 30, 255]]], np.uint8)
+    tifffile.imwrite(tmp_path / "assoc.tif", px, photometric="rgb", extrasamples=["assocalpha"])
+    with open_image(tmp_path / "assoc.tif") as src:
+        assert src.read_region(0, 0, 1, 3)[0].tolist() == [
+            [177, 152, 227],
+            [255, 255, 255],
+            [10, 20, 30],
+        ]
+    tifffile.imwrite(tmp_path / "unass.tif", px, photometric="rgb", extrasamples=["unassalpha"])
+    with open_image(tmp_path / "unass.tif") as src:
+        # 50*128/255 + 127 = 152.1, 25*128/255 + 127 = 139.5, 100*128/255 + 127 = 177.2
+        assert src.read_region(0, 0, 1, 3)[0].tolist() == [
+            [152, 140, 177],
+            [255, 255, 255],
+            [10, 20, 30],
+        ]

@@ -1,8 +1,9 @@
-"""End-to-end training runs on a tiny model: resume equivalence and MirroredStrategy.
+"""End-to-end training runs on tiny models: exact resume, MirroredStrategy, ``init_from``.
 
-Tiny settings: EfficientNet-B0 encoder with decoder widths (8, 8, 8, 8, 8), 64x64 crops, batch 2,
-2 steps per epoch, a 6-image synthetic dataset of discs (4 train, 2 val). Tracing the B0 train
-step takes ~30 s here, so these tests are marked slow.
+Tiny settings: 64x64 crops, batch 2, 2 steps per epoch, a 6-image synthetic dataset of discs
+(4 train, 2 val). The resume test uses the narrow ``tiny_conic`` stand-in
+(:mod:`tests.training.tiny_method`); the others an EfficientNet-B0 encoder with decoder widths
+(8, 8, 8, 8, 8), whose train step takes ~30 s to trace, so they are marked slow.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from kerasnuc.data.pipeline import PipelineConfig
 from kerasnuc.models.conic import ConicModelConfig, build_conic
 from kerasnuc.runs import BEST_WEIGHTS, HISTORY, POSTPROC, load_run
 from kerasnuc.training.trainer import train_run
+from tests.training.tiny_method import NAME, TinyConicConfig
 
 CLASSES = {"1": "dark", "2": "pale"}
 
@@ -68,49 +70,68 @@ def tiny_config(data) -> RunConfig:
     )
 
 
-class StopAfterFirstEpoch(keras.callbacks.Callback):
-    """Simulates an interruption after the checkpoint of epoch 1 was written."""
+@pytest.fixture(scope="module")
+def small_discs(tmp_path_factory):
+    return write_discs(tmp_path_factory.mktemp("data") / "discs")
+
+
+class StopAfterEpoch(keras.callbacks.Callback):
+    """Stops training after the checkpoint of epoch ``epoch`` was written (an interruption)."""
+
+    def __init__(self, epoch: int):
+        super().__init__()
+        self.epoch = epoch
 
     def on_epoch_end(self, epoch, logs=None):
-        self.model.stop_training = True
+        if epoch + 1 == self.epoch:
+            self.model.stop_training = True
 
 
-@pytest.mark.slow
-def test_resume_reproduces_uninterrupted_run(discs, tmp_path):
-    config = tiny_config(discs)
+def test_resume_reproduces_uninterrupted_run_exactly(small_discs, tmp_path, tiny_method):
+    """3 epochs x 2 steps straight, or stopped after epoch 1 and resumed: bit-identical.
+
+    The pipeline keeps its defaults (parallel maps, importance sampling, augmentation), so this
+    also covers the order of the crops; the tiny model has batch norm, MC dropout and channel
+    dropout, and the conic losses' EMA class prior.
+    """
+    config = RunConfig(
+        NAME,
+        TinyConicConfig(num_classes=2).to_dict(),
+        DataConfig(datasets=(str(small_discs),), class_names=CLASSES, mpp=0.5),
+        PipelineConfig(crop_size=64, batch_size=2).to_dict(),
+        TrainConfig(epochs=3, steps_per_epoch=2, seed=3),
+    )
     full = train_run(config, tmp_path / "full", verbose=0)
     part = tmp_path / "part"
-    first = train_run(config, part, verbose=0, callbacks=[StopAfterFirstEpoch()])
+    first = train_run(config, part, verbose=0, callbacks=[StopAfterEpoch(1)])
     assert [r["epoch"] for r in first.history] == [1]
     resumed = train_run(config, part, resume=True, verbose=0)
     assert resumed.initial_epoch == 1
 
-    # Same rows: epoch, the losses, the learning rate and the validation metrics.
-    assert [r["epoch"] for r in resumed.history] == [1, 2]
+    # Same rows, to the bit: epoch, the losses, the learning rate and the validation metrics.
+    assert [r["epoch"] for r in resumed.history] == [1, 2, 3]
     for a, b in zip(full.history, resumed.history, strict=True):
         assert a.keys() == b.keys()
         for key in a:
-            assert (math.isnan(a[key]) and math.isnan(b[key])) or a[key] == pytest.approx(
-                b[key], rel=1e-5, abs=1e-7
-            ), key
+            assert (math.isnan(a[key]) and math.isnan(b[key])) or a[key] == b[key], key
     with open(tmp_path / "full" / HISTORY) as f:
         rows = list(csv.DictReader(f))
-    assert [int(r["epoch"]) for r in rows] == [1, 2]
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
     assert {"loss", "semantic_loss", "three_label_loss", "vectors_loss", "lr", "val_mpq_plus"} <= (
         set(rows[0])
     )
-    # lr logged at the end of epoch 2 = end of the cosine schedule: 0.01 * 1e-3.
-    assert float(rows[1]["lr"]) == pytest.approx(1e-5, rel=1e-4)
+    # lr logged at the end of epoch 3 = end of the cosine schedule: 0.01 * 1e-3.
+    assert float(rows[2]["lr"]) == pytest.approx(1e-5, rel=1e-4)
 
-    # Final weights (incl. the EMA class prior and the optimizer state) agree.
+    # Final weights (incl. the EMA class prior and dropout seed states) and optimizer state.
     for va, vb in zip(full.model.variables, resumed.model.variables, strict=True):
-        np.testing.assert_allclose(va.numpy(), vb.numpy(), rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(va.numpy(), vb.numpy(), err_msg=va.path)
     for va, vb in zip(
         full.model.optimizer.variables, resumed.model.optimizer.variables, strict=True
     ):
-        np.testing.assert_allclose(va.numpy(), vb.numpy(), rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(va.numpy(), vb.numpy(), err_msg=va.path)
     prior = resumed.model.class_frequency.numpy()
-    assert not np.allclose(prior, 1 / 3)  # updated by the 4 training steps
+    assert not np.allclose(prior, 1 / 3)  # updated by the 6 training steps
 
     # The run folder is loadable.
     for name in ("config.json", BEST_WEIGHTS, POSTPROC, "checkpoint/state.json"):
@@ -124,7 +145,7 @@ def test_resume_reproduces_uninterrupted_run(discs, tmp_path):
 
     # Nothing left to do: a second resume returns at once.
     again = train_run(config, part, resume=True, verbose=0)
-    assert len(again.history) == 2
+    assert len(again.history) == 3
 
 
 MIRRORED_SCRIPT = textwrap.dedent(

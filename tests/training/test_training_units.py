@@ -19,7 +19,7 @@ from kerasnuc.training.checkpoint import (
     save_training_state,
 )
 from kerasnuc.training.strategy import get_strategy, precision_policy
-from kerasnuc.training.trainer import prepare_run_dir, resolve_config
+from kerasnuc.training.trainer import prepare_run_dir, resolve_config, resume_dir
 from kerasnuc.training.validation import ValItem, score_predictions, score_summary
 
 
@@ -157,15 +157,18 @@ def test_resolve_config_steps_and_samples(tmp_path):
 
 def test_prepare_run_dir(tmp_path):
     run = tmp_path / "run"
-    prepare_run_dir(run, resume=False, overwrite=False)
+    assert prepare_run_dir(run, overwrite=False) == (run, True)
     assert run.is_dir()
+    assert prepare_run_dir(run, overwrite=False) == (run, False)  # empty: reused
     (run / "config.json").write_text("{}")
     with pytest.raises(KerasnucError, match="already exists"):
-        prepare_run_dir(run, resume=False, overwrite=False)
-    with pytest.raises(KerasnucError, match="no training checkpoint"):
-        prepare_run_dir(run, resume=True, overwrite=False)
-    prepare_run_dir(run, resume=False, overwrite=True)
-    assert not (run / "config.json").exists()
+        prepare_run_dir(run, overwrite=False)
+    with pytest.raises(KerasnucError, match="no run to resume"):
+        resume_dir(run)
+    # --overwrite: the new run trains aside; nothing of the old one is deleted yet.
+    pending = tmp_path / ".run.pending"
+    assert prepare_run_dir(run, overwrite=True) == (pending, True)
+    assert pending.is_dir() and (run / "config.json").is_file()
 
 
 def test_validation_scores_each_dataset_on_its_own():

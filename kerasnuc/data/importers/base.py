@@ -18,8 +18,10 @@ from typing import Any
 
 import numpy as np
 
+from kerasnuc.checks import check_mpp
 from kerasnuc.data.dataset import Dataset, DatasetWriter
 from kerasnuc.fileutil import KerasnucError, read_image
+from kerasnuc.io.readers import open_image
 
 logger = logging.getLogger(__name__)
 
@@ -188,11 +190,11 @@ def write_plan(
         An :class:`ImportReport`.
 
     Raises:
-        KerasnucError: bad input; the message names the file. ``dst`` is left untouched.
+        KerasnucError: bad input (the message names the file), or no nucleus in any image.
+            ``dst`` is left untouched.
     """
     dst = Path(dst)
-    if mpp is not None and not (np.isfinite(mpp) and mpp > 0):
-        raise ValueError(f"`mpp` must be a positive number. Received: mpp={mpp}")
+    check_mpp(mpp)
     if not plan.items:
         raise KerasnucError(f"{plan.src}: no {plan.format} images found")
     splits = assign_splits([it.id for it in plan.items], split, val_fraction, seed)
@@ -202,6 +204,7 @@ def write_plan(
     meta["name"] = name or dst.name
     meta.setdefault("mpp", None)
     problems = list(plan.problems)
+    any_nucleus = False
     with DatasetWriter(dst, meta, overwrite=overwrite) as writer:
         for item in plan.items:
             try:
@@ -219,8 +222,14 @@ def write_plan(
                 source=item.source,
             )
             problems.extend(sample.problems)
+            any_nucleus = any_nucleus or bool(np.any(sample.instances))
             if progress is not None:
                 progress(1)
+        if not any_nucleus:  # raised inside the writer: nothing is written
+            raise KerasnucError(
+                f"{plan.src}: no nuclei in any of the {len(plan.items)} images (labels empty or "
+                f"outside the images); nothing imported"
+            )
     n_nuclei = int(Dataset(dst).meta["n_nuclei"])
     counts: dict[str, int] = {}
     for s in splits.values():
@@ -260,8 +269,15 @@ def as_rgb_uint8(image: np.ndarray, source: str | os.PathLike) -> np.ndarray:
 
 
 def read_rgb(path: Path) -> np.ndarray:
-    """Read an RGB(A) uint8 image file as ``(H, W, 3)`` uint8 (raises naming the file)."""
-    return as_rgb_uint8(read_image(path), path)
+    """Read an RGB(A) uint8 image file as ``(H, W, 3)`` uint8 (raises naming the file).
+
+    A TIFF's 4th channel must be alpha by its tags: multiplex planes, CMYK or an unnamed extra
+    sample are refused (:func:`kerasnuc.io.readers.open_image` names the layout).
+    """
+    image = read_image(path)
+    if image.ndim == 3 and image.shape[2] == 4 and path.suffix.lower() in (".tif", ".tiff"):
+        open_image(path).close()
+    return as_rgb_uint8(image, path)
 
 
 def as_label_map(arr: np.ndarray, source: str | os.PathLike, what: str = "label map") -> np.ndarray:

@@ -20,7 +20,9 @@ pixel, so pixel ``(row r, col c)`` covers ``[c, c + 1) x [r, r + 1)`` and has it
 the boundary of) the polygon: ``skimage.draw.polygon(rows=y - 0.5, cols=x - 0.5)``. A square with
 corners ``(2, 1)`` and ``(5, 4)`` therefore fills rows 1..3 and columns 2..4 (9 pixels = its
 area). Holes (inner rings) are removed; later features overwrite earlier ones; rings with fewer
-than 3 distinct vertices are skipped.
+than 3 distinct vertices and empty geometries (``"coordinates": []``) are skipped and reported; so
+are polygons that cover no pixel of the image, and a file whose polygons all miss the image is an
+error (the annotations of another image, or coordinates that are not full-image pixels).
 """
 
 from __future__ import annotations
@@ -112,7 +114,7 @@ def rasterise_features(
     inst = np.zeros(shape, dtype=np.int32)
     cls = np.zeros(shape, dtype=np.int32) if class_ids is not None else None
     skipped_geom: dict[str, int] = {}
-    n_small = 0
+    n_small = n_empty = n_outside = n_drawn = 0
     k = 0
     for index, feature in enumerate(features):
         if not _keep(feature, object_types):
@@ -122,6 +124,10 @@ def rasterise_features(
         if polys is None:
             kind = geometry.get("type") if isinstance(geometry, dict) else "null"
             skipped_geom[str(kind)] = skipped_geom.get(str(kind), 0) + 1
+            continue
+        polys = [rings for rings in polys if rings]
+        if not polys:  # "coordinates": [] (an empty geometry, RFC 7946)
+            n_empty += 1
             continue
         class_id = 0
         if class_ids is not None:
@@ -135,18 +141,39 @@ def rasterise_features(
                 )
             class_id = class_ids[name]
         k += 1
+        pixels = 0
+        drawable = False
         for rings in polys:
             if _distinct_vertices(rings[0]) < 3:
                 n_small += 1
                 continue
+            drawable = True
             pix_rings = [
                 (r[:, 1] - 0.5, r[:, 0] - 0.5) for r in rings if _distinct_vertices(r) >= 3
             ]
             rr, cc = polygon_pixels(pix_rings, shape)
+            pixels += rr.size
             inst[rr, cc] = k
             if cls is not None:
                 cls[rr, cc] = class_id
+        if drawable and pixels == 0:
+            n_outside += 1
+        n_drawn += pixels > 0
     problems = []
+    height, width = shape
+    if n_outside and not n_drawn:
+        raise KerasnucError(
+            f"{path}: none of its {n_outside} polygons covers a pixel of the {width}x{height} "
+            "image (annotations of another image, or coordinates not in full-image pixels?)"
+        )
+    if n_empty and not n_drawn:
+        raise KerasnucError(f"{path}: no polygon with coordinates ({n_empty} empty geometries)")
+    if n_outside:
+        problems.append(
+            f"{path}: {n_outside} polygon(s) outside the {width}x{height} image skipped"
+        )
+    if n_empty:
+        problems.append(f"{path}: skipped {n_empty} empty geometry/geometries (no coordinates)")
     if skipped_geom:
         problems.append(f"{path}: skipped non-polygon features {skipped_geom}")
     if n_small:

@@ -63,7 +63,8 @@ def read_monuseg_regions(xml_path: Path) -> list[np.ndarray]:
         One ``(K, 2)`` float64 array of ``(X, Y)`` vertex coordinates (1-based) per region.
 
     Raises:
-        KerasnucError: the file is not valid XML or a vertex lacks a numeric X/Y.
+        KerasnucError: the file is not valid XML, not an ImageScope ``<Annotations>`` document
+            (e.g. Pascal VOC or CVAT XML), or a vertex lacks a numeric X/Y.
     """
     try:
         root = ET.parse(xml_path).getroot()
@@ -71,6 +72,11 @@ def read_monuseg_regions(xml_path: Path) -> list[np.ndarray]:
         raise KerasnucError(f"{xml_path}: invalid XML ({exc})") from exc
     except OSError as exc:
         raise KerasnucError(f"{xml_path}: cannot read ({exc})") from exc
+    if root.tag != "Annotations":
+        raise KerasnucError(
+            f"{xml_path}: not a MoNuSeg (Aperio ImageScope) annotation file: its root element "
+            f"is <{root.tag}>, expected <Annotations> with <Region>/<Vertex> outlines"
+        )
     regions = []
     for r_idx, region in enumerate(root.iter("Region")):
         verts = []
@@ -94,14 +100,14 @@ def rasterise_monuseg(regions: list[np.ndarray], shape: tuple[int, int]) -> tupl
         shape: ``(H, W)``.
 
     Returns:
-        ``(instances, n_skipped)``: ``(H, W)`` int32 map where region ``k`` (counting only the
-        regions drawn) has id ``k``; later regions overwrite earlier ones. ``n_skipped`` counts
-        the regions with fewer than 3 vertices.
+        ``(instances, n_skipped, n_outside)``: ``(H, W)`` int32 map where region ``k`` (counting
+        only the regions drawn) has id ``k``; later regions overwrite earlier ones. ``n_skipped``
+        counts the regions with fewer than 3 vertices, ``n_outside`` those that cover no pixel.
     """
     from skimage.draw import polygon
 
     inst = np.zeros(shape, dtype=np.int32)
-    n_skipped = 0
+    n_skipped = n_outside = 0
     k = 0
     for verts in regions:
         if len(verts) < 3:
@@ -110,14 +116,28 @@ def rasterise_monuseg(regions: list[np.ndarray], shape: tuple[int, int]) -> tupl
         k += 1
         rr, cc = polygon(verts[:, 1] - 1.0, verts[:, 0] - 1.0, shape=shape)
         inst[rr, cc] = k
-    return inst, n_skipped
+        n_outside += rr.size == 0
+    return inst, n_skipped, n_outside
 
 
 def _load(xml_path: Path, image_path: Path) -> LoadedSample:
     image = read_rgb(image_path)
     regions = read_monuseg_regions(xml_path)
-    inst, n_skipped = rasterise_monuseg(regions, image.shape[:2])
+    inst, n_skipped, n_outside = rasterise_monuseg(regions, image.shape[:2])
+    height, width = image.shape[:2]
+    n_regions = len(regions) - n_skipped
+    if n_regions and n_outside == n_regions:
+        raise KerasnucError(
+            f"{xml_path}: none of its {n_regions} regions covers a pixel of the {width}x{height} "
+            f"image {image_path.name} (the annotations of another image?)"
+        )
     problems = []
+    if not regions:
+        problems.append(f"{xml_path}: no <Region> elements (image imported without nuclei)")
+    if n_outside:
+        problems.append(
+            f"{xml_path}: {n_outside} region(s) outside the {width}x{height} image skipped"
+        )
     if n_skipped:
         msg = f"{xml_path}: skipped {n_skipped} region(s) with fewer than 3 vertices"
         logger.info(msg)
