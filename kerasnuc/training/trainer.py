@@ -409,7 +409,6 @@ def _train_run(
     return result
 
 
-
 def _build_train_state(model: keras.Model, data: Any) -> None:
     """Make the variables of the compiled loss and metrics before ``fit`` traces the train step.
 
@@ -425,6 +424,7 @@ def _build_train_state(model: keras.Model, data: Any) -> None:
     symbolic_build = getattr(model, "_symbolic_build", None)
     if symbolic_build is not None:
         symbolic_build(data_batch=data.element_spec)
+
 
 def _fit(
     config: RunConfig,
