@@ -244,6 +244,12 @@ def test_compiled_fit_step(rng):
     model.compile(optimizer="adam", loss=conic_losses(2), jit_compile=False)
     images = rng.random((2, 64, 64, 3), dtype=np.float32)
     targets = _targets(rng, 2, 64, 2)
+    # Build the loss trackers and the optimizer first (as train_run does): left to the first
+    # trace of the train step they make tf.function trace it a second time (~25 s for B0).
+    # training=False: the class prior is not updated by this call.
+    model.compute_loss(images, targets, model(images), training=False)
+    model.optimizer.build(model.trainable_variables)
+    np.testing.assert_allclose(model.class_frequency.numpy(), [1 / 3] * 3)
     history = model.fit(images, targets, batch_size=2, epochs=1, verbose=0)
     assert np.isfinite(history.history["loss"][0])
     expected = _prior_after([targets["semantic"]], 3)

@@ -31,10 +31,13 @@ TOL = 1e-4
 
 
 def make_tiny_run(run_dir: Path) -> Path:
-    """A conic run directory with a tiny random model (2 classes, 8-wide decoder)."""
+    """A conic run directory with a tiny random model (2 classes, 8-wide decoder).
+
+    Lite0 (no squeeze-excitation) traces faster than B0; every export traces the model again.
+    """
     config = RunConfig(
         method="conic",
-        model={"encoder": "efficientnet_b0", "num_classes": 2, "decoder_filters": [8] * 5},
+        model={"encoder": "efficientnet_lite0", "num_classes": 2, "decoder_filters": [8] * 5},
         data=DataConfig(mpp=0.5, class_names={1: "a", 2: "b"}),
     )
     run_dir.mkdir(parents=True, exist_ok=True)

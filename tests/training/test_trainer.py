@@ -1,9 +1,10 @@
 """End-to-end training runs on tiny models: exact resume, MirroredStrategy, ``init_from``.
 
 Tiny settings: 64x64 crops, batch 2, 2 steps per epoch, a 6-image synthetic dataset of discs
-(4 train, 2 val). The resume test uses the narrow ``tiny_conic`` stand-in
-(:mod:`tests.training.tiny_method`); the others an EfficientNet-B0 encoder with decoder widths
-(8, 8, 8, 8, 8), whose train step takes ~30 s to trace, so they are marked slow.
+(4 train, 2 val). The runs use the narrow ``tiny_conic`` stand-in
+(:mod:`tests.training.tiny_method`: the conic method with a two-convolution model), whose train
+step traces in a second or two instead of ~30 s for an EfficientNet-B0 conic model; the
+MirroredStrategy check trains a small ``ConicModel`` in a subprocess (two logical CPUs).
 """
 
 from __future__ import annotations
@@ -23,10 +24,9 @@ import pytest
 from kerasnuc.config import DataConfig, RunConfig, TrainConfig
 from kerasnuc.data.dataset import DatasetWriter
 from kerasnuc.data.pipeline import PipelineConfig
-from kerasnuc.models.conic import ConicModelConfig, build_conic
 from kerasnuc.runs import BEST_WEIGHTS, HISTORY, POSTPROC, load_run
 from kerasnuc.training.trainer import train_run
-from tests.training.tiny_method import NAME, TinyConicConfig
+from tests.training.tiny_method import NAME, TinyConicConfig, build_tiny_conic
 
 CLASSES = {"1": "dark", "2": "pale"}
 
@@ -49,25 +49,6 @@ def write_discs(root, n_train=4, n_val=2, size=64, seed=0):
             img = np.clip(img + rng.normal(0, 8, img.shape), 0, 255).astype(np.uint8)
             w.add(f"im{k}", img, inst, cls, split="train" if k < n_train else "val")
     return root
-
-
-@pytest.fixture(scope="module")
-def discs(tmp_path_factory):
-    # The first B0 encoder built in a process draws extra random numbers (the backbone scans a
-    # throw-away application once per architecture), so the same seed gives other initial
-    # weights than in later builds: build one first so that both runs below start alike.
-    build_conic(num_classes=1, decoder_filters=(8,) * 5)
-    return write_discs(tmp_path_factory.mktemp("data") / "discs")
-
-
-def tiny_config(data) -> RunConfig:
-    return RunConfig(
-        "conic",
-        ConicModelConfig(num_classes=2, decoder_filters=(8,) * 5).to_dict(),
-        DataConfig(datasets=(str(data),), class_names=CLASSES, mpp=0.5),
-        PipelineConfig(crop_size=64, batch_size=2, deterministic=True, parallel_calls=1).to_dict(),
-        TrainConfig(epochs=2, steps_per_epoch=2, seed=3),
-    )
 
 
 @pytest.fixture(scope="module")
@@ -234,29 +215,33 @@ def test_mirrored_strategy_matches_single_device(tmp_path):
     np.testing.assert_allclose(out["mirrored"]["prior"], out["default"]["prior"], rtol=1e-6)
 
 
-@pytest.mark.slow
-def test_init_from_starts_from_the_weights_of_another_run(discs, tmp_path):
+def test_init_from_starts_from_the_weights_of_another_run(small_discs, tmp_path, tiny_method):
     # A source run folder: a model of the same architecture with other (seed 11) weights.
     source = tmp_path / "source"
     source.mkdir()
     keras.utils.set_random_seed(11)
-    donor = build_conic(num_classes=2, decoder_filters=(8,) * 5)
+    donor = build_tiny_conic(TinyConicConfig(num_classes=2))
     donor.save_weights(source / BEST_WEIGHTS)
-    config = tiny_config(discs)
     # A learning rate of 1e-12 keeps one AdamW step (and its decay) far below 1e-6.
-    train = TrainConfig(
-        epochs=1, steps_per_epoch=1, seed=3, learning_rate=1e-12, init_from=str(source)
+    config = RunConfig(
+        NAME,
+        TinyConicConfig(num_classes=2).to_dict(),
+        DataConfig(datasets=(str(small_discs),), class_names=CLASSES, mpp=0.5),
+        PipelineConfig(crop_size=64, batch_size=2, deterministic=True, parallel_calls=1).to_dict(),
+        TrainConfig(
+            epochs=1, steps_per_epoch=1, seed=3, learning_rate=1e-12, init_from=str(source)
+        ),
     )
-    config = RunConfig(config.method, config.model, config.data, config.pipeline, train)
     result = train_run(config, tmp_path / "run", verbose=0, tensorboard=False)
+    # The weights the run would have started from without init_from (its seed).
     keras.utils.set_random_seed(3)
-    fresh = build_conic(num_classes=2, decoder_filters=(8,) * 5)
+    fresh = build_tiny_conic(TinyConicConfig(num_classes=2))
     kernels = [
         (w.path, np.asarray(w), np.asarray(d), np.asarray(f))
         for w, d, f in zip(result.model.weights, donor.weights, fresh.weights, strict=True)
         if w.path.endswith("kernel")
     ]
-    assert kernels
+    assert len(kernels) == 5
     for path, got, want, _ in kernels:
         np.testing.assert_allclose(got, want, atol=1e-6, err_msg=path)
     assert max(np.abs(got - other).max() for _, got, _, other in kernels) > 1e-2
@@ -264,11 +249,11 @@ def test_init_from_starts_from_the_weights_of_another_run(discs, tmp_path):
     assert saved["train"]["init_from"] == str(source)
 
 
-def test_init_from_a_missing_or_foreign_weights_file_fails_in_one_line(discs, tmp_path):
+def test_init_from_a_missing_or_foreign_weights_file_fails_in_one_line(tmp_path):
     from kerasnuc.fileutil import KerasnucError
     from kerasnuc.runs import load_initial_weights
 
-    model = build_conic(num_classes=2, decoder_filters=(8,) * 5)
+    model = build_tiny_conic(TinyConicConfig(num_classes=2))
     with pytest.raises(KerasnucError, match="not found"):
         load_initial_weights(model, tmp_path / "nowhere")
     other = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])

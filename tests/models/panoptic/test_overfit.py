@@ -1,8 +1,10 @@
 """The whole panoptic chain learns: overfitting two real Kumar crops reaches AJI > 0.7.
 
-Two centre 128 x 128 crops of ``monuseg_kumar`` train images (8 and 17 nuclei), a narrow model,
-all seven losses of Eq. 4, Adam; then the real inference graph and post-processing, scored
-against the ground truth with AJI (definition: Kumar et al. 2017, :func:`kerasnuc.metrics.aji`).
+Two centre 96 x 96 crops of ``monuseg_kumar`` train images (6 and 10 nuclei), a narrow model,
+all seven losses of Eq. 4, Adam, 50 steps; then the real inference graph and post-processing,
+scored against the ground truth with AJI (definition: Kumar et al. 2017,
+:func:`kerasnuc.metrics.aji`). An untrained model scores below 0.3; 0.7 needs most nuclei found
+and outlined.
 The bigger version is ``benchmarks/panoptic_overfit.py`` (256 crops: AJI 0.93 at step 250).
 """
 
@@ -46,12 +48,12 @@ def test_overfit_two_kumar_crops(shared_data):
     for image_id in ds.split("train")[:2]:
         s = ds.sample(image_id)
         h, w = s.instances.shape
-        y0, x0 = (h - 128) // 2, (w - 128) // 2
-        images.append(s.image[y0 : y0 + 128, x0 : x0 + 128])
-        instances.append(s.instances[y0 : y0 + 128, x0 : x0 + 128])
+        y0, x0 = (h - 96) // 2, (w - 96) // 2
+        images.append(s.image[y0 : y0 + 96, x0 : x0 + 96])
+        instances.append(s.instances[y0 : y0 + 96, x0 : x0 + 96])
     images = np.stack(images)
     targets = panoptic_targets(np.stack(instances), 64)
-    assert [int((c > 0).sum()) for c in targets["classes"]] == [8, 17]
+    assert [int((c > 0).sum()) for c in targets["classes"]] == [6, 10]
 
     keras.utils.set_random_seed(0)
     model = build_panoptic(NARROW)
@@ -59,7 +61,7 @@ def test_overfit_two_kumar_crops(shared_data):
     x = images.astype(np.float32) / 255.0
     before = [aji(t, postprocess_panoptic(predict_maps(model, im)).instances)
               for im, t in zip(images, targets["instances"], strict=True)]  # fmt: skip
-    model.fit(x, targets, batch_size=2, epochs=100, verbose=0, shuffle=False)
+    model.fit(x, targets, batch_size=2, epochs=50, verbose=0, shuffle=False)
     after = [aji(t, postprocess_panoptic(predict_maps(model, im)).instances)
              for im, t in zip(images, targets["instances"], strict=True)]  # fmt: skip
     assert np.mean(before) < 0.3
