@@ -390,22 +390,20 @@ def test_four_channels_that_are_not_rgba_are_refused(tmp_path, name, kwargs, lay
     assert "\n" not in str(info.value)
 
 
-def test_rgb_with_associated_or_unassociated_alpha(tmp_path):
+@pytest.mark.parametrize(
+    ("extrasample", "expected"),
+    [
+        # premultiplied: 50 + 127 = 177, 25 + 127 = 152, 100 + 127 = 227
+        ("assocalpha", [[177, 152, 227], [255, 255, 255], [10, 20, 30]]),
+        # straight: 50*128/255 + 127 = 152.1, 25*128/255 + 127 = 139.5, 100*128/255 + 127 = 177.2
+        ("unassalpha", [[152, 140, 177], [255, 255, 255], [10, 20, 30]]),
+    ],
+)
+def test_rgb_with_associated_or_unassociated_alpha(tmp_path, extrasample, expected):
     """Only ExtraSamples ASSOCALPHA / UNASSALPHA make a 4th sample alpha; premultiplied colour is
     composited on white as C + (255 - A), straight colour as C * A / 255 + (255 - A)."""
     px = np.array([[[50, 25, 100, 128], [0, 0, 0, 0], [10, 20, 30, 255]]], np.uint8)
-    tifffile.imwrite(tmp_path / "assoc.tif", px, photometric="rgb", extrasamples=["assocalpha"])
-    with open_image(tmp_path / "assoc.tif") as src:
-        assert src.read_region(0, 0, 1, 3)[0].tolist() == [
-            [177, 152, 227],
-            [255, 255, 255],
-            [10, 20, 30],
-        ]
-    tifffile.imwrite(tmp_path / "unass.tif", px, photometric="rgb", extrasamples=["unassalpha"])
-    with open_image(tmp_path / "unass.tif") as src:
-        # 50*128/255 + 127 = 152.1, 25*128/255 + 127 = 139.5, 100*128/255 + 127 = 177.2
-        assert src.read_region(0, 0, 1, 3)[0].tolist() == [
-            [152, 140, 177],
-            [255, 255, 255],
-            [10, 20, 30],
-        ]
+    path = tmp_path / f"{extrasample}.tif"
+    tifffile.imwrite(path, px, photometric="rgb", extrasamples=[extrasample])
+    with open_image(path) as src:
+        assert src.read_region(0, 0, 1, 3)[0].tolist() == expected
