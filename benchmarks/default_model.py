@@ -54,10 +54,11 @@ def scores(
     max_images: int | None,
     tile: int | None = None,
     balance: bool = True,
+    keep_margin: bool = False,
 ) -> list[dict]:
     from kerasnuc.inference.job import PredictOptions
     from kerasnuc.inference.predictor import Predictor
-    from kerasnuc.inference.tiling import balanced_tile_size, predict_tiled
+    from kerasnuc.inference.tiling import balanced_tile_size, predict_tiled, tile_plan
     from kerasnuc.runs import resolve_model
 
     options = PredictOptions()
@@ -80,11 +81,18 @@ def scores(
         t0 = time.perf_counter()
         for id in ids:
             s = ds.sample(id)
+            shape = s.image.shape[:2]
+            if not balance:
+                tile_size, tile_margin = tile, margin
+            elif keep_margin:
+                tile_size, tile_margin = balanced_tile_size(shape, tile, margin), margin
+            else:
+                tile_size, tile_margin = tile_plan(shape, tile, margin)
             res = predict_tiled(
                 s.image,
                 predictor.predict_instances_batch,
-                tile_size=balanced_tile_size(s.image.shape[:2], tile, margin) if balance else tile,
-                margin=margin,
+                tile_size=tile_size,
+                margin=tile_margin,
                 target_mpp=mpp,
                 mpp=ds.mpp or mpp,
             )
@@ -144,13 +152,25 @@ def main() -> None:
     parser.add_argument("--max-images", type=int, default=None)
     parser.add_argument("--tile", type=int, default=None, help="largest tile (predict default)")
     parser.add_argument("--no-balance", action="store_true", help="full-size tiles (old rule)")
+    parser.add_argument(
+        "--keep-margin",
+        action="store_true",
+        help="64-px margins also around images that fit in one tile (the rule before tile_plan)",
+    )
     parser.add_argument("--tta", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--skip-scores", action="store_true")
     parser.add_argument("--skip-timing", action="store_true")
     args = parser.parse_args()
     if not args.skip_scores:
-        table = scores(args.model, args.data, args.max_images, args.tile, not args.no_balance)
+        table = scores(
+            args.model,
+            args.data,
+            args.max_images,
+            args.tile,
+            not args.no_balance,
+            args.keep_margin,
+        )
         cols = ["dataset", "images", "method", "pq", "aji", "pixel_f1", "det_f1", "mpq_plus"]
         cols += sorted({k for r in table for k in r if k.startswith("pq+_c")})
         print(format_table(table, cols, "{:.3f}"))

@@ -12,10 +12,11 @@ Tools:
 
 * **kerasnuc** (this environment): ``Predictor.from_run_dirs(resolve_model(--model))``;
   ``a`` and ``b`` with ``predict_tiled(image, p.predict_instances_batch, tile_size=T,
-  margin=64, target_mpp=0.25, mpp=0.25)``, tiled as ``kerasnuc predict`` tiles an image that
-  fits in memory: ``T = balanced_tile_size(shape, --tile, 64)`` with ``--tile`` defaulting to
-  predict's largest tile (1152: a 1000x1000 image is one 1128-px tile, the mosaic 4x4 of
-  them); ``--tile 512 --no-balance`` gives the old rule (9 tiles of 512 for 1000x1000);
+  margin=M, target_mpp=0.25, mpp=0.25)``, tiled as ``kerasnuc predict`` tiles an image that
+  fits in memory: ``T, M = tile_plan(shape, --tile, 64)`` with ``--tile`` defaulting to
+  predict's largest tile (1152: a 1000x1000 image is one 1000-px tile without margin, the
+  mosaic 4x4 tiles of 1128 px with 64-px margins); ``--tile 512 --no-balance`` gives the old
+  rule (9 tiles of 512 for 1000x1000);
   ``c`` through the batch path, ``p.predict_instances_batch`` on the ``(200, 256, 256, 3)``
   stack in one call.
 * **StarDist 2D** (``stardist`` from PyPI, a model trained from scratch on Kumar ``train`` by
@@ -217,15 +218,15 @@ def _best(runs: list[dict]) -> dict:
 def worker_kerasnuc(args: argparse.Namespace) -> dict:
     from kerasnuc.inference.job import PredictOptions
     from kerasnuc.inference.predictor import Predictor
-    from kerasnuc.inference.tiling import balanced_tile_size, predict_tiled
+    from kerasnuc.inference.tiling import predict_tiled, tile_plan
     from kerasnuc.runs import resolve_model
 
     array = np.load(args.input)
     predictor = Predictor.from_run_dirs(resolve_model(args.model))
     target_mpp = predictor.mpp or MPP
-    tile_size = args.tile or PredictOptions().tile_size
+    tile_size, margin = args.tile or PredictOptions().tile_size, MARGIN
     if not args.no_balance:
-        tile_size = balanced_tile_size(array.shape[:2], tile_size, MARGIN, MPP / target_mpp)
+        tile_size, margin = tile_plan(array.shape[:2], tile_size, MARGIN, MPP / target_mpp)
     maps_batch = predictor.predict_maps_batch
     clock = {"model": 0.0}
 
@@ -250,7 +251,7 @@ def worker_kerasnuc(args: argparse.Namespace) -> dict:
                     array,
                     predictor.predict_instances_batch,
                     tile_size=tile_size,
-                    margin=MARGIN,
+                    margin=margin,
                     target_mpp=target_mpp,
                     mpp=MPP,
                 )

@@ -89,7 +89,7 @@ def main() -> None:
 
     from kerasnuc.inference.job import PredictOptions
     from kerasnuc.inference.predictor import Predictor
-    from kerasnuc.inference.tiling import balanced_tile_size, predict_tiled
+    from kerasnuc.inference.tiling import predict_tiled, tile_plan
     from kerasnuc.runs import resolve_model
 
     predictor = Predictor.from_run_dirs(resolve_model(args.model))
@@ -106,11 +106,12 @@ def main() -> None:
             rows = []
             for s in samples:
                 image = shift_stain(s.image, *SHIFTS[shift])
+                tile_size, tile_margin = tile_plan(image.shape[:2], tile, margin)
                 res = predict_tiled(
                     image,
                     predictor.predict_instances_batch,
-                    tile_size=balanced_tile_size(image.shape[:2], tile, margin),
-                    margin=margin,
+                    tile_size=tile_size,
+                    margin=tile_margin,
                     target_mpp=mpp,
                     mpp=ds.mpp or mpp,
                 )

@@ -196,7 +196,8 @@ def _predict_on_cluster(cluster, worker_threads, spec, paths, out, options, mode
     type=click.IntRange(min=0),
     default=64,
     show_default=True,
-    help="Context per tile side in model pixels; the largest nucleus must fit in it.",
+    help="Context per tile side in model pixels; the largest nucleus must fit in it. Images that "
+    "fit in one tile need none.",
 )
 @click.option(
     "--batch-size",

@@ -87,9 +87,9 @@ from kerasnuc.inference.tiling import (
     ResumableSink,
     StreamSummary,
     TileSink,
-    balanced_tile_size,
     predict_streaming,
     predict_tiled,
+    tile_plan,
 )
 from kerasnuc.io.readers import OPENSLIDE_SUFFIXES, ImageSource, open_image
 from kerasnuc.io.summary import build_summary, write_summary
@@ -121,8 +121,8 @@ class PredictOptions:
         formats: formats to write (subset of :data:`FORMATS`), or None for all that fit.
         tile_size: largest tile side the model sees (model pixels); images that fit in memory
             get the smallest tiles that need no more of them
-            (:func:`~kerasnuc.inference.tiling.balanced_tile_size`): one 1152-px tile takes a
-            1000x1000 image at the model's resolution whole, with 64 px of mirrored context.
+            (:func:`~kerasnuc.inference.tiling.tile_plan`): an image up to 1152 px at the
+            model's resolution is one tile of its own size, without margin.
         margin: context per tile side; the largest nucleus must fit in it.
         batch_size: tiles per predictor call.
         mpp: the inputs' um/px, overriding their files (None: from the files).
@@ -396,11 +396,12 @@ class TileStage:
         height, width = source.shape
         options = self.options
         scale = source.mpp / target_mpp if source.mpp and target_mpp else 1.0
+        tile_size, margin = tile_plan((height, width), options.tile_size, options.margin, scale)
         return predict_tiled(
             source,
             predict_fn,
-            tile_size=balanced_tile_size((height, width), options.tile_size, options.margin, scale),
-            margin=options.margin,
+            tile_size=tile_size,
+            margin=margin,
             target_mpp=target_mpp,
             batch_size=options.batch_size,
             tissue=False,

@@ -308,6 +308,35 @@ def balanced_tile_size(
     return min(tile_size, needed + 2 * margin)
 
 
+def tile_plan(
+    shape: tuple[int, int], tile_size: int, margin: int, scale: float = 1.0
+) -> tuple[int, int]:
+    """``(tile side, margin)`` for an image that fits in memory.
+
+    An image whose sides at the model's resolution both fit in ``tile_size`` is one tile of its
+    longer side with no margin: the model sees the image itself (squared and padded to a
+    multiple of 32 with its mirror image, as a whole-image prediction), not 64 px of mirrored
+    context around it. A 1000x1000 image then costs 1024^2 model pixels instead of 1152^2
+    (-21 %), and a 256x320 patch 320^2 instead of 448^2. No tile border lies inside such an
+    image, so the margin has nothing to protect. Larger images get
+    :func:`balanced_tile_size` tiles with ``margin``.
+
+    Args:
+        shape: ``(H, W)`` of the input (level-0 pixels).
+        tile_size: the largest tile side the model may see (model pixels).
+        margin: context per side (model pixels) for images that need several tiles.
+        scale: model pixels per input pixel (``input mpp / model mpp``).
+
+    Returns:
+        ``(tile side, margin)`` to pass to :func:`predict_tiled`.
+    """
+    if scale > 0:
+        sides = [max(1, math.ceil(n * scale)) for n in shape]
+        if max(sides) <= tile_size:
+            return max(sides), 0
+    return balanced_tile_size(shape, tile_size, margin, scale), margin
+
+
 def read_tile(source: ImageSource, grid: TileGrid, index: int) -> np.ndarray:
     """Tile ``index`` as the model sees it: ``(T, T, 3)`` uint8, mirrored outside the image.
 

@@ -21,6 +21,7 @@ from kerasnuc.inference.tiling import (
     predict_tiled,
     select_tiles,
     tile_instances,
+    tile_plan,
 )
 from kerasnuc.io.readers import ArraySource, ImageSource, TiffSource
 from kerasnuc.metrics import pair_stats, panoptic_quality
@@ -176,6 +177,43 @@ def test_select_tiles_with_mask():
 )
 def test_balanced_tile_size(shape, tile_size, margin, scale, expected):
     assert balanced_tile_size(shape, tile_size, margin, scale) == expected
+
+
+@pytest.mark.parametrize(
+    ("shape", "tile_size", "margin", "scale", "expected"),
+    [
+        ((1000, 1000), 1152, 64, 1.0, (1000, 0)),  # fits: the image itself, no margin
+        ((256, 320), 1152, 64, 1.0, (320, 0)),  # non-square: its longer side
+        ((1152, 10), 1152, 64, 1.0, (1152, 0)),  # exactly one tile
+        # 1000 x 1200 model px: 1200 > 1152, so balanced tiles: 1 x 2 cores of 1024, one core
+        # of 1000 rows suffices -> 1000 + 2 * 64
+        ((500, 600), 1152, 64, 2.0, (1128, 64)),
+        ((500, 400), 1152, 64, 2.0, (1000, 0)),  # 0.5 um/px input: 1000 x 800 model px
+        ((1000, 1000), 512, 64, 1.0, (462, 64)),  # too large: balanced_tile_size
+        ((5000, 5000), 1152, 64, 1.0, (1128, 64)),
+    ],
+)
+def test_tile_plan(shape, tile_size, margin, scale, expected):
+    assert tile_plan(shape, tile_size, margin, scale) == expected
+
+
+def test_single_tile_plan_shows_the_model_the_image_and_gives_every_nucleus(shared_data):
+    """An image that fits: one call, one tile of its longer side (the image, then its mirror
+    image below it), and exactly the GT nuclei, those cut by the image border included."""
+    gt = Dataset(shared_data / "monuseg_kumar").instances("TCGA-44-2665-01B-06-BS6")[:300, :420]
+    image = encode_ids(gt)
+    tile_size, margin = tile_plan(gt.shape, 1152, 64)
+    calls = []
+
+    def recording(tiles):
+        calls.append(tiles.copy())
+        return decode_ids(tiles)
+
+    result = predict_tiled(image, recording, tile_size=tile_size, margin=margin)
+    assert [c.shape for c in calls] == [(1, 420, 420, 3)]
+    np.testing.assert_array_equal(calls[0][0, :300], image)
+    np.testing.assert_array_equal(calls[0][0, 300:], image[::-1][:120])  # mirrored at row 300
+    assert same_instances(gt, result.instances)
 
 
 def test_balanced_tiles_give_the_same_nuclei(shared_data):
