@@ -452,6 +452,18 @@ def _fit(
         steps = int(train_cfg.steps_per_epoch)
         with strategy.scope():
             model = method.build(method.model_config.from_dict(config.model))
+            if train_cfg.init_from and not resume:
+                # Before compile: a run's weights file also holds its optimizer's state (the
+                # step count that drives the learning-rate schedule, the Adam moments); a model
+                # without an optimizer takes the layer weights only, so the new run starts its
+                # own schedule at step 0.
+                path = load_initial_weights(
+                    model,
+                    train_cfg.init_from,
+                    class_names=None if method.class_agnostic else class_names,
+                    class_layers=method.class_layers,
+                )
+                logger.info("starting from the weights of %s", path)
             if train_cfg.strategy == "multiworker":
                 synchronize_batch_norm(model)
             make_optimizer = method.optimizer or build_optimizer
@@ -466,14 +478,6 @@ def _fit(
             # model as built (see _build_train_state for why not inside the first train step).
             model.optimizer.build(model.trainable_variables)
             state = {"epoch": 0, "best_score": math.nan, "best_epoch": 0, "history": []}
-            if train_cfg.init_from and not resume:
-                path = load_initial_weights(
-                    model,
-                    train_cfg.init_from,
-                    class_names=None if method.class_agnostic else class_names,
-                    class_layers=method.class_layers,
-                )
-                logger.info("starting from the weights of %s", path)
             if resume:
                 state = restore_training_state(run_dir / CHECKPOINT_DIR, model, model.optimizer)
         start = int(state["epoch"])

@@ -249,6 +249,29 @@ def test_init_from_starts_from_the_weights_of_another_run(small_discs, tmp_path,
     assert saved["train"]["init_from"] == str(source)
 
 
+def test_init_from_a_run_starts_a_new_learning_rate_schedule(small_discs, tmp_path, tiny_method):
+    """A run's weights file also holds its optimizer (step count, moments): a run started from
+    it must not inherit them, or its cosine schedule starts where the source's ended."""
+
+    def config(steps, init_from=None):
+        return RunConfig(
+            NAME,
+            TinyConicConfig(num_classes=2).to_dict(),
+            DataConfig(datasets=(str(small_discs),), class_names=CLASSES, mpp=0.5),
+            PipelineConfig(
+                crop_size=64, batch_size=2, deterministic=True, parallel_calls=1
+            ).to_dict(),
+            TrainConfig(epochs=1, steps_per_epoch=steps, seed=3, init_from=init_from),
+        )
+
+    source = train_run(config(3), tmp_path / "source", verbose=0, tensorboard=False)
+    assert int(source.model.optimizer.iterations.numpy()) == 3
+    result = train_run(
+        config(2, str(tmp_path / "source")), tmp_path / "run", verbose=0, tensorboard=False
+    )
+    assert int(result.model.optimizer.iterations.numpy()) == 2  # its own 2 steps, not 3 + 2
+
+
 def test_init_from_a_missing_or_foreign_weights_file_fails_in_one_line(tmp_path):
     from kerasnuc.fileutil import KerasnucError
     from kerasnuc.runs import load_initial_weights
