@@ -264,6 +264,7 @@ def worker_kerasnuc(args: argparse.Namespace) -> dict:
     best = _best([once() for _ in range(args.repeats)])
     if args.case != "c":
         best["tile"] = tile_size
+        best["margin"] = margin
     return best
 
 
@@ -530,12 +531,14 @@ def main(argv: list[str] | None = None) -> None:
     print()
     print(format_table(rows, columns))
     verdicts = checks(results)
-    tiles = ", ".join(f"{c} {r['kerasnuc']['tile']} px" for c, r in results.items() if c != "c")
-    print(
-        f"kerasnuc tiles: {tiles or '-'} ({'full size' if args.no_balance else 'balanced'}, ",
-        end="",
+    tiles = ", ".join(
+        f"{c} {r['kerasnuc']['tile']} px, margin {r['kerasnuc'].get('margin', MARGIN)}"
+        for c, r in results.items()
+        if c != "c"
     )
-    print(f"margin {MARGIN}); StarDist n_tiles: ceil(side / {args.stardist_tile})")
+    rule = "full size" if args.no_balance else "tile_plan"
+    print(f"kerasnuc tiles ({rule}): {tiles or '-'}; StarDist n_tiles: ceil(side / ", end="")
+    print(f"{args.stardist_tile})")
     print()
     if args.quick:
         print("(--quick: tiny sizes, not the measurement of issue 16)")
