@@ -126,7 +126,7 @@ def test_old_run_configs_store_the_model_resolution_once():
     from pathlib import Path
 
     from kerasnuc.config import migrate_model_mpp
-    from kerasnuc.runs import BUNDLED_DIR, load_config
+    from kerasnuc.runs import load_config
 
     old = {"method": "conic", "model": {}, "pipeline": {"target_mpp": 0.5, "crop_size": 64}}
     cfg = RunConfig.from_dict(old)
@@ -138,7 +138,8 @@ def test_old_run_configs_store_the_model_resolution_once():
     with pytest.raises(ValueError, match="differ"):
         migrate_model_mpp({**old, "data": {"mpp": 0.25}})
     root = Path(__file__).resolve().parent.parent
-    for run in (BUNDLED_DIR / "default", root / "reference_runs" / "conic_b0"):
+    # Two folders written by kerasnuc 0.1.0 (the first bundled default and its reference run).
+    for run in (root / "reference_runs" / "default_v1_b0", root / "reference_runs" / "conic_b0"):
         raw = json.loads((run / "config.json").read_text())
         assert "target_mpp" in raw["pipeline"]  # the files themselves are not rewritten
         config = load_config(run)
