@@ -10,7 +10,10 @@ Cases, built deterministically from ``$KERASNUC_DATA`` (default ``/work/shared/d
 
 Tools:
 
-* **kerasnuc** (this environment): ``Predictor.from_run_dirs(resolve_model(--model))``;
+* **kerasnuc** (this environment): with ``--engine auto`` (the default, as ``kerasnuc predict``)
+  ``OnnxPredictor.from_run_dir(resolve_model(--model))`` where the model folder has a
+  ``model.onnx`` (onnxruntime, no TensorFlow), else (or with ``--engine keras``)
+  ``Predictor.from_run_dirs(resolve_model(--model))``; the ``engine`` column says which;
   ``a`` and ``b`` with ``predict_tiled(image, p.predict_instances_batch, tile_size=T,
   margin=M, target_mpp=0.25, mpp=0.25)``, tiled as ``kerasnuc predict`` tiles an image that
   fits in memory: ``T, M = tile_plan(shape, --tile, 64)`` with ``--tile`` defaulting to
@@ -222,7 +225,18 @@ def worker_kerasnuc(args: argparse.Namespace) -> dict:
     from kerasnuc.runs import resolve_model
 
     array = np.load(args.input)
-    predictor = Predictor.from_run_dirs(resolve_model(args.model))
+    run_dir = resolve_model(args.model)
+    predictor = None
+    if args.engine != "keras":
+        from kerasnuc.inference.onnx_predictor import OnnxPredictor, onnx_unusable_reason
+
+        reason = onnx_unusable_reason(run_dir)
+        if reason is None:
+            predictor = OnnxPredictor.from_run_dir(run_dir)
+        elif args.engine == "onnx":
+            raise SystemExit(f"--engine onnx: {reason}")
+    if predictor is None:
+        predictor = Predictor.from_run_dirs(run_dir)
     target_mpp = predictor.mpp or MPP
     tile_size, margin = args.tile or PredictOptions().tile_size, MARGIN
     if not args.no_balance:
@@ -262,6 +276,7 @@ def worker_kerasnuc(args: argparse.Namespace) -> dict:
 
     once()  # warm-up: tracing, first-call allocations
     best = _best([once() for _ in range(args.repeats)])
+    best["engine"] = getattr(predictor, "engine", "keras")
     if args.case != "c":
         best["tile"] = tile_size
         best["margin"] = margin
@@ -368,6 +383,8 @@ def measure(
         args.stardist_model,
         "--stardist-tile",
         str(args.stardist_tile),
+        "--engine",
+        args.engine,
     ]
     if args.tile:
         cmd += ["--tile", str(args.tile)]
@@ -384,7 +401,7 @@ def measure(
         out = work / f"cli_{tool}_{case}_{r}"
         if tool == "kerasnuc":
             cmd = [*kerasnuc_cli(), "predict", str(paths["png"]), "--out", str(out)]
-            cmd += ["--mpp", str(MPP), "--model", args.model]
+            cmd += ["--mpp", str(MPP), "--model", args.model, "--engine", args.engine]
             if args.tile:
                 cmd += ["--tile", str(args.tile)]  # the CLI always balances its tiles
             if args.cli_format:
@@ -445,6 +462,12 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="default", help="kerasnuc model name or run folder")
     parser.add_argument("--stardist-model", default=DEFAULT_STARDIST_MODEL)
+    parser.add_argument(
+        "--engine",
+        choices=("auto", "onnx", "keras"),
+        default="auto",
+        help="what runs kerasnuc's model (as kerasnuc predict --engine)",
+    )
     parser.add_argument("--stardist-python", default=DEFAULT_STARDIST_PYTHON)
     parser.add_argument(
         "--stardist-tile",
@@ -525,7 +548,7 @@ def main(argv: list[str] | None = None) -> None:
         }
         by_tool["ratio"] = ratio
         rows.append({"case": case, "input": shape, "tool": "ratio k/s", **ratio})
-    columns = ["case", "input", "tool", *COLUMNS, "nuclei"]
+    columns = ["case", "input", "tool", "engine", *COLUMNS, "nuclei"]
     if args.no_cli:
         columns = [c for c in columns if not c.startswith("cli_")]
     print()

@@ -57,8 +57,15 @@ from typing import Any
 import keras
 import numpy as np
 
+from kerasnuc import model_dirs
 from kerasnuc.config import RunConfig
 from kerasnuc.fileutil import KerasnucError, atomic_dir, write_json_atomic
+from kerasnuc.model_dirs import (  # noqa: F401 - re-exported: kerasnuc.runs.BUNDLED_DIR, ...
+    BUNDLED_DIR,
+    DEFAULT_MODEL,
+    bundled_models,
+    resolve_model,
+)
 from kerasnuc.registry import Method, get_method
 
 RUN_CONFIG = "config.json"
@@ -91,13 +98,6 @@ def pending_run_dir(run_dir: str | os.PathLike) -> Path:
     """``<parent>/.<name>.pending``: where a run replacing ``run_dir`` trains until it is done."""
     run_dir = Path(run_dir)
     return run_dir.parent / f".{run_dir.name}.pending"
-
-
-BUNDLED_DIR = Path(__file__).resolve().parent / "models_bundled"
-"""Folder of the models shipped with the package: ``models_bundled/<name>/`` run folders."""
-
-DEFAULT_MODEL = "default"
-"""Name of the bundled model used when no model is given."""
 
 
 # --- config.json -----------------------------------------------------------------------------
@@ -369,55 +369,13 @@ def shareable_config(config: RunConfig) -> dict[str, Any]:
     return {**out, "data": data, "train": train}
 
 
-def bundled_models() -> dict[str, Path]:
-    """``{name: run directory}`` of the named models shipped in :data:`BUNDLED_DIR`."""
-    found: dict[str, Path] = {}
-    if BUNDLED_DIR.is_dir():
-        for child in sorted(BUNDLED_DIR.iterdir()):
-            if (child / RUN_CONFIG).is_file():
-                found[child.name] = child
-    return found
-
-
-def resolve_model(name_or_path: str | os.PathLike | None) -> Path:
-    """The run directory of a model argument.
-
-    Args:
-        name_or_path: an existing run directory (a folder written by ``kerasnuc train``), the
-            name of a bundled model, or None for the bundled :data:`DEFAULT_MODEL`.
-
-    Returns:
-        The run directory.
-
-    Raises:
-        KerasnucError: nothing matches (the message says what is available).
-    """
-    named = bundled_models()
-    if name_or_path is None:
-        if DEFAULT_MODEL in named:
-            return named[DEFAULT_MODEL]
-        raise KerasnucError(
-            "no model given and no bundled default model is installed: pass --model RUN_DIR "
-            "(a folder written by kerasnuc train)"
-        )
-    path = Path(name_or_path).expanduser()
-    if path.is_dir():
-        return path
-    if str(name_or_path) in named:
-        return named[str(name_or_path)]
-    available = ", ".join(sorted(named)) or "none installed"
-    raise KerasnucError(
-        f"{name_or_path}: no such run directory, nor a bundled model (bundled: {available})"
-    )
-
-
 def is_bundled(run_dir: str | os.PathLike) -> bool:
     """Whether a run folder is one of the models shipped in the package (read-only).
 
     Links are followed both ways: an entry of :data:`BUNDLED_DIR` that links to a folder
     elsewhere is bundled, and so is a link elsewhere to a folder of :data:`BUNDLED_DIR`.
     """
-    bundled = Path(BUNDLED_DIR).resolve()
+    bundled = Path(model_dirs.BUNDLED_DIR).resolve()
     path = Path(os.path.abspath(Path(run_dir).expanduser()))
     return path.parent.resolve() == bundled or path.resolve().parent == bundled
 

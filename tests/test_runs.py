@@ -10,7 +10,7 @@ import keras
 import numpy as np
 import pytest
 
-from kerasnuc import runs
+from kerasnuc import model_dirs, runs
 from kerasnuc.config import DataConfig, RunConfig, TrainConfig
 from kerasnuc.fileutil import KerasnucError
 from kerasnuc.runs import (
@@ -122,7 +122,7 @@ def test_resolve_model(tmp_path, monkeypatch):
     (run_dir / "config.json").write_text("{}")
     bundled_dir = tmp_path / "bundled"
     bundled_dir.mkdir()
-    monkeypatch.setattr(runs, "BUNDLED_DIR", bundled_dir)
+    monkeypatch.setattr(model_dirs, "BUNDLED_DIR", bundled_dir)
     assert resolve_model(run_dir) == run_dir
     with pytest.raises(KerasnucError, match="pass --model"):
         resolve_model(None)
@@ -234,7 +234,7 @@ def test_no_local_paths_in_packed_models_cards_and_exports(run_dir, tmp_path, mo
     bundled = tmp_path / "bundled"
     bundled.mkdir()
     (bundled / "tiny").symlink_to(local, target_is_directory=True)
-    monkeypatch.setattr(runs, "BUNDLED_DIR", bundled)
+    monkeypatch.setattr(model_dirs, "BUNDLED_DIR", bundled)
     assert runs.is_bundled(resolve_model("tiny")) and not runs.is_bundled(local)
     result = CliRunner().invoke(main, ["tune", "tiny", "--data", "demo"])
     assert result.exit_code == 1 and "tiny is a bundled model: pass --out DIR" in result.output

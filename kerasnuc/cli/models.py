@@ -99,3 +99,52 @@ def pack(run_dir: str, dst: Path, card_file: Path | None, float32: bool, overwri
     out = pack_run(run_path, dst, card=card, float16=not float32, overwrite=overwrite)
     size = (out / "model.weights.h5").stat().st_size / 2**20
     click.echo(f"{out}: weights {size:.1f} MiB ({'float32' if float32 else 'float16'})")
+    _write_onnx_if_possible(out, float32)
+
+
+def _write_onnx_if_possible(run_path: Path, float32: bool) -> None:
+    """``model.onnx`` next to packed conic weights when the onnx package is installed."""
+    import importlib.util
+
+    from kerasnuc.runs import load_config
+
+    if load_config(run_path).method != "conic":
+        return
+    if importlib.util.find_spec("onnx") is None:
+        click.echo(
+            "Note: no model.onnx written (pip install 'kerasnuc[onnx]', then kerasnuc models "
+            f"onnx {run_path}): kerasnuc predict runs this model with TensorFlow",
+            err=True,
+        )
+        return
+    from kerasnuc.serving.onnx import export_run_onnx
+
+    try:
+        path = export_run_onnx(run_path, float16_weights=not float32)
+    except KerasnucError as err:  # a layer the exporter does not know: Keras runs the model
+        click.echo(f"Note: no model.onnx written ({err})", err=True)
+        return
+    click.echo(f"{path}: {path.stat().st_size / 2**20:.1f} MiB (onnxruntime, no TensorFlow)")
+
+
+@models.command("onnx")
+@click.argument("run_dir")
+@click.option("--float32", is_flag=True, help="Store float32 weights (default: float16).")
+@verbose_option
+def onnx(run_dir: str, float32: bool) -> None:
+    """Write RUN_DIR/model.onnx, with which kerasnuc predict runs the model on onnxruntime
+    (no TensorFlow; conic models). Needs the onnx package (pip install 'kerasnuc[onnx]');
+    the graph records the weights it was made from, so write it again after training on."""
+    from kerasnuc.runs import is_bundled, resolve_model
+    from kerasnuc.serving.onnx import export_run_onnx
+
+    run_path = resolve_model(run_dir)
+    if is_bundled(run_path):
+        raise KerasnucError(
+            f"{run_dir}: bundled models are read-only and ship their model.onnx; copy one with "
+            "kerasnuc models pack first"
+        )
+    check_writable_dir(run_path)
+    path = export_run_onnx(run_path, float16_weights=not float32)
+    size = path.stat().st_size / 2**20
+    click.echo(f"{path}: {size:.1f} MiB ({'float32' if float32 else 'float16'} weights)")

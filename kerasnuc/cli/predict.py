@@ -65,6 +65,33 @@ def _reason(report) -> str:
     return reason if str(report.path) in reason else f"{report.path}: {reason}"
 
 
+def _onnx_predictor(engine: str, run_dir: Path | None, tta: int, device: str, batch_size: int):
+    """The onnxruntime predictor of ``run_dir`` when ``--engine`` asks for it and it can run,
+    else None (Keras then). ``--engine onnx`` fails with the reason where it cannot."""
+    if engine == "keras":
+        return None
+    reason = None
+    if run_dir is None:
+        reason = "--server runs the model on the server"
+    elif device == "gpu":
+        reason = "--device gpu runs with TensorFlow"
+    if reason is None:
+        from kerasnuc.inference.onnx_predictor import OnnxPredictor, onnx_unusable_reason
+
+        reason = onnx_unusable_reason(run_dir, tta)
+        if reason is None:
+            try:
+                return OnnxPredictor.from_run_dir(run_dir, batch_size=batch_size)
+            except KerasnucError as err:
+                if engine == "onnx":
+                    raise
+                click.echo(f"Note: {err}; predicting with Keras", err=True)
+                return None
+    if engine == "onnx":
+        raise KerasnucError(f"--engine onnx: {reason}")
+    return None
+
+
 def _set_device(device: str) -> None:
     """Hide the GPUs for ``cpu`` (before TensorFlow is imported); check one exists for ``gpu``."""
     if device == "cpu":
@@ -220,6 +247,15 @@ def _predict_on_cluster(cluster, worker_threads, spec, paths, out, options, mode
     help="cpu hides the GPUs; gpu fails without one.",
 )
 @click.option(
+    "--engine",
+    type=click.Choice(["auto", "onnx", "keras"]),
+    default="auto",
+    show_default=True,
+    help="What runs the model: onnxruntime from the model folder's model.onnx (no TensorFlow: "
+    "starts in about a second; plain prediction of conic models), or Keras/TensorFlow (every "
+    "method, --tta, GPUs). auto: onnx where it can, else keras.",
+)
+@click.option(
     "--grey",
     type=click.Choice(["error", "convert"]),
     default="error",
@@ -262,6 +298,7 @@ def predict(
     batch_size: int,
     resume: bool,
     device: str,
+    engine: str,
     grey: str,
     no_tissue: bool,
     recursive: bool,
@@ -293,7 +330,7 @@ def predict(
     _set_device(device)
     from kerasnuc.inference.inputs import find_inputs
     from kerasnuc.inference.job import PredictOptions
-    from kerasnuc.runs import resolve_model
+    from kerasnuc.model_dirs import resolve_model
 
     if server is not None and not model:
         raise KerasnucError("--server needs --model NAME, the model's name on the server")
@@ -301,7 +338,10 @@ def predict(
     paths = find_inputs(example_inputs(inputs), recursive=recursive, exclude=out)
     if not paths:
         raise KerasnucError(f"no images found in {', '.join(inputs)}")
+    predictor = None
     if cluster is None:
+        predictor = _onnx_predictor(engine, run_dir, tta, device, batch_size)
+    if cluster is None and predictor is None:
         from kerasnuc.inference.predictor import Predictor
 
         if run_dir is None:
@@ -312,6 +352,8 @@ def predict(
         model_id, source = f"{model} @ {server}", f"{model} on {server}"
     else:
         model_id, source = run_dir.resolve().name, str(run_dir)
+    if getattr(predictor, "engine", None) == "onnxruntime":
+        source += ", onnxruntime"
     options = PredictOptions(
         formats=format_set,
         tile_size=tile,

@@ -9,7 +9,6 @@ from __future__ import annotations
 import weakref
 from collections.abc import Callable, Mapping
 
-import keras
 import numpy as np
 
 STRIDE = 32
@@ -57,6 +56,8 @@ def forward_function(model) -> Callable:
     retracing) and the graph optimiser fuses convolution, batch norm and activation. Run eagerly
     instead, the same model is 1.4-1.9x slower per tile on a CPU. Other backends call the model.
     """
+    import keras  # here, not at the top: padding and cropping are used without Keras
+
     fn = _FORWARD.get(model)
     if fn is None:
         if keras.backend.backend() == "tensorflow":

@@ -8,7 +8,7 @@ import keras
 import pytest
 from click.testing import CliRunner
 
-from kerasnuc import runs
+from kerasnuc import model_dirs
 from kerasnuc.cli import main
 from kerasnuc.cli.train import parse_dataset_mpp
 from kerasnuc.config import DataConfig, RunConfig
@@ -46,7 +46,7 @@ class _NamedModels:
 @pytest.fixture
 def only_registered(monkeypatch, tmp_path):
     named = _NamedModels(tmp_path / "named_models")
-    monkeypatch.setattr(runs, "BUNDLED_DIR", named.folder)
+    monkeypatch.setattr(model_dirs, "BUNDLED_DIR", named.folder)
     return named
 
 

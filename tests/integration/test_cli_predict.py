@@ -177,9 +177,9 @@ def test_grey_convert_and_pyramidal_slide_streams(run_dir, inputs, tmp_path):
 
 
 def test_missing_model_and_bad_format_fail_with_one_line(tmp_path, monkeypatch):
-    from kerasnuc import runs
+    from kerasnuc import model_dirs
 
-    monkeypatch.setattr(runs, "BUNDLED_DIR", tmp_path / "none")
+    monkeypatch.setattr(model_dirs, "BUNDLED_DIR", tmp_path / "none")
     result = invoke(tmp_path, "--out", tmp_path / "out")
     assert result.exit_code == 1 and "pass --model" in result.output
     result = invoke(tmp_path, "--out", tmp_path / "out", "--format", "geojson,pdf")

@@ -1,0 +1,198 @@
+"""Prediction with onnxruntime from a run's ``model.onnx``: no TensorFlow, no Keras.
+
+A new ``kerasnuc predict`` process spent most of a small job before its first tile: importing
+TensorFlow, building the Keras model and tracing its first call. A model folder that holds
+``model.onnx`` (written by :func:`kerasnuc.serving.onnx.export_onnx`: ``kerasnuc models pack``,
+``kerasnuc models onnx``; the bundled models have one) is run by onnxruntime instead:
+the session loads in a fraction of a second and the forward pass gives the Keras model's maps
+(equal within float rounding, see the tests). Everything after the model (tiling,
+post-processing, measurements, writers) is the same code as with Keras.
+
+The graph records the SHA-256 of the weights file it was made from; a folder whose weights
+changed since (trained on, or copied with other weights) is refused with a message, never run
+with stale weights. This path covers plain prediction of the ``conic`` method (no test-time
+augmentation, no ensembles, no MC dropout); the
+:class:`~kerasnuc.inference.predictor.Predictor` does the rest.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kerasnuc.config import RunConfig
+from kerasnuc.fileutil import KerasnucError
+from kerasnuc.models.maps import crop_maps, pad_to_multiple
+from kerasnuc.postprocess.common import PostprocResult
+from kerasnuc.postprocess.conic import ConicPostprocConfig, postprocess_conic
+from kerasnuc.serving.onnx import ONNX_FILE, WEIGHTS_DIGEST_KEY, weights_digest
+
+WEIGHTS_FILE = "model.weights.h5"
+POSTPROC_FILE = "postproc.json"
+
+METHODS = ("conic",)
+"""Methods whose models and post-processing this path runs."""
+
+
+def onnxruntime_available() -> bool:
+    """Whether onnxruntime can be imported (it is a dependency; a broken install may lack it)."""
+    return importlib.util.find_spec("onnxruntime") is not None
+
+
+def onnx_unusable_reason(run_dir: str | os.PathLike, tta: int = 0) -> str | None:
+    """Why ``run_dir`` cannot be predicted with onnxruntime, or None when it can.
+
+    Reads only small files (the run config, the graph's metadata is checked when loading).
+    """
+    run_dir = Path(run_dir)
+    if tta > 1:
+        return "test-time augmentation runs with Keras"
+    if not (run_dir / ONNX_FILE).is_file():
+        return f"{run_dir / ONNX_FILE} does not exist (kerasnuc models onnx RUN_DIR writes it)"
+    if not (run_dir / POSTPROC_FILE).is_file():
+        return f"{run_dir / POSTPROC_FILE} does not exist"
+    try:
+        method = json.loads((run_dir / "config.json").read_text(encoding="utf-8")).get("method")
+    except (OSError, ValueError, AttributeError):
+        return f"{run_dir / 'config.json'} is unreadable"
+    if method not in METHODS:
+        return f"method {method!r} runs with Keras"
+    if not onnxruntime_available():
+        return "onnxruntime is not installed"
+    return None
+
+
+class _ConicPostprocess:
+    """The ``conic`` post-processing as the registry's ``Method.postprocess`` calls it."""
+
+    name = "conic"
+
+    @staticmethod
+    def postprocess(maps: dict[str, np.ndarray], config: ConicPostprocConfig) -> PostprocResult:
+        return postprocess_conic(maps.get("semantic"), maps["three_label"], config)
+
+
+class OnnxPredictor:
+    """A run folder's ``model.onnx`` + post-processing: the predictor of ``kerasnuc predict``
+    without TensorFlow (the interface of :class:`~kerasnuc.inference.predictor.Predictor` that
+    :mod:`kerasnuc.inference.job` uses).
+
+    Args:
+        session: an ``onnxruntime.InferenceSession`` of the graph.
+        postproc: the post-processing settings.
+        data_config: the run's :class:`~kerasnuc.config.DataConfig` (resolution, cell types).
+        batch_size: tiles per forward pass.
+        digest: SHA-256 of the graph file (the predictor's fingerprint).
+    """
+
+    tta = 0
+    engine = "onnxruntime"
+
+    def __init__(
+        self,
+        session: Any,
+        postproc: ConicPostprocConfig,
+        data_config: Any,
+        batch_size: int = 8,
+        digest: str = "",
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"`batch_size` must be >= 1. Received: batch_size={batch_size}")
+        self.session = session
+        self.method = _ConicPostprocess()
+        self.postproc = postproc
+        self.data_config = data_config
+        self.batch_size = int(batch_size)
+        self.digest = digest
+        self.output_names = [o.name for o in session.get_outputs()]
+        self.input_name = session.get_inputs()[0].name
+
+    @classmethod
+    def from_run_dir(
+        cls, run_dir: str | os.PathLike, batch_size: int = 8, threads: int | None = None
+    ) -> OnnxPredictor:
+        """Load ``run_dir/model.onnx`` with its run config and post-processing.
+
+        Args:
+            run_dir: a run or bundled-model folder with ``model.onnx``.
+            batch_size: tiles per forward pass.
+            threads: onnxruntime intra-op threads (None: onnxruntime's default, the cores).
+
+        Raises:
+            KerasnucError: no usable graph (the message says why), or weights newer than it.
+        """
+        run_dir = Path(run_dir)
+        reason = onnx_unusable_reason(run_dir)
+        if reason is not None:
+            raise KerasnucError(f"{run_dir}: cannot predict with onnxruntime: {reason}")
+        import onnxruntime as ort
+
+        path = run_dir / ONNX_FILE
+        options = ort.SessionOptions()
+        options.log_severity_level = 3  # errors only: keep the terminal ours
+        if threads is not None:
+            options.intra_op_num_threads = int(threads)
+        try:
+            session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime raises its own exception types
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise KerasnucError(f"{path}: not a readable ONNX graph ({first[:200]})") from exc
+        recorded = session.get_modelmeta().custom_metadata_map.get(WEIGHTS_DIGEST_KEY)
+        weights = run_dir / WEIGHTS_FILE
+        if weights.is_file() and recorded != weights_digest(weights):
+            raise KerasnucError(
+                f"{path}: made from other weights than {weights} (write it again with "
+                f"kerasnuc models onnx {run_dir}, or predict with --engine keras)"
+            )
+        config = RunConfig.from_dict(json.loads((run_dir / "config.json").read_text("utf-8")))
+        postproc = ConicPostprocConfig.load(run_dir / POSTPROC_FILE)
+        return cls(session, postproc, config.data, batch_size, weights_digest(path))
+
+    @property
+    def mpp(self) -> float | None:
+        """The model's resolution in um/px (None: unknown)."""
+        return self.data_config.mpp
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What the results depend on (see ``Predictor.fingerprint``): the graph, the
+        post-processing, the batch size and the model's resolution and cell types."""
+        return {
+            "engine": "onnxruntime",
+            "method": self.method.name,
+            "models": [self.digest],
+            "postproc": self.postproc.to_dict(),
+            "tta": 0,
+            "batch_size": self.batch_size,
+            "mpp": self.data_config.mpp,
+            "class_names": {str(k): v for k, v in dict(self.data_config.class_names).items()},
+        }
+
+    def predict_maps_batch(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        """``(B, H, W, 3)`` uint8 (or float in ``[0, 1]``) -> ``{output: (B, H, W, K)}``."""
+        images = np.asarray(images)
+        if images.ndim != 4 or images.shape[-1] != 3:
+            raise ValueError(f"`images` must have shape (B, H, W, 3). Received: {images.shape}")
+        x = images.astype(np.float32) / 255.0 if images.dtype == np.uint8 else images
+        x, size = pad_to_multiple(np.asarray(x, dtype=np.float32))
+        parts: dict[str, list[np.ndarray]] = {}
+        for i in range(0, len(x), self.batch_size):
+            outs = self.session.run(None, {self.input_name: x[i : i + self.batch_size]})
+            for name, value in zip(self.output_names, outs, strict=True):
+                parts.setdefault(name, []).append(value)
+        return crop_maps({k: np.concatenate(v) for k, v in parts.items()}, size)
+
+    def predict_instances_batch(self, images: np.ndarray) -> list[PostprocResult]:
+        """Nuclei of a batch of tiles (the ``predict_fn`` of the tiling)."""
+        maps = self.predict_maps_batch(images)
+        return [
+            self.method.postprocess({k: v[b] for k, v in maps.items()}, self.postproc)
+            for b in range(len(images))
+        ]
+
+
+__all__ = ["OnnxPredictor", "onnx_unusable_reason", "onnxruntime_available"]

@@ -1,0 +1,119 @@
+"""Prediction on onnxruntime: the same nuclei as Keras, no TensorFlow, stale graphs refused."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from kerasnuc.cli import main
+from kerasnuc.data.dataset import Dataset
+from kerasnuc.examples import example_dataset
+from kerasnuc.fileutil import KerasnucError
+from kerasnuc.inference.onnx_predictor import OnnxPredictor, onnx_unusable_reason
+from kerasnuc.runs import resolve_model
+
+pytest.importorskip("onnxruntime", reason="the onnx engine needs onnxruntime")
+
+DEMO_IDS = ["5d75a63972ef", "2dd3356f2dcf"]
+
+
+@pytest.fixture(scope="module")
+def default_dir():
+    return resolve_model(None)
+
+
+def test_bundled_default_has_a_current_graph(default_dir):
+    assert onnx_unusable_reason(default_dir) is None
+    OnnxPredictor.from_run_dir(default_dir)  # the recorded weights digest matches
+
+
+def test_same_maps_and_nuclei_as_keras(default_dir):
+    from kerasnuc.inference.predictor import Predictor
+
+    demo = Dataset(example_dataset("demo"))
+    images = np.stack([demo.sample(i).image[:256, :256] for i in DEMO_IDS])
+    fast = OnnxPredictor.from_run_dir(default_dir, batch_size=1)
+    keras_predictor = Predictor.from_run_dirs(default_dir)
+    got, expected = fast.predict_maps_batch(images), keras_predictor.predict_maps_batch(images)
+    assert set(got) == set(expected)
+    for name in expected:
+        # float16 weights on both sides, float32 arithmetic in different libraries
+        np.testing.assert_allclose(got[name], expected[name], atol=1e-4, rtol=0)
+    for a, b in zip(
+        fast.predict_instances_batch(images),
+        keras_predictor.predict_instances_batch(images),
+        strict=True,
+    ):
+        np.testing.assert_array_equal(a.instances, b.instances)
+        np.testing.assert_array_equal(a.classes, b.classes)
+    assert fast.mpp == keras_predictor.mpp == 0.25
+    assert fast.fingerprint()["engine"] == "onnxruntime"
+
+
+def test_graph_of_other_weights_is_refused(default_dir, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(default_dir, run)
+    weights = run / "model.weights.h5"
+    weights.write_bytes(weights.read_bytes() + b"\0")  # any change of the weights file
+    with pytest.raises(KerasnucError, match="other weights"):
+        OnnxPredictor.from_run_dir(run)
+    # auto falls back to Keras with a note; --engine onnx fails in one line
+    result = CliRunner().invoke(
+        main,
+        ["predict", "demo", "--model", str(run), "--out", str(tmp_path / "o"), "--engine", "onnx"],
+    )
+    assert result.exit_code == 1 and "other weights" in result.output
+
+
+def test_unusable_reasons(default_dir, tmp_path):
+    assert "augmentation" in onnx_unusable_reason(default_dir, tta=4)
+    run = tmp_path / "run"
+    shutil.copytree(default_dir, run)
+    (run / "model.onnx").unlink()
+    assert "model.onnx does not exist" in onnx_unusable_reason(run)
+    result = CliRunner().invoke(
+        main, ["predict", "demo", "--out", str(tmp_path / "o"), "--engine", "onnx", "--tta", "4"]
+    )
+    assert result.exit_code == 1 and "augmentation" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
+def test_cli_predicts_without_importing_tensorflow(tmp_path):
+    out = tmp_path / "out"
+    code = (
+        "import sys\n"
+        "from click.testing import CliRunner\n"
+        "from kerasnuc.cli import main\n"
+        f"r = CliRunner().invoke(main, ['predict', 'demo', '--out', {str(out)!r}])\n"
+        "assert r.exit_code == 0, r.output\n"
+        "print(sorted(m for m in ('tensorflow', 'keras') if m in sys.modules))\n"
+        "print(r.output.splitlines()[0])\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    loaded, header = done.stdout.strip().splitlines()[-2:]
+    assert loaded == "[]"
+    assert "onnxruntime" in header
+    for image_id in DEMO_IDS:
+        summary = json.loads((out / image_id / f"{image_id}.summary.json").read_text())
+        assert summary["total"] > 50  # demo ground truth: 88 and 117 nuclei
+
+
+def test_models_onnx_writes_a_graph_for_a_run_and_refuses_bundled_models(default_dir, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(default_dir, run)
+    (run / "model.onnx").unlink()
+    result = CliRunner().invoke(main, ["models", "onnx", str(run)])
+    assert result.exit_code == 0, result.output
+    OnnxPredictor.from_run_dir(run)  # current for these weights
+    # The export is deterministic: the same weights give the bundled graph, byte for byte (so
+    # the bundled model.onnx is also what the exporter writes today).
+    assert (run / "model.onnx").read_bytes() == (default_dir / "model.onnx").read_bytes()
+    result = CliRunner().invoke(main, ["models", "onnx", "default"])
+    assert result.exit_code == 1 and "read-only" in result.output
