@@ -5,7 +5,8 @@
    post-processing, next to the classical colour-deconvolution + Otsu + watershed baseline of
    :mod:`kerasnuc.postprocess.classical` on the same images. Metrics from
    :mod:`kerasnuc.metrics` (binary PQ, AJI, pixel F1; mPQ+ and per-class PQ where the dataset
-   has cell types).
+   has cell types). ``--engine`` as ``kerasnuc predict``'s (default auto: onnxruntime where
+   the model folder has a ``model.onnx``, else Keras).
 2. End-to-end time of the ``kerasnuc predict`` command (a new process: imports, model loading,
    prediction, post-processing, writing overlay/GeoJSON/CSV/summary/OME-TIFF) on one 1000x1000
    MoNuSeg image, with and without TTA, in seconds and seconds per megapixel; the best of
@@ -14,7 +15,8 @@
 Usage::
 
     TF_CPP_MIN_LOG_LEVEL=2 python benchmarks/default_model.py [--model default] \\
-        [--data ../shared/data] [--tta 8] [--repeats 2] [--skip-timing] [--skip-scores]
+        [--data ../shared/data] [--engine auto|onnx|keras] [--tta 8] [--repeats 2] [--skip-timing]
+        [--skip-scores]
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ def scores(
     tile: int | None = None,
     balance: bool = True,
     keep_margin: bool = False,
+    engine: str = "auto",
 ) -> list[dict]:
     from kerasnuc.inference.job import PredictOptions
     from kerasnuc.inference.predictor import Predictor
@@ -64,7 +67,18 @@ def scores(
     options = PredictOptions()
     tile, margin = tile or options.tile_size, options.margin
     run_dir = resolve_model(model)
-    predictor = Predictor.from_run_dirs(run_dir)
+    predictor = None
+    if engine != "keras":  # as kerasnuc predict --engine: onnxruntime where the folder allows
+        from kerasnuc.inference.onnx_predictor import OnnxPredictor, onnx_unusable_reason
+
+        reason = onnx_unusable_reason(run_dir)
+        if reason is None:
+            predictor = OnnxPredictor.from_run_dir(run_dir)
+        elif engine == "onnx":
+            raise SystemExit(f"--engine onnx: {reason}")
+    if predictor is None:
+        predictor = Predictor.from_run_dirs(run_dir)
+    print(f"engine: {getattr(predictor, 'engine', 'keras')}")
     mpp = predictor.data_config.mpp or 0.25
     names = predictor.data_config.class_names
     table = []
@@ -157,6 +171,12 @@ def main() -> None:
         action="store_true",
         help="64-px margins also around images that fit in one tile (the rule before tile_plan)",
     )
+    parser.add_argument(
+        "--engine",
+        choices=("auto", "onnx", "keras"),
+        default="auto",
+        help="what runs the model for the scores (as kerasnuc predict --engine)",
+    )
     parser.add_argument("--tta", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--skip-scores", action="store_true")
@@ -170,6 +190,7 @@ def main() -> None:
             args.tile,
             not args.no_balance,
             args.keep_margin,
+            args.engine,
         )
         cols = ["dataset", "images", "method", "pq", "aji", "pixel_f1", "det_f1", "mpq_plus"]
         cols += sorted({k for r in table for k in r if k.startswith("pq+_c")})
