@@ -22,7 +22,8 @@
 Usage (limit threads on a shared machine)::
 
     OMP_NUM_THREADS=1 python benchmarks/slide_speed.py [--size 20000] [--resumable] [--data DIR]
-    python benchmarks/slide_speed.py --model default --tile-size 1152 [--batch-size 1]
+    python benchmarks/slide_speed.py --model default --tile-size 1152 [--batch-size 1] \
+        [--engine auto|onnx|keras]
 
 The data root defaults to ``$KERASNUC_DATA`` or ``../shared/data`` next to the repository.
 """
@@ -191,6 +192,12 @@ def main(argv: list[str] | None = None) -> int:
         help="stream through this kerasnuc model (a bundled name such as 'default' or a run "
         "folder) at its resolution, with its post-processing, instead of the numpy stand-in",
     )
+    parser.add_argument(
+        "--engine",
+        choices=("auto", "onnx", "keras"),
+        default="auto",
+        help="with --model: what runs it (as kerasnuc predict --engine)",
+    )
     args = parser.parse_args(argv)
     if args.size % max(LEVELS) or args.size < 1000:
         parser.error(f"--size must be a multiple of {max(LEVELS)} and >= 1000")
@@ -221,13 +228,23 @@ def main(argv: list[str] | None = None) -> int:
         predict_fn = haematoxylin_predict
         modes = [("count", None), ("count", 2 * MPP)]
         if args.model:
-            from kerasnuc.inference.predictor import Predictor
-            from kerasnuc.runs import resolve_model
+            from kerasnuc.inference.onnx_predictor import OnnxPredictor, onnx_unusable_reason
+            from kerasnuc.model_dirs import resolve_model
 
-            predictor = Predictor.from_run_dirs(resolve_model(args.model))
+            run_dir = resolve_model(args.model)
+            reason = "--engine keras" if args.engine == "keras" else onnx_unusable_reason(run_dir)
+            if reason is None:  # as kerasnuc predict: onnxruntime, TensorFlow never imported
+                predictor = OnnxPredictor.from_run_dir(run_dir, batch_size=args.batch_size)
+            elif args.engine == "onnx":
+                parser.error(f"--engine onnx: {reason}")
+            else:
+                from kerasnuc.inference.predictor import Predictor
+
+                predictor = Predictor.from_run_dirs(run_dir, batch_size=args.batch_size)
             predict_fn = predictor.predict_instances_batch
             modes = [("count", predictor.data_config.mpp or MPP)]
-            print(f"predict_fn: model {args.model} + its post-processing")
+            engine = getattr(predictor, "engine", "keras")
+            print(f"predict_fn: model {args.model} ({engine}) + its post-processing")
         else:
             print("predict_fn: haematoxylin threshold + connected components (numpy stand-in)")
         rows = []
