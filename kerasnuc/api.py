@@ -18,7 +18,10 @@ finds the same nuclei as the command line. ``Predictor.predict_instances``
 whole image at its own resolution, without the tile context of the CLI; its nuclei differ near
 the borders and between tiles.
 
-The model is loaded once per process and reused by later calls (:func:`load_predictor`).
+The model is loaded once per process and reused by later calls (:func:`load_predictor`). As
+with ``kerasnuc predict``, ``engine="auto"`` runs it on onnxruntime when its folder has a
+``model.onnx`` and no test-time augmentation is asked for (TensorFlow is then never imported),
+else with Keras.
 """
 
 from __future__ import annotations
@@ -33,11 +36,13 @@ import numpy as np
 
 from kerasnuc.fileutil import KerasnucError
 from kerasnuc.inference.job import PredictJob, PredictOptions
-from kerasnuc.inference.predictor import Predictor
+from kerasnuc.inference.onnx_predictor import OnnxPredictor, onnx_unusable_reason
 from kerasnuc.inference.sinks import OutputContext, measure_in_memory
 from kerasnuc.io.readers import ArraySource
+from kerasnuc.model_dirs import DEFAULT_MODEL, resolve_model
 from kerasnuc.postprocess.measure import NucleusTable
-from kerasnuc.runs import DEFAULT_MODEL, resolve_model
+
+ENGINES = ("auto", "onnx", "keras")
 
 
 @dataclass(frozen=True)
@@ -82,15 +87,37 @@ class Segmentation:
 
 
 @functools.lru_cache(maxsize=4)
-def load_predictor(model: str = DEFAULT_MODEL, tta: int = 0, batch_size: int = 4) -> Predictor:
-    """The :class:`~kerasnuc.inference.predictor.Predictor` of a model, loaded once per process.
+def load_predictor(
+    model: str = DEFAULT_MODEL, tta: int = 0, batch_size: int = 4, engine: str = "auto"
+) -> Any:
+    """The predictor of a model, loaded once per process.
 
     Args:
         model: a run folder (written by ``kerasnuc train``) or the name of a bundled model.
         tta: test-time augmentation passes (0: one plain pass, as ``kerasnuc predict``).
         batch_size: tiles per model call.
+        engine: ``"auto"`` (onnxruntime where the model folder allows, else Keras), ``"onnx"``
+            or ``"keras"``, as ``kerasnuc predict --engine``.
+
+    Returns:
+        An :class:`~kerasnuc.inference.onnx_predictor.OnnxPredictor` or a
+        :class:`~kerasnuc.inference.predictor.Predictor`.
+
+    Raises:
+        KerasnucError: an unknown model, or ``engine="onnx"`` where it cannot run (why).
     """
-    return Predictor.from_run_dirs(resolve_model(model), tta=tta, batch_size=batch_size)
+    if engine not in ENGINES:
+        raise ValueError(f"`engine` must be one of {ENGINES}. Received: engine={engine!r}")
+    run_dir = resolve_model(model)
+    if engine != "keras":
+        reason = onnx_unusable_reason(run_dir, tta)
+        if reason is None:
+            return OnnxPredictor.from_run_dir(run_dir, batch_size=batch_size)
+        if engine == "onnx":
+            raise KerasnucError(f"{run_dir}: cannot predict with onnxruntime: {reason}")
+    from kerasnuc.inference.predictor import Predictor  # imports TensorFlow
+
+    return Predictor.from_run_dirs(run_dir, tta=tta, batch_size=batch_size)
 
 
 def _as_table(table: NucleusTable) -> Any:
@@ -113,6 +140,7 @@ def segment(
     batch_size: int = 4,
     grey: str = "error",
     name: str | None = None,
+    engine: str = "auto",
 ) -> Segmentation:
     """Find, outline, classify and measure the nuclei of one image, as ``kerasnuc predict`` does.
 
@@ -136,6 +164,8 @@ def segment(
         grey: ``"error"`` (default) or ``"convert"`` for greyscale images.
         name: the ``image`` column of the table for an array (default ``"image"``; a file
             gets its file name, as in the CSV of ``kerasnuc predict``).
+        engine: what runs the model, as ``kerasnuc predict --engine`` (see
+            :func:`load_predictor`); both engines find the same nuclei.
 
     Returns:
         A :class:`Segmentation` (``labels``, ``classes``, ``table``, ``counts``).
@@ -145,7 +175,7 @@ def segment(
             (one line).
     """
     run_dir = resolve_model(model)
-    predictor = load_predictor(str(run_dir), tta, batch_size)
+    predictor = load_predictor(str(run_dir), tta, batch_size, engine)
     options = PredictOptions(
         tile_size=tile, margin=margin, batch_size=batch_size, mpp=mpp, grey=grey, tissue=False
     )

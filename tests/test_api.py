@@ -99,3 +99,30 @@ def test_import_kerasnuc_does_not_load_tensorflow():
     code = "import kerasnuc, sys; print('tensorflow' in sys.modules, 'segment' in dir(kerasnuc))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "True"]
+
+
+def test_both_engines_find_the_same_nuclei_and_auto_needs_no_tensorflow():
+    import subprocess
+    import sys
+
+    import kerasnuc
+    from kerasnuc.examples import example_images
+
+    image = read_image(example_images("demo")[0])
+    fast = kerasnuc.segment(image, engine="onnx")
+    slow = kerasnuc.segment(image, engine="keras")
+    np.testing.assert_array_equal(fast.labels, slow.labels)
+    np.testing.assert_array_equal(fast.classes, slow.classes)
+    assert fast.counts == slow.counts and len(fast) > 50
+    with pytest.raises(KerasnucError, match="augmentation"):
+        kerasnuc.segment(image, engine="onnx", tta=4)
+    with pytest.raises(ValueError, match="engine"):
+        kerasnuc.load_predictor("default", 0, 4, "gpu")
+    code = (
+        "import sys, kerasnuc\n"
+        "from kerasnuc.examples import example_images\n"
+        "r = kerasnuc.segment(example_images('demo')[0])\n"
+        "print(len(r) > 50, 'tensorflow' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split()[-2:] == ["True", "False"]
