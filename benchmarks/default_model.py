@@ -60,24 +60,14 @@ def scores(
     engine: str = "auto",
 ) -> list[dict]:
     from kerasnuc.inference.job import PredictOptions
-    from kerasnuc.inference.predictor import Predictor
+    from kerasnuc.inference.onnx_predictor import load_engine_predictor
     from kerasnuc.inference.tiling import balanced_tile_size, predict_tiled, tile_plan
     from kerasnuc.runs import resolve_model
 
     options = PredictOptions()
     tile, margin = tile or options.tile_size, options.margin
     run_dir = resolve_model(model)
-    predictor = None
-    if engine != "keras":  # as kerasnuc predict --engine: onnxruntime where the folder allows
-        from kerasnuc.inference.onnx_predictor import OnnxPredictor, onnx_unusable_reason
-
-        reason = onnx_unusable_reason(run_dir)
-        if reason is None:
-            predictor = OnnxPredictor.from_run_dir(run_dir)
-        elif engine == "onnx":
-            raise SystemExit(f"--engine onnx: {reason}")
-    if predictor is None:
-        predictor = Predictor.from_run_dirs(run_dir)
+    predictor = load_engine_predictor(run_dir, engine)
     print(f"engine: {getattr(predictor, 'engine', 'keras')}")
     mpp = predictor.data_config.mpp or 0.25
     names = predictor.data_config.class_names

@@ -220,23 +220,12 @@ def _best(runs: list[dict]) -> dict:
 
 def worker_kerasnuc(args: argparse.Namespace) -> dict:
     from kerasnuc.inference.job import PredictOptions
-    from kerasnuc.inference.predictor import Predictor
+    from kerasnuc.inference.onnx_predictor import load_engine_predictor
     from kerasnuc.inference.tiling import predict_tiled, tile_plan
     from kerasnuc.runs import resolve_model
 
     array = np.load(args.input)
-    run_dir = resolve_model(args.model)
-    predictor = None
-    if args.engine != "keras":
-        from kerasnuc.inference.onnx_predictor import OnnxPredictor, onnx_unusable_reason
-
-        reason = onnx_unusable_reason(run_dir)
-        if reason is None:
-            predictor = OnnxPredictor.from_run_dir(run_dir)
-        elif args.engine == "onnx":
-            raise SystemExit(f"--engine onnx: {reason}")
-    if predictor is None:
-        predictor = Predictor.from_run_dirs(run_dir)
+    predictor = load_engine_predictor(resolve_model(args.model), args.engine)
     target_mpp = predictor.mpp or MPP
     tile_size, margin = args.tile or PredictOptions().tile_size, MARGIN
     if not args.no_balance:

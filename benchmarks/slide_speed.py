@@ -228,19 +228,12 @@ def main(argv: list[str] | None = None) -> int:
         predict_fn = haematoxylin_predict
         modes = [("count", None), ("count", 2 * MPP)]
         if args.model:
-            from kerasnuc.inference.onnx_predictor import OnnxPredictor, onnx_unusable_reason
+            from kerasnuc.inference.onnx_predictor import load_engine_predictor
             from kerasnuc.model_dirs import resolve_model
 
-            run_dir = resolve_model(args.model)
-            reason = "--engine keras" if args.engine == "keras" else onnx_unusable_reason(run_dir)
-            if reason is None:  # as kerasnuc predict: onnxruntime, TensorFlow never imported
-                predictor = OnnxPredictor.from_run_dir(run_dir, batch_size=args.batch_size)
-            elif args.engine == "onnx":
-                parser.error(f"--engine onnx: {reason}")
-            else:
-                from kerasnuc.inference.predictor import Predictor
-
-                predictor = Predictor.from_run_dirs(run_dir, batch_size=args.batch_size)
+            predictor = load_engine_predictor(
+                resolve_model(args.model), args.engine, batch_size=args.batch_size
+            )
             predict_fn = predictor.predict_instances_batch
             modes = [("count", predictor.data_config.mpp or MPP)]
             engine = getattr(predictor, "engine", "keras")

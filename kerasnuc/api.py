@@ -36,13 +36,11 @@ import numpy as np
 
 from kerasnuc.fileutil import KerasnucError
 from kerasnuc.inference.job import PredictJob, PredictOptions
-from kerasnuc.inference.onnx_predictor import OnnxPredictor, onnx_unusable_reason
+from kerasnuc.inference.onnx_predictor import load_engine_predictor
 from kerasnuc.inference.sinks import OutputContext, measure_in_memory
 from kerasnuc.io.readers import ArraySource
 from kerasnuc.model_dirs import DEFAULT_MODEL, resolve_model
 from kerasnuc.postprocess.measure import NucleusTable
-
-ENGINES = ("auto", "onnx", "keras")
 
 
 @dataclass(frozen=True)
@@ -106,18 +104,7 @@ def load_predictor(
     Raises:
         KerasnucError: an unknown model, or ``engine="onnx"`` where it cannot run (why).
     """
-    if engine not in ENGINES:
-        raise ValueError(f"`engine` must be one of {ENGINES}. Received: engine={engine!r}")
-    run_dir = resolve_model(model)
-    if engine != "keras":
-        reason = onnx_unusable_reason(run_dir, tta)
-        if reason is None:
-            return OnnxPredictor.from_run_dir(run_dir, batch_size=batch_size)
-        if engine == "onnx":
-            raise KerasnucError(f"{run_dir}: cannot predict with onnxruntime: {reason}")
-    from kerasnuc.inference.predictor import Predictor  # imports TensorFlow
-
-    return Predictor.from_run_dirs(run_dir, tta=tta, batch_size=batch_size)
+    return load_engine_predictor(resolve_model(model), engine, tta, batch_size)
 
 
 def _as_table(table: NucleusTable) -> Any:

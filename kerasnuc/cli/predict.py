@@ -65,33 +65,6 @@ def _reason(report) -> str:
     return reason if str(report.path) in reason else f"{report.path}: {reason}"
 
 
-def _onnx_predictor(engine: str, run_dir: Path | None, tta: int, device: str, batch_size: int):
-    """The onnxruntime predictor of ``run_dir`` when ``--engine`` asks for it and it can run,
-    else None (Keras then). ``--engine onnx`` fails with the reason where it cannot."""
-    if engine == "keras":
-        return None
-    reason = None
-    if run_dir is None:
-        reason = "--server runs the model on the server"
-    elif device == "gpu":
-        reason = "--device gpu runs with TensorFlow"
-    if reason is None:
-        from kerasnuc.inference.onnx_predictor import OnnxPredictor, onnx_unusable_reason
-
-        reason = onnx_unusable_reason(run_dir, tta)
-        if reason is None:
-            try:
-                return OnnxPredictor.from_run_dir(run_dir, batch_size=batch_size)
-            except KerasnucError as err:
-                if engine == "onnx":
-                    raise
-                click.echo(f"Note: {err}; predicting with Keras", err=True)
-                return None
-    if engine == "onnx":
-        raise KerasnucError(f"--engine onnx: {reason}")
-    return None
-
-
 def _set_device(device: str) -> None:
     """Hide the GPUs for ``cpu`` (before TensorFlow is imported); check one exists for ``gpu``."""
     if device == "cpu":
@@ -339,15 +312,23 @@ def predict(
     if not paths:
         raise KerasnucError(f"no images found in {', '.join(inputs)}")
     predictor = None
-    if cluster is None:
-        predictor = _onnx_predictor(engine, run_dir, tta, device, batch_size)
-    if cluster is None and predictor is None:
+    if cluster is None and run_dir is None:
+        if engine == "onnx":
+            raise KerasnucError("--engine onnx: --server runs the model on the server")
         from kerasnuc.inference.predictor import Predictor
 
-        if run_dir is None:
-            predictor = Predictor.from_server(server, model, tta=tta, batch_size=batch_size)
-        else:
-            predictor = Predictor.from_run_dirs(run_dir, tta=tta, batch_size=batch_size)
+        predictor = Predictor.from_server(server, model, tta=tta, batch_size=batch_size)
+    elif cluster is None:
+        from kerasnuc.inference.onnx_predictor import load_engine_predictor
+
+        predictor = load_engine_predictor(
+            run_dir,
+            engine,
+            tta,
+            batch_size,
+            keras_reason="--device gpu runs with TensorFlow" if device == "gpu" else None,
+            note=lambda message: click.echo(f"Note: {message}", err=True),
+        )
     if run_dir is None:
         model_id, source = f"{model} @ {server}", f"{model} on {server}"
     else:

@@ -38,6 +38,9 @@ POSTPROC_FILE = "postproc.json"
 METHODS = ("conic",)
 """Methods whose models and post-processing this path runs."""
 
+ENGINES = ("auto", "onnx", "keras")
+"""What runs a model: onnxruntime where it can (auto), onnxruntime, or Keras/TensorFlow."""
+
 
 def onnxruntime_available() -> bool:
     """Whether onnxruntime can be imported (it is a dependency; a broken install may lack it)."""
@@ -199,4 +202,57 @@ class OnnxPredictor:
         ]
 
 
-__all__ = ["OnnxPredictor", "onnx_unusable_reason", "onnxruntime_available"]
+def load_engine_predictor(
+    run_dir: str | os.PathLike,
+    engine: str = "auto",
+    tta: int = 0,
+    batch_size: int = 8,
+    keras_reason: str | None = None,
+    note: Any = None,
+) -> Any:
+    """The predictor of ``run_dir`` on the engine ``kerasnuc predict --engine`` names.
+
+    ``"auto"``: an :class:`OnnxPredictor` where the folder allows it, else a Keras
+    :class:`~kerasnuc.inference.predictor.Predictor` (TensorFlow is imported only then);
+    ``"onnx"``: the :class:`OnnxPredictor` or an error saying why not; ``"keras"``: the
+    Predictor.
+
+    Args:
+        run_dir: a run or bundled-model folder.
+        engine: one of :data:`ENGINES`.
+        tta, batch_size: as for the Predictor (onnxruntime runs only ``tta <= 1``).
+        keras_reason: why the caller needs Keras even where a graph exists (``"--device gpu
+            runs with TensorFlow"``); None: no such reason.
+        note: with ``"auto"``, called with a one-line message when a graph exists but cannot be
+            loaded (e.g. made from other weights) and Keras runs the model instead; None: that
+            error is raised.
+
+    Raises:
+        KerasnucError: ``"onnx"`` where onnxruntime cannot run the model (the reason), or
+            ``"auto"`` without ``note`` on a graph that cannot be loaded.
+    """
+    if engine not in ENGINES:
+        raise ValueError(f"`engine` must be one of {ENGINES}. Received: engine={engine!r}")
+    if engine != "keras":
+        reason = keras_reason or onnx_unusable_reason(run_dir, tta)
+        if reason is None:
+            try:
+                return OnnxPredictor.from_run_dir(run_dir, batch_size=batch_size)
+            except KerasnucError as err:
+                if engine == "onnx" or note is None:
+                    raise
+                note(f"{err}; predicting with Keras")
+        elif engine == "onnx":
+            raise KerasnucError(f"{run_dir}: cannot predict with onnxruntime: {reason}")
+    from kerasnuc.inference.predictor import Predictor  # imports TensorFlow
+
+    return Predictor.from_run_dirs(run_dir, tta=tta, batch_size=batch_size)
+
+
+__all__ = [
+    "ENGINES",
+    "OnnxPredictor",
+    "load_engine_predictor",
+    "onnx_unusable_reason",
+    "onnxruntime_available",
+]
