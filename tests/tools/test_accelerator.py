@@ -166,6 +166,71 @@ def test_batch_targets_follow_the_pipeline_conventions(typed):
         assert (semantic == UNKNOWN_CLASS).all()
 
 
+def _nuclei(size: int = 24) -> np.ndarray:
+    """An instance map with asymmetric nuclei (an L, a bar at the edge, a single pixel)."""
+    inst = np.zeros((size, size), np.int32)
+    inst[2:9, 3:5] = 1
+    inst[7:9, 3:10] = 1
+    inst[12:15, 15:24] = 2
+    inst[19, 4] = 3
+    return inst
+
+
+@pytest.mark.parametrize("code", range(8))
+def test_dihedral_targets_equal_the_targets_of_the_moved_crop(code):
+    inst = _nuclei()
+    # The symmetry written out by hand: transpose, then flip rows, then flip columns.
+    moved = inst.T if code & 1 else inst
+    moved = moved[::-1] if code & 2 else moved
+    moved = moved[:, ::-1] if code & 4 else moved
+    three, vec = conic_targets_numpy(inst, 1, "scale", 10.0)
+    want_three, want_vec = conic_targets_numpy(np.ascontiguousarray(moved), 1, "scale", 10.0)
+    image = np.arange(24 * 24 * 3, dtype=np.uint8).reshape(24, 24, 3)
+    img, sem, got_three, got_vec = train_jax.dihedral(image, inst, three, vec, code)
+    np.testing.assert_array_equal(sem, moved)
+    np.testing.assert_array_equal(got_three, want_three)
+    np.testing.assert_allclose(got_vec, want_vec, atol=1e-6)
+    # The image moves like the labels: pixel (r, c) of the moved crop holds the source pixel.
+    r, c = 2, 17
+    src_r, src_c = r, c
+    if code & 4:
+        src_c = 23 - src_c
+    if code & 2:
+        src_r = 23 - src_r
+    if code & 1:
+        src_r, src_c = src_c, src_r
+    np.testing.assert_array_equal(img[r, c], image[src_r, src_c])
+
+
+class _Done:
+    def __init__(self, value):
+        self.value = value
+
+    def get(self):
+        return self.value
+
+
+class _FakePool:
+    """Hands out batches whose images carry the batch index, so the yields can be traced."""
+
+    def apply_async(self, fn, args):
+        index = args[0][1]
+        images = np.full((2, 4, 4, 3), index, np.uint8)
+        labels = np.zeros((2, 4, 4), np.int8)
+        vectors = np.zeros((2, 4, 4, 3), np.float16)
+        return _Done((images, labels, labels, vectors))
+
+
+@pytest.mark.parametrize("echo", [1, 2, 3])
+def test_echo_uses_every_worker_batch_echo_times(echo):
+    stream = train_jax.batches(_FakePool(), base_seed=0, ahead=2, echo=echo)
+    seen = [int(round(float(next(stream)[0][0, 0, 0, 0]) * 255)) for _ in range(60 * echo)]
+    counts = np.bincount(seen)
+    # The first 40 worker batches have all left the small buffer by then, each `echo` times.
+    assert (counts[:40] == echo).all(), counts
+    assert max(seen) < 60 + 2 * echo
+
+
 def test_learning_rate_schedule_values():
     peak, warmup, lo = 1e-3, 0.1, 0.01
     assert train_jax.learning_rate(0.0, peak, warmup, lo) == pytest.approx(0.05 * peak)

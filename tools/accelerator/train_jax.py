@@ -276,24 +276,75 @@ def make_batch(seed: tuple[int, int]):
     return tuple(np.stack(o) for o in out)
 
 
-def batches(pool, base_seed: int, ahead: int):
-    """Endless ``(x, y)`` batches from the pool, ``ahead`` batches in flight."""
+def dihedral(image, semantic, three, vectors, code: int):
+    """One crop under one of the 8 symmetries of the square, targets included.
+
+    ``code`` bit 0: transpose (rows <-> columns), bit 1: flip the rows, bit 2: flip the columns,
+    applied in that order. The centre vectors ``(dy, dx, fg)`` move with the pixels and their
+    components follow the map: a transpose swaps ``dy`` and ``dx``, a row flip negates ``dy``, a
+    column flip negates ``dx``; the three-label and semantic maps only move (their definitions do
+    not depend on orientation).
+    """
+    arrays = [image, semantic, three, vectors]
+    vec = vectors
+    if code & 1:
+        arrays = [np.swapaxes(a, 0, 1) for a in arrays]
+        vec = arrays[3][..., [1, 0, 2]]
+        arrays[3] = vec
+    if code & 2:
+        arrays = [a[::-1] for a in arrays]
+        arrays[3] = arrays[3] * np.asarray([-1, 1, 1], arrays[3].dtype)
+    if code & 4:
+        arrays = [a[:, ::-1] for a in arrays]
+        arrays[3] = arrays[3] * np.asarray([1, -1, 1], arrays[3].dtype)
+    return tuple(np.ascontiguousarray(a) for a in arrays)
+
+
+def echoes(batch, copies: int, rng):
+    """``copies`` further versions of a batch, every crop under a random non-identity symmetry.
+
+    Data echoing (Choi et al., "Faster Neural Network Training with Data Echoing", 2019): when
+    the augmentation workers, not the accelerator, set the pace, each augmented batch is used
+    more than once; a symmetry of the square per crop keeps the repeats distinct samples.
+    """
+    out = []
+    for _ in range(copies):
+        codes = rng.integers(1, 8, size=len(batch[0]))
+        crops = [dihedral(*(a[i] for a in batch), int(c)) for i, c in enumerate(codes)]
+        out.append(tuple(np.stack(parts) for parts in zip(*crops, strict=True)))
+    return out
+
+
+def batches(pool, base_seed: int, ahead: int, echo: int = 1):
+    """Endless ``(x, y)`` batches from the pool, ``ahead`` batches in flight.
+
+    With ``echo > 1`` every worker batch is used ``echo`` times (:func:`echoes`); the repeats
+    wait in a small buffer and leave it in random order, interleaved with fresh batches.
+    """
     pending: deque = deque()
+    buffer: list = []
+    rng = np.random.default_rng((base_seed, 2**31 - 1))
     index = 0
     while True:
         while len(pending) < ahead:
             pending.append(pool.apply_async(make_batch, ((base_seed, index),)))
             index += 1
-        img, sem, three, vec = pending.popleft().get()
-        x = img.astype(np.float32) / 255.0
-        yield (
-            x,
-            {
-                "semantic": sem.astype(np.int32),
-                "three_label": three.astype(np.int32),
-                "vectors": vec.astype(np.float32),
-            },
-        )
+        fresh = pending.popleft().get()
+        buffer.extend(echoes(fresh, echo - 1, rng))
+        queue = [fresh]
+        while len(buffer) > 2 * (echo - 1):
+            queue.append(buffer.pop(int(rng.integers(len(buffer)))))
+        if echo > 1 and len(buffer) > echo - 1:
+            queue.append(buffer.pop(int(rng.integers(len(buffer)))))
+        for img, sem, three, vec in queue:
+            yield (
+                img.astype(np.float32) / 255.0,
+                {
+                    "semantic": sem.astype(np.int32),
+                    "three_label": three.astype(np.int32),
+                    "vectors": vec.astype(np.float32),
+                },
+            )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -360,6 +411,9 @@ def main() -> None:
     parser.add_argument("--save-every", type=float, default=120.0)
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--max-steps", type=int, default=None, help="stop after this many steps")
+    parser.add_argument(
+        "--echo", type=int, default=1, help="use every augmented batch this many times"
+    )
     args = parser.parse_args()
     t_start = time.time()
     out = Path(args.out)
@@ -438,7 +492,7 @@ def main() -> None:
                 (out / "train_log.json").write_text(json.dumps(log, indent=1))
                 self.last_save = time.time()
 
-    stream = batches(pool, args.seed, ahead=max(2 * args.workers, 8))
+    stream = batches(pool, args.seed, ahead=max(2 * args.workers, 8), echo=args.echo)
     model.fit(
         stream, steps_per_epoch=args.steps_per_epoch, epochs=10**6, verbose=0, callbacks=[Budget()]
     )
