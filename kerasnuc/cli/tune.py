@@ -179,7 +179,16 @@ def _mask_scoring(run, datasets, split, max_images, tile) -> tuple[list, Any, st
     items, num_classes = load_val_items(datasets, split, run.config.data.mpp, max_images)
     if tile is not None:
         items = tile_items(items, tile)
-    if not method.class_agnostic and max(1, num_classes) != run.config.model.get("num_classes"):
+    model_classes = run.config.model.get("num_classes")
+    if num_classes == 0 and not method.class_agnostic and max(1, model_classes or 1) > 1:
+        # Masks without cell types (e.g. Kumar) tune a classifying model by PQ: the
+        # segmentation thresholds do not need the types.
+        click.echo(
+            f"note: the data has no cell types: tuning by PQ, the model's {model_classes} "
+            "classes are not scored",
+            err=True,
+        )
+    elif not method.class_agnostic and max(1, num_classes) != model_classes:
         raise KerasnucError(
             f"the data has {num_classes} classes but the model was trained for "
             f"{run.config.model.get('num_classes')}"

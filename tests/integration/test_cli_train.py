@@ -143,3 +143,21 @@ def test_train_then_tune_class_agnostic(tmp_path, agnostic):
         scores[fg, min_size] = acc.summary()["pq"]
     best = max(scores, key=lambda k: (scores[k], -list(scores).index(k)))
     assert (tuned.fg_threshold, tuned.min_size) == best
+
+
+def test_tune_a_classifying_model_on_masks_without_types(tmp_path, agnostic):
+    # The bundled default (4 cell types) tuned on a user's masks without types: scored by PQ.
+    grid = tmp_path / "grid.json"
+    grid.write_text(json.dumps({"min_size": [1000000, 0]}))
+    out = tmp_path / "tuned"
+    res = invoke("tune", "default", "--data", agnostic, "--grid", grid, "--out", out)
+    assert res.exit_code == 0, res.output
+    assert "the data has no cell types: tuning by PQ" in res.output
+    assert "best PQ" in res.output
+    # min_size 10^6 removes every nucleus (PQ 0): the 4 discs per image are found with 0.
+    assert ConicPostprocConfig.load(out / "postproc.json").min_size == 0
+    # Data with other cell types than the model's is still refused in one line.
+    typed = write_discs(tmp_path / "typed", classes=True)
+    res = invoke("tune", "default", "--data", typed, "--grid", grid, "--out", tmp_path / "t2")
+    assert res.exit_code == 1
+    assert "the data has 2 classes but the model was trained for 4" in res.output
