@@ -58,6 +58,8 @@ def scores(
     balance: bool = True,
     keep_margin: bool = False,
     engine: str = "auto",
+    datasets: tuple[str, ...] = DATASETS,
+    baseline: bool = True,
 ) -> list[dict]:
     from kerasnuc.inference.job import PredictOptions
     from kerasnuc.inference.onnx_predictor import load_engine_predictor
@@ -72,7 +74,7 @@ def scores(
     mpp = predictor.data_config.mpp or 0.25
     names = predictor.data_config.class_names
     table = []
-    for name in DATASETS:
+    for name in datasets:
         root = data_root / name
         if not root.is_dir():
             print(f"skipping {name}: {root} not found", file=sys.stderr)
@@ -105,10 +107,12 @@ def scores(
             model_rows.append(
                 evaluate_pair(s.instances, inst, gt_cls, cls if typed else None, k, hausdorff=False)
             )
-            base = classical_nuclei(s.image, mpp=ds.mpp or mpp)
-            base_rows.append(evaluate_pair(s.instances, base, hausdorff=False))
+            if baseline:
+                base = classical_nuclei(s.image, mpp=ds.mpp or mpp)
+                base_rows.append(evaluate_pair(s.instances, base, hausdorff=False))
         seconds = time.perf_counter() - t0
-        for label, rows, kk in (("model", model_rows, k), ("classical", base_rows, 0)):
+        runs = (("model", model_rows, k), ("classical", base_rows, 0))
+        for label, rows, kk in runs if baseline else runs[:1]:
             row = {"dataset": name, "images": len(ids), "method": label}
             row.update(_score(rows, kk))
             table.append(row)
