@@ -246,10 +246,14 @@ def postprocess_weak(seg: np.ndarray, config: WeakPostprocConfig | None = None) 
 
 
 #: Default grid of ``kerasnuc tune`` for weak runs (32 configurations).
+#: ``min_size`` 40 px (2.5 um2 at 0.25 um/px) removes the fragments between two peaks: on
+#: the Kumar train points it raised the detection F1 of an ImageNet-Lite0 weak run from 0.594 to
+#: 0.802 (README, point supervision).
 DEFAULT_GRID: dict[str, list[Any]] = {
-    "peak_threshold": [0.4, 0.5, 0.6, 0.7],
-    "min_distance_um": [2.0, 2.5, 3.5, 5.0],
+    "peak_threshold": [0.5, 0.6, 0.7],
+    "min_distance_um": [2.5, 3.5, 5.0],
     "smooth_sigma": [0.0, 1.0],
+    "min_size": [0, 40],
 }
 
 
