@@ -36,7 +36,11 @@ from kerasnuc.postprocess.conic import ConicPostprocConfig, postprocess_conic, t
 from kerasnuc.postprocess.panoptic import DEFAULT_GRID as PANOPTIC_GRID
 from kerasnuc.postprocess.panoptic import PanopticPostprocConfig, postprocess_panoptic
 from kerasnuc.postprocess.unet_sharp import DEFAULT_GRID as UNET_SHARP_GRID
-from kerasnuc.postprocess.unet_sharp import UnetSharpPostprocConfig, postprocess_unet_sharp
+from kerasnuc.postprocess.unet_sharp import (
+    UnetSharpPostprocConfig,
+    postprocess_unet_sharp,
+    tune_unet_sharp,
+)
 from kerasnuc.postprocess.weak import DEFAULT_GRID as WEAK_GRID
 from kerasnuc.postprocess.weak import WeakPostprocConfig, postprocess_weak, tune_weak_postproc
 
@@ -288,6 +292,15 @@ def _unet_sharp_postprocess(
     return postprocess_unet_sharp(maps["semantic"], config)
 
 
+def _unet_sharp_tune(
+    maps: list[Mapping[str, np.ndarray]],
+    grid: Mapping[str, Sequence[Any]],
+    score_fn: Callable[[list[np.ndarray], list[np.ndarray]], float],
+    base_config: UnetSharpPostprocConfig,
+) -> tuple[UnetSharpPostprocConfig, list[dict[str, Any]]]:
+    return tune_unet_sharp([m["semantic"] for m in maps], grid, score_fn, base_config)
+
+
 def _weak_postprocess(maps: Mapping[str, np.ndarray], config: WeakPostprocConfig) -> PostprocResult:
     return postprocess_weak(maps["seg"], config)
 
@@ -401,6 +414,7 @@ METHODS: dict[str, Method] = {
         prepare_config=_unet_sharp_prepare,
         initialize=_unet_sharp_initialize,
         tune_grid=UNET_SHARP_GRID,
+        tuner=_unet_sharp_tune,
         class_layers=("semantic_logits",),
         # Table I of the paper: lr 1e-4, no weight decay; 50 epochs. Batch-norm statistics
         # re-estimated before validation and saving: a short CPU run's moving averages lag the
