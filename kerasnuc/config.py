@@ -264,6 +264,12 @@ class TrainConfig:
             inner optimizer of a Lookahead); None: no clipping.
         keep_epoch_weights: also save the weights after every epoch as
             ``epochs/epoch_NNN.weights.h5`` (learning curves, picking an epoch by hand).
+        bn_reestimation_batches: before every validation and every save of the weights,
+            recompute the moving statistics of the batch norms that train (not the frozen
+            ones) from this many training batches with the weights fixed
+            (:func:`kerasnuc.models.batchnorm.reestimate_batch_norm`), so that inference mode
+            matches training mode also while the weights still move fast; 0: off (the moving
+            averages as trained).
     """
 
     epochs: int = 50
@@ -281,9 +287,15 @@ class TrainConfig:
     init_from: str | None = None
     clip_norm: float | None = None
     keep_epoch_weights: bool = False
+    bn_reestimation_batches: int = 0
 
     def __post_init__(self) -> None:
         check_field_types(type(self), dataclasses.asdict(self))
+        if self.bn_reestimation_batches < 0:
+            raise ValueError(
+                "`bn_reestimation_batches` must be >= 0. "
+                f"Received: bn_reestimation_batches={self.bn_reestimation_batches}"
+            )
         if self.epochs < 1:
             raise ValueError(f"`epochs` must be >= 1. Received: epochs={self.epochs}")
         for name in ("steps_per_epoch", "val_max_images"):

@@ -97,9 +97,9 @@ def tune(
     every grid configuration is scored with mPQ+ (PQ for data without classes, and for weak
     runs) over the whole split, or with --points by the detection F1 against the points, and
     the best one is saved. Default grids: conic foreground/seed thresholds and minimum size;
-    unet_sharp foreground threshold, marker distance and minimum size; weak peak threshold,
-    minimum detection distance (um) and smoothing; panoptic detection score, mask threshold and
-    extra box NMS.
+    unet_sharp foreground rule (probability threshold or argmax), marker distance and minimum
+    size; weak peak threshold, minimum detection distance (um) and smoothing; panoptic detection
+    score, mask threshold and extra box NMS.
     """
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     grid = read_grid(grid_file) if grid_file is not None else None

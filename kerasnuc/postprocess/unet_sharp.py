@@ -4,7 +4,10 @@ U-Net# (Stagys et al.) is a semantic segmentation model and reports pixel metric
 compare it with the other methods on instance metrics (PQ, AJI, ...) its class map is turned
 into instances:
 
-1. foreground = pixels whose nucleus probability ``1 - P(background)`` is ``> fg_threshold``;
+1. foreground = pixels whose nucleus probability ``1 - P(background)`` is ``> fg_threshold``
+   (``foreground="threshold"``), or whose most probable class is a nucleus class
+   (``foreground="argmax"``, the class map U-Net# itself outputs; the same as a threshold of 0.5
+   with one cell type);
 2. connected components of the foreground; with ``split_touching`` each component is split by a
    marker watershed on its distance transform (markers: local maxima of the Gaussian-smoothed
    distance at least ``min_distance`` pixels apart, the usual way to separate touching round
@@ -17,7 +20,8 @@ into instances:
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+import math
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,10 +30,13 @@ from scipy import ndimage as ndi
 from skimage.feature import peak_local_max
 from skimage.segmentation import watershed
 
-from kerasnuc.postprocess.common import PerClass, PostprocResult, SettingsFile
+from kerasnuc.postprocess.common import PerClass, PostprocResult, SettingsFile, Stage, grid_search
 
 # The refine / select stages are shared with the conic post-processing.
 from kerasnuc.postprocess.conic import ConicPostprocConfig, refine_stage, select_stage
+
+#: How a pixel becomes foreground (``UnetSharpPostprocConfig.foreground``).
+FOREGROUND_RULES: tuple[str, ...] = ("threshold", "argmax")
 
 
 @dataclass(frozen=True)
@@ -37,6 +44,9 @@ class UnetSharpPostprocConfig(SettingsFile):
     """Settings of :func:`postprocess_unet_sharp` (``postproc.json`` of a unet_sharp run).
 
     Attributes:
+        foreground: ``"threshold"``: a pixel is nucleus when ``1 - P(background) >
+            fg_threshold``; ``"argmax"``: when its most probable class is not background
+            (``fg_threshold`` is not used).
         fg_threshold: a pixel is nucleus when ``1 - P(background) > fg_threshold``.
         split_touching: split touching nuclei by a distance-transform watershed.
         min_distance: smallest distance (px) between two watershed markers; about a nucleus
@@ -52,6 +62,7 @@ class UnetSharpPostprocConfig(SettingsFile):
     """
 
     fg_threshold: float = 0.5
+    foreground: str = "threshold"
     split_touching: bool = True
     min_distance: int = 6
     sigma: float = 1.0
@@ -62,6 +73,11 @@ class UnetSharpPostprocConfig(SettingsFile):
     min_solidity: PerClass = 0.0
 
     def __post_init__(self) -> None:
+        if self.foreground not in FOREGROUND_RULES:
+            raise ValueError(
+                f"`foreground` must be one of {list(FOREGROUND_RULES)}. "
+                f"Received: foreground={self.foreground!r}"
+            )
         if not isinstance(self.fg_threshold, int | float) or not 0 <= self.fg_threshold < 1:
             raise ValueError(
                 "`fg_threshold` must be a float in [0, 1). "
@@ -160,6 +176,11 @@ def postprocess_unet_sharp(
         ValueError: ``semantic`` is not an ``(H, W, K >= 2)`` float array.
     """
     config = UnetSharpPostprocConfig() if config is None else config
+    semantic = _check(semantic)
+    return _select(_refine(_pixels(semantic, config), semantic, config), config)
+
+
+def _check(semantic: np.ndarray) -> np.ndarray:
     semantic = np.asarray(semantic)
     if semantic.ndim != 3 or semantic.shape[-1] < 2:
         raise ValueError(
@@ -168,22 +189,96 @@ def postprocess_unet_sharp(
         )
     if not np.issubdtype(semantic.dtype, np.floating):
         raise ValueError(f"`semantic` must be float. Received: dtype={semantic.dtype}")
-    semantic = semantic.astype(np.float32, copy=False)
-    foreground = (1.0 - semantic[..., 0]) > config.fg_threshold
+    return semantic.astype(np.float32, copy=False)
+
+
+def _pixels(semantic: np.ndarray, config: UnetSharpPostprocConfig) -> np.ndarray:
+    """Foreground -> raw instance map (watershed split of touching nuclei)."""
+    if config.foreground == "argmax":
+        foreground = semantic.argmax(axis=-1) != 0
+    else:
+        foreground = (1.0 - semantic[..., 0]) > config.fg_threshold
     if config.split_touching:
-        raw = split_touching_nuclei(
+        return split_touching_nuclei(
             foreground, config.min_distance, config.sigma, config.connectivity
         )
-    else:
-        structure = ndi.generate_binary_structure(2, config.connectivity)
-        raw = ndi.label(foreground, structure=structure)[0].astype(np.int32)
-    conic_cfg = config.conic_config()
-    return select_stage(refine_stage(raw, semantic, conic_cfg), conic_cfg)
+    structure = ndi.generate_binary_structure(2, config.connectivity)
+    return ndi.label(foreground, structure=structure)[0].astype(np.int32)
 
 
-#: Default ``kerasnuc tune`` grid (36 configurations): foreground threshold, marker distance,
-#: minimum size.
+def _refine(raw: np.ndarray, semantic: np.ndarray, config: UnetSharpPostprocConfig):
+    return refine_stage(raw, semantic, config.conic_config())
+
+
+def _select(candidates, config: UnetSharpPostprocConfig) -> PostprocResult:
+    return select_stage(candidates, config.conic_config())
+
+
+#: The settings each stage of :func:`tune_unet_sharp` reads.
+_PIXEL_FIELDS = ("foreground", "fg_threshold", "split_touching", "min_distance", "sigma",
+                 "connectivity")  # fmt: skip
+_REFINE_FIELDS = ("fill_holes",)
+_SELECT_FIELDS = ("min_size", "max_size", "min_solidity")
+
+
+def tune_unet_sharp(
+    semantics: Sequence[np.ndarray],
+    grid: Mapping[str, Sequence[Any]],
+    score_fn: Callable[[list[np.ndarray], list[np.ndarray]], float],
+    base_config: UnetSharpPostprocConfig | None = None,
+) -> tuple[UnetSharpPostprocConfig, list[dict[str, Any]]]:
+    """Grid search of the post-processing settings on the model's softmax maps.
+
+    :func:`~kerasnuc.postprocess.common.grid_search` in stages: the watershed runs once per
+    image and distinct foreground / marker setting, hole filling and the shape table once per
+    watershed result, and configurations that differ only in the size / solidity filters reuse
+    them. With ``"foreground"`` in the grid, its ``"argmax"`` value is searched without
+    ``fg_threshold`` (which it does not read; its table rows show ``fg_threshold`` null).
+
+    Args:
+        semantics: per image the ``(H, W, C + 1)`` softmax.
+        grid: setting name -> candidate values.
+        score_fn: ``score_fn(pred_instances, pred_classes) -> float`` over the whole set.
+        base_config: settings not in ``grid``; default :class:`UnetSharpPostprocConfig()`.
+
+    Returns:
+        ``(best_config, table)``: the best configuration (the first on ties) and one row per
+        configuration searched.
+
+    Raises:
+        ValueError: no image, a bad grid or a bad value.
+    """
+    base = UnetSharpPostprocConfig() if base_config is None else base_config
+    maps = [_check(s) for s in semantics]
+    stages = (
+        Stage(_PIXEL_FIELDS, lambda semantic, _, config: _pixels(semantic, config)),
+        Stage(_REFINE_FIELDS, lambda raw, semantic, config: _refine(raw, semantic, config)),
+        Stage(_SELECT_FIELDS, lambda candidates, _, config: _select(candidates, config)),
+    )
+    rules = list(grid.get("foreground", [base.foreground]))
+    if "foreground" not in grid or "argmax" not in rules or "fg_threshold" not in grid:
+        return grid_search(maps, grid, None, base, score_fn, stages=stages)
+    results = []
+    for rule in dict.fromkeys(rules):  # in grid order, once each
+        sub = dict(grid, foreground=[rule])
+        if rule == "argmax":
+            del sub["fg_threshold"]
+        best, table = grid_search(maps, sub, None, base, score_fn, stages=stages)
+        if rule == "argmax":
+            table = [{n: row.get(n) for n in grid} | {"score": row["score"]} for row in table]
+        results.append((best, table))
+    table = [row for _, t in results for row in t]
+    scores = [max((r["score"] for r in t if not math.isnan(r["score"])), default=math.nan)
+              for _, t in results]  # fmt: skip
+    finite = [i for i, sc in enumerate(scores) if not math.isnan(sc)]
+    pick = max(finite, key=lambda i: scores[i]) if finite else 0
+    return results[pick][0], table
+
+
+#: Default ``kerasnuc tune`` grid (45 configurations): foreground by probability threshold
+#: (4 values) or by argmax, marker distance, minimum size.
 DEFAULT_GRID: dict[str, list[Any]] = {
+    "foreground": ["threshold", "argmax"],
     "fg_threshold": [0.3, 0.4, 0.5, 0.6],
     "min_distance": [4, 6, 8],
     "min_size": [0, 10, 30],

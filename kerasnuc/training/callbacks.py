@@ -1,7 +1,11 @@
 """Keras callbacks of ``kerasnuc train``: validation-based best checkpoint, history and state.
 
-Both run in :meth:`on_epoch_end`, in this order (the order of the callback list):
+They run in :meth:`on_epoch_end`, in this order (the order of the callback list):
 
+0. :class:`BatchNormReestimation` (runs with ``train.bn_reestimation_batches > 0``) recomputes
+   the moving statistics of the training batch norms from training batches whenever the next
+   callbacks validate or save weights, so that what they score and save is the network the
+   loss saw.
 1. :class:`BestCheckpoint` validates every ``val_every`` epochs (and after the last epoch) with
    the real post-processing and metrics (:func:`kerasnuc.training.validation.validate`), adds
    ``val_*`` entries to the epoch's logs and writes ``model.weights.h5`` atomically when the score
@@ -18,7 +22,7 @@ import io
 import logging
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +30,7 @@ import keras
 import numpy as np
 
 from kerasnuc.fileutil import atomic_path, write_text_atomic
+from kerasnuc.models.batchnorm import reestimate_batch_norm
 from kerasnuc.runs import BEST_WEIGHTS, CHECKPOINT_DIR, EPOCH_WEIGHTS_DIR, HISTORY
 from kerasnuc.training.checkpoint import save_training_state
 from kerasnuc.training.validation import ValItem, validate
@@ -154,6 +159,48 @@ class BestCheckpoint(keras.callbacks.Callback):
                 self.best_score,
                 self.best_epoch,
             )
+
+
+class BatchNormReestimation(keras.callbacks.Callback):
+    """Re-estimate the batch-norm statistics before :class:`BestCheckpoint` validates or saves.
+
+    Runs at the end of every epoch that :class:`BestCheckpoint` validates (every ``val_every``
+    epochs and the last one), or of every epoch with ``every_epoch`` (no validation images: the
+    weights are saved every epoch; ``keep_epoch_weights``). The batch norms that train (the
+    frozen ones keep their statistics, see :func:`kerasnuc.models.batchnorm.
+    reestimated_layers`) get the average statistics of ``batches()`` under the current weights.
+    Training itself does not read the moving statistics, so the steps that follow are
+    unchanged; the moving averages continue from the re-estimated values.
+
+    Args:
+        batches: returns a fresh iterable of model input batches each time it is called (the
+            same batches every time keeps a resumed run identical to an uninterrupted one).
+        val_every: validation interval of :class:`BestCheckpoint`.
+        epochs: total epochs (the last one is always validated).
+        every_epoch: re-estimate after every epoch.
+    """
+
+    def __init__(
+        self,
+        batches: Callable[[], Iterable[Any]],
+        val_every: int = 1,
+        epochs: int = 1,
+        every_epoch: bool = False,
+    ):
+        super().__init__()
+        if val_every < 1:
+            raise ValueError(f"`val_every` must be >= 1. Received: val_every={val_every}")
+        self.batches = batches
+        self.val_every = val_every
+        self.epochs = epochs
+        self.every_epoch = every_epoch
+
+    def on_epoch_end(self, epoch, logs=None):
+        done = epoch + 1
+        if not self.every_epoch and done % self.val_every and done != self.epochs:
+            return
+        n = reestimate_batch_norm(self.model, self.batches())
+        logger.info("epoch %d: batch-norm statistics re-estimated from %d batches", done, n)
 
 
 class TrainingState(keras.callbacks.Callback):

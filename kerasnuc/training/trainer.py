@@ -60,6 +60,7 @@ from kerasnuc.runs import (
     save_config,
 )
 from kerasnuc.training.callbacks import (
+    BatchNormReestimation,
     BestCheckpoint,
     EpochScalars,
     EpochWeights,
@@ -524,6 +525,17 @@ def _fit(
         all_callbacks: list[keras.callbacks.Callback] = [RunFiles(run_dir, config, postproc)]
         if method.callbacks is not None:
             all_callbacks.extend(method.callbacks(config, model))
+        if train_cfg.bn_reestimation_batches:
+            all_callbacks.append(
+                BatchNormReestimation(
+                    _reestimation_batches(
+                        method, datasets, config, pipeline_cfg, train_cfg.bn_reestimation_batches
+                    ),
+                    val_every=train_cfg.val_every,
+                    epochs=train_cfg.epochs,
+                    every_epoch=not items or train_cfg.keep_epoch_weights,
+                )
+            )
         all_callbacks.extend([best, record])
         if train_cfg.keep_epoch_weights:
             all_callbacks.append(EpochWeights(run_dir))
@@ -551,6 +563,29 @@ def _fit(
     result.history = record.history
     result.best_score, result.best_epoch = best.best_score, best.best_epoch
     return result
+
+
+def _reestimation_batches(
+    method: Any, datasets: list[Dataset], config: RunConfig, pipeline_cfg: Any, count: int
+):
+    """``() -> iterator over the images of the first count training batches`` of the run's own
+    pipeline (sampling and augmentation included), always drawn from epoch 0 so that every
+    re-estimation, also in a resumed run, sees the same batches."""
+    options = method.dataset_options(config) if method.dataset_options is not None else {}
+    data = method.dataset(
+        datasets,
+        config.data.train_split,
+        pipeline_cfg,
+        training=True,
+        start_epoch=0,
+        target_mpp=config.data.mpp,
+        **options,
+    ).take(count)
+
+    def batches():
+        return (x for x, _ in data)
+
+    return batches
 
 
 def _pipeline_config(config: RunConfig):

@@ -7,9 +7,11 @@ import pytest
 
 from kerasnuc.fileutil import KerasnucError
 from kerasnuc.postprocess.unet_sharp import (
+    DEFAULT_GRID,
     UnetSharpPostprocConfig,
     postprocess_unet_sharp,
     split_touching_nuclei,
+    tune_unet_sharp,
 )
 
 
@@ -88,8 +90,70 @@ def test_config_round_trip(tmp_path):
         UnetSharpPostprocConfig(fg_threshold=1.0)
     with pytest.raises(ValueError, match="connectivity"):
         UnetSharpPostprocConfig(connectivity=3)
+    with pytest.raises(ValueError, match="`foreground` must be one of \\['threshold', 'argmax'\\]"):
+        UnetSharpPostprocConfig(foreground="max")
+    # A postproc.json written before `foreground` existed loads with the threshold rule.
+    assert UnetSharpPostprocConfig.from_dict({"fg_threshold": 0.4}).foreground == "threshold"
     (tmp_path / "bad.json").write_text("[1]")
     with pytest.raises(KerasnucError, match="bad.json: cannot read post-processing settings"):
         UnetSharpPostprocConfig.load(tmp_path / "bad.json")
     with pytest.raises(ValueError, match="`semantic` must have shape"):
         postprocess_unet_sharp(np.zeros((8, 8, 1), np.float32))
+
+
+def _two_discs() -> np.ndarray:
+    """Disc A: P(bg) 0.4, P(c1) 0.35, P(c2) 0.25 (nucleus probability 0.6 but background is the
+    most probable class); disc B: P(bg) 0.3, P(c1) 0.7; background elsewhere: P(bg) 0.9."""
+    shape = (48, 64)
+    semantic = np.zeros((*shape, 3), np.float32)
+    semantic[...] = (0.9, 0.05, 0.05)
+    semantic[_disc(shape, 24, 16, 8)] = (0.4, 0.35, 0.25)
+    semantic[_disc(shape, 24, 46, 8)] = (0.3, 0.7, 0.0)
+    return semantic
+
+
+def test_argmax_foreground():
+    semantic = _two_discs()
+    threshold = postprocess_unet_sharp(semantic, UnetSharpPostprocConfig(fg_threshold=0.5))
+    assert threshold.num_instances == 2  # 1 - 0.4 = 0.6 > 0.5 and 1 - 0.3 = 0.7 > 0.5
+    argmax = postprocess_unet_sharp(
+        semantic, UnetSharpPostprocConfig(foreground="argmax", fg_threshold=0.1)
+    )
+    assert argmax.num_instances == 1  # disc A's most probable class is background
+    assert argmax.instances[24, 16] == 0 and argmax.instances[24, 46] > 0
+    assert argmax.table["class"].tolist() == [1]
+
+
+def test_tune_searches_argmax_without_threshold():
+    maps = [_two_discs()]
+
+    def score_fn(instances, classes):  # 1 when exactly disc B is found
+        inst = instances[0]
+        return float(len(np.unique(inst[inst > 0])) == 1 and inst[24, 46] > 0)
+
+    grid = {
+        "foreground": ["threshold", "argmax"],
+        "fg_threshold": [0.3, 0.5, 0.6],
+        "min_distance": [6],
+        "min_size": [0, 10],
+    }
+    best, table = tune_unet_sharp(maps, grid, score_fn)
+    assert len(table) == 3 * 2 + 2  # argmax rows do not repeat the unused threshold
+    argmax_rows = [r for r in table if r["foreground"] == "argmax"]
+    assert [r["fg_threshold"] for r in argmax_rows] == [None, None]
+    assert all(r["score"] == 1.0 for r in argmax_rows)
+    # Thresholds 0.3 and 0.5 keep disc A (0.6 > t); 0.6 does not (0.6 > 0.6 is false).
+    expected = {0.3: 0.0, 0.5: 0.0, 0.6: 1.0}
+    for row in table:
+        if row["foreground"] == "threshold":
+            assert row["score"] == expected[row["fg_threshold"]], row
+    # Ties go to the first configuration in grid order.
+    assert best.foreground == "threshold" and best.fg_threshold == 0.6 and best.min_size == 0
+    best, _ = tune_unet_sharp(maps, dict(grid, foreground=["argmax", "threshold"]), score_fn)
+    assert best.foreground == "argmax" and best.fg_threshold == 0.5  # the base config's value
+    # Every row's score is that of the plain post-processor with the row's settings.
+    for row in table:
+        settings = {k: v for k, v in row.items() if k != "score" and v is not None}
+        result = postprocess_unet_sharp(maps[0], UnetSharpPostprocConfig(**settings))
+        assert score_fn([result.instances], [result.classes]) == row["score"], row
+    assert set(DEFAULT_GRID) == {"foreground", "fg_threshold", "min_distance", "min_size"}
