@@ -24,7 +24,9 @@ Example (one core, a few minutes)::
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -35,16 +37,8 @@ from kerasnuc.models.batchnorm import reestimate_batch_norm, reestimated_layers
 from kerasnuc.optimizers.adabound import AdaBound
 from kerasnuc.registry import UNET_SHARP_FINAL_LR, UNET_SHARP_GAMMA, get_method
 
-SMALL = dict(
-    encoder="resnext50",
-    encoder_width_scale=0.5,
-    skip_filters=16,
-    decoder_filters=64,
-    head_filters=16,
-    aspp_filters=64,
-    freeze_encoder_epochs=0,
-    freeze_encoder_batchnorm=False,
-)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from unet_sharp_overfit import SMALL  # noqa: E402  (the same reduced-width model)
 
 
 def random_crops(ds: Dataset, split: str, n: int, crop: int, rng: np.random.Generator):

@@ -489,16 +489,7 @@ def _fit(
             result.best_score, result.best_epoch = state["best_score"], state["best_epoch"]
             return result
 
-        options = method.dataset_options(config) if method.dataset_options is not None else {}
-        data = method.dataset(
-            datasets,
-            config.data.train_split,
-            pipeline_cfg,
-            training=True,
-            start_epoch=start,
-            target_mpp=config.data.mpp,
-            **options,
-        )
+        data = _train_dataset(method, datasets, config, pipeline_cfg, start_epoch=start)
         if method.initialize is not None and start == 0 and not train_cfg.init_from:
             with strategy.scope():
                 method.initialize(model, config, data)
@@ -565,22 +556,30 @@ def _fit(
     return result
 
 
+def _train_dataset(
+    method: Any, datasets: list[Dataset], config: RunConfig, pipeline_cfg: Any, start_epoch: int
+):
+    """The run's training ``tf.data`` pipeline (the method's targets and options), from
+    ``start_epoch`` on."""
+    options = method.dataset_options(config) if method.dataset_options is not None else {}
+    return method.dataset(
+        datasets,
+        config.data.train_split,
+        pipeline_cfg,
+        training=True,
+        start_epoch=start_epoch,
+        target_mpp=config.data.mpp,
+        **options,
+    )
+
+
 def _reestimation_batches(
     method: Any, datasets: list[Dataset], config: RunConfig, pipeline_cfg: Any, count: int
 ):
     """``() -> iterator over the images of the first count training batches`` of the run's own
     pipeline (sampling and augmentation included), always drawn from epoch 0 so that every
     re-estimation, also in a resumed run, sees the same batches."""
-    options = method.dataset_options(config) if method.dataset_options is not None else {}
-    data = method.dataset(
-        datasets,
-        config.data.train_split,
-        pipeline_cfg,
-        training=True,
-        start_epoch=0,
-        target_mpp=config.data.mpp,
-        **options,
-    ).take(count)
+    data = _train_dataset(method, datasets, config, pipeline_cfg, start_epoch=0).take(count)
 
     def batches():
         return (x for x, _ in data)

@@ -286,11 +286,9 @@ def dihedral(image, semantic, three, vectors, code: int):
     not depend on orientation).
     """
     arrays = [image, semantic, three, vectors]
-    vec = vectors
     if code & 1:
         arrays = [np.swapaxes(a, 0, 1) for a in arrays]
-        vec = arrays[3][..., [1, 0, 2]]
-        arrays[3] = vec
+        arrays[3] = arrays[3][..., [1, 0, 2]]
     if code & 2:
         arrays = [a[::-1] for a in arrays]
         arrays[3] = arrays[3] * np.asarray([-1, 1, 1], arrays[3].dtype)
