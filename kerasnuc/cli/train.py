@@ -190,7 +190,8 @@ def parse_dataset_mpp(values: tuple[str, ...], dirs: list[Path]) -> dict[str, fl
 @click.option(
     "--encoder",
     help="Encoder: efficientnet_b0 .. b7 or efficientnet_lite0 (conic), resnext50 / resnext101 "
-    "(unet_sharp), resnet50 or efficientnet_lite0 (weak).",
+    "or efficientnet_lite0 (unet_sharp), resnet50 / resnet101 / tiny or efficientnet_lite0 "
+    "(panoptic), resnet50 or efficientnet_lite0 (weak).",
 )
 @click.option(
     "--encoder-weights",

