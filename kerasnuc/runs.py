@@ -291,6 +291,12 @@ def permute_class_channels(
     return n
 
 
+def learns_cell_types(model_names: dict[int, str], data_names: dict[int, str]) -> bool:
+    """Whether a class-agnostic model (no cell types) is started on data with cell types: then
+    everything but its classifier is taken over, and the classifier learns the types afresh."""
+    return not model_names and bool(data_names)
+
+
 def load_initial_weights(
     model: keras.Model,
     source: str | os.PathLike,
@@ -303,7 +309,9 @@ def load_initial_weights(
     Classes are matched by name: with ``class_names`` (the data's) and a source that is a run
     folder or a bundled model, the source's classes must be the same names; when they come in
     another order, the class channels of ``class_layers`` are permuted after loading
-    (:func:`permute_class_channels`), so no cell type is swapped silently.
+    (:func:`permute_class_channels`), so no cell type is swapped silently. A source without cell
+    types (trained on nuclei only) gives every layer but ``class_layers``, which keep their fresh
+    initialisation (:func:`learns_cell_types`).
 
     Raises:
         KerasnucError: no such file, other class names (one line listing both orders), or
@@ -311,16 +319,23 @@ def load_initial_weights(
     """
     run_dir = init_run_dir(source)
     order = None
+    source_config = None
     if run_dir is not None:
         path = run_dir / BEST_WEIGHTS
         if class_names is not None and (run_dir / RUN_CONFIG).is_file():
-            order = class_order(load_config(run_dir).data.class_names, class_names, source)
+            source_config = load_config(run_dir)
+            if not learns_cell_types(source_config.data.class_names, class_names):
+                source_config = None
+                order = class_order(load_config(run_dir).data.class_names, class_names, source)
     else:
         path = Path(source)
     if not path.is_file():
         raise KerasnucError(f"{path}: weights to start from not found (train.init_from)")
     try:
-        model.load_weights(path)
+        if source_config is not None:
+            _load_all_but(model, source_config, path, class_layers)
+        else:
+            model.load_weights(path)
     except (ValueError, OSError, TypeError, KeyError) as exc:
         raise KerasnucError(
             f"{path}: cannot start from these weights: another architecture or not a weights "
@@ -329,6 +344,31 @@ def load_initial_weights(
     if order is not None and permute_class_channels(model, order, class_layers) == 0:
         raise KerasnucError(f"{source}: the model has no class channels to reorder by name")
     return path
+
+
+def _load_all_but(
+    model: keras.Model, source_config: RunConfig, path: Path, class_layers: tuple[str, ...]
+) -> None:
+    """Copy the weights of the class-agnostic run ``source_config`` (file ``path``) into
+    ``model``, layer by layer, except the layers in ``class_layers`` and the per-class
+    ``class_frequency`` statistics, whose sizes follow the number of classes."""
+    source = build_model(source_config)
+    source.load_weights(path)
+    if not any(layer.name in class_layers for layer in model.layers):
+        raise ValueError(f"the model has none of the classifier layers {list(class_layers)}")
+    for layer in model.layers:
+        if not layer.weights or layer.name in class_layers:
+            continue
+        theirs = source.get_layer(layer.name).weights
+        if len(theirs) != len(layer.weights):
+            raise ValueError(f"layer {layer.name!r} has another number of variables")
+        for mine, their in zip(layer.weights, theirs, strict=True):
+            if tuple(mine.shape) == tuple(their.shape):
+                mine.assign(their)
+            elif not mine.path.endswith("class_frequency"):
+                raise ValueError(
+                    f"{mine.path}: shape {tuple(mine.shape)} against {tuple(their.shape)}"
+                )
 
 
 def initial_postproc(method: Method, config: RunConfig) -> Any:
@@ -345,7 +385,10 @@ def initial_postproc(method: Method, config: RunConfig) -> Any:
     postproc = method.postproc_config.load(run_dir / POSTPROC)
     if method.class_agnostic:
         return postproc
-    order = class_order(load_config(run_dir).data.class_names, config.data.class_names, source)
+    source_names = load_config(run_dir).data.class_names
+    if learns_cell_types(source_names, config.data.class_names):
+        return method.new_postproc(config)  # its settings were tuned without cell types
+    order = class_order(source_names, config.data.class_names, source)
     if order is None:
         return postproc
     return postproc.renumber_classes({old: new for new, old in enumerate(order, start=1)})

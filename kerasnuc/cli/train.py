@@ -74,7 +74,7 @@ def build_run_config(
     from kerasnuc.data.dataset import Dataset
     from kerasnuc.data.pipeline import PipelineConfig, shared_classes
     from kerasnuc.registry import get_method
-    from kerasnuc.runs import class_order
+    from kerasnuc.runs import class_order, learns_cell_types
 
     if init_config is not None and method_name not in (None, init_config.method):
         raise KerasnucError(
@@ -106,7 +106,9 @@ def build_run_config(
         if "encoder_weights" in base_model:
             base_model["encoder_weights"] = None
         mpp = init_config.data.mpp if init_config.data.mpp is not None else mpp
-        if not method.class_agnostic:
+        if not method.class_agnostic and not learns_cell_types(
+            init_config.data.class_names, class_names
+        ):
             order = class_order(init_config.data.class_names, class_names, init_name)
             old_ids = order or list(range(1, num_classes + 1))
             init_colours = init_config.data.class_colours
@@ -362,10 +364,18 @@ def train(
             method, dirs, file_config, overrides, init_config, init_from, config_file
         )
         if init_config is not None and not get_method(config.method).class_agnostic:
-            from kerasnuc.runs import class_order
+            from kerasnuc.runs import class_order, learns_cell_types
 
             names = config.data.class_names
-            if class_order(init_config.data.class_names, names, init_from) is not None:
+            if learns_cell_types(init_config.data.class_names, names):
+                click.echo(
+                    f"note: {init_from} has no cell types; everything but its classifier is "
+                    "taken over, and the classifier learns the data's types ("
+                    + ", ".join(f"{k} {v}" for k, v in sorted(names.items()))
+                    + ") from scratch",
+                    err=True,
+                )
+            elif class_order(init_config.data.class_names, names, init_from) is not None:
                 click.echo(
                     f"note: the data's classes are those of {init_from} in another order; its "
                     "classifier is reordered by name to the data's ids ("

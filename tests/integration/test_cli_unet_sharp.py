@@ -195,3 +195,49 @@ def test_predict_evaluate_export(run, tmp_path):
         expected = predict_maps_batch(model, images)["semantic"]
         assert tuple(got.shape) == (*shape[:3], 5)
         np.testing.assert_allclose(got.numpy(), expected, atol=1e-4)
+
+
+def test_init_from_a_model_without_cell_types_keeps_all_but_the_classifier(shared_data, tmp_path):
+    # The same CoNSeP crops, once with cell types and once as nuclei only.
+    typed = _consep_crops(shared_data, tmp_path / "typed")
+    src = Dataset(typed)
+    meta = {"name": "nuclei_only", "mpp": json.loads((typed / "meta.json").read_text())["mpp"]}
+    with DatasetWriter(tmp_path / "plain", meta) as w:
+        for split in ("train", "val"):
+            for id in src.split(split):
+                w.add(id, src.image(id), src.instances(id), split=split)
+    cfg = tmp_path / "tiny.json"
+    model = {**TINY_MODEL, "freeze_encoder_epochs": 0}
+    train = {"optimizer": "adamw", "bn_reestimation_batches": 0}
+    cfg.write_text(
+        json.dumps({"model": model, "pipeline": {"deterministic": True}, "train": train})
+    )
+    common = ("--epochs", "1", "--batch-size", "2", "--crop", "64", "--steps-per-epoch", "1",
+              "--seed", "3", "--no-importance-sampling", "--config", cfg)  # fmt: skip
+    res = invoke("train", "--method", "unet_sharp", "--data", tmp_path / "plain", "--out",
+                 tmp_path / "nuclei", *common)  # fmt: skip
+    assert res.exit_code == 0, res.output
+    # A learning rate far too small to move the weights: what comes out is what was loaded.
+    res = invoke("train", "--init-from", tmp_path / "nuclei", "--data", typed, "--out",
+                 tmp_path / "types", *common, "--lr", "1e-12")  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert "has no cell types; everything but its classifier is taken over" in res.output
+    assert "1 other, 2 inflammatory, 3 epithelial, 4 spindle" in res.output
+    nuclei, types = load_run(tmp_path / "nuclei"), load_run(tmp_path / "types")
+    assert types.config.data.class_names == src.class_names
+    assert types.config.model["num_classes"] == 4 and nuclei.config.model["num_classes"] == 1
+    compared = 0
+    for layer in types.model.layers:
+        theirs = nuclei.model.get_layer(layer.name)
+        if layer.name == "semantic_logits":
+            assert tuple(layer.kernel.shape)[-1] == 5 and tuple(theirs.kernel.shape)[-1] == 2
+            continue
+        for mine, their in zip(layer.trainable_weights, theirs.trainable_weights, strict=True):
+            np.testing.assert_allclose(np.asarray(mine), np.asarray(their), atol=1e-6)
+            compared += 1
+    assert compared > 50
+    # Without --init-from the same seed gives other weights: the comparison can fail.
+    fresh = build_model(types.config)
+    enc = fresh.get_layer("encoder").trainable_weights[0]
+    loaded = nuclei.model.get_layer("encoder").trainable_weights[0]
+    assert np.abs(np.asarray(enc) - np.asarray(loaded)).max() > 1e-3
