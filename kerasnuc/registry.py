@@ -97,6 +97,11 @@ class Method:
             types in class-id order (the classifier): ``train --init-from`` a model whose
             classes are the data's in another order permutes their channels
             (:func:`kerasnuc.runs.permute_class_channels`).
+        tune_tile: the default ``--tile`` of ``kerasnuc tune`` (predict and score tiles of at
+            most this many pixels), None: whole images. ``panoptic``: 512, because one forward
+            pass has ``max_detections`` slots (dense whole images fill them) and settings tuned
+            on 512 px tiles scored better on Kumar ``val`` than those tuned on whole images
+            (``benchmarks/panoptic_results.md``).
 
     ``losses`` may return None for a model that computes its own loss (``compute_loss``).
     """
@@ -122,6 +127,7 @@ class Method:
     tuner: Callable[..., tuple[Any, list[dict[str, Any]]]] | None = None
     class_agnostic: bool = False
     class_layers: tuple[str, ...] = ()
+    tune_tile: int | None = None
 
     def tune(
         self,
@@ -395,6 +401,7 @@ METHODS: dict[str, Method] = {
         dense_outputs=False,
         initialize=_panoptic_initialize,
         tune_grid=PANOPTIC_GRID,
+        tune_tile=512,
         class_layers=("class_logits",),
         # A ResNet from scratch diverges within a few SGD steps without clipping (Kumar, lr
         # 0.005 and 0.001); matterport's Mask R-CNN clips at 5.

@@ -50,9 +50,10 @@ POINT_DISTANCE_PX = 12.0
 @click.option("--max-images", type=click.IntRange(min=1), help="Tune on the first N images.")
 @click.option(
     "--tile",
-    type=click.IntRange(min=32),
-    help="Predict and score non-overlapping tiles of at most N px instead of whole images (for "
-    "dense images with panoptic, whose forward pass has max_detections slots; or big images).",
+    type=click.IntRange(min=0),
+    help="Predict and score non-overlapping tiles of at most N px (at least 32) instead of whole "
+    "images (for big images; panoptic tunes on 512 px tiles unless told otherwise, because its "
+    "forward pass has max_detections slots); 0: whole images.",
 )
 @click.option(
     "--points",
@@ -103,8 +104,10 @@ def tune(
     """
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     grid = read_grid(grid_file) if grid_file is not None else None
-    if points is not None and tile is not None:
+    if points is not None and tile:
         raise KerasnucError("--tile and --points exclude each other")
+    if tile is not None and 0 < tile < 32:
+        raise KerasnucError(f"--tile {tile}: tiles must be at least 32 px (or 0: whole images)")
     from kerasnuc.runs import POSTPROC, copy_run, is_bundled, load_run, resolve_model
 
     path = resolve_model(run_dir)
@@ -130,8 +133,10 @@ def tune(
     if grid is None:
         grid = method.tune_grid
     datasets = [Dataset(d, mpp=run.config.data.assumed_mpp(d)) for d in dirs]
+    if tile is None and points is None:
+        tile = method.tune_tile
     if points is None:
-        items, score_fn, metric = _mask_scoring(run, datasets, split, max_images, tile)
+        items, score_fn, metric = _mask_scoring(run, datasets, split, max_images, tile or None)
     else:
         items, score_fn, metric = _point_scoring(run, datasets, split, max_images, points,
                                                  max_distance)  # fmt: skip

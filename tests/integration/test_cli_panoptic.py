@@ -134,9 +134,15 @@ def test_panoptic_train_predict_evaluate_export(tmp_path):
     # tune the post-processing on the labelled data: the default grid, then a grid file
     res = invoke("tune", run, "--data", data, "--split", "val", "--max-images", "2")
     assert res.exit_code == 0, res.output
-    assert "54 configurations on 2 images" in res.output
+    # panoptic tunes on tiles of at most 512 px by default: one per 64 px image
+    assert "54 configurations on 2 tiles" in res.output
     grid = tmp_path / "grid.json"
     grid.write_text(json.dumps({"score_threshold": [0.05, 0.95], "min_size": [3]}))
+    res = invoke("tune", run, "--data", data, "--split", "val", "--grid", grid, "--tile", "0")
+    assert res.exit_code == 0, res.output
+    assert "2 configurations on 2 images" in res.output  # --tile 0: whole images
+    res = invoke("tune", run, "--data", data, "--grid", grid, "--tile", "16")
+    assert res.exit_code == 1 and "--tile 16: tiles must be at least 32 px" in res.output
     base = PanopticPostprocConfig.load(run / "postproc.json")
     res = invoke("tune", run, "--data", data, "--grid", grid, "--tile", "32")
     assert res.exit_code == 0, res.output
