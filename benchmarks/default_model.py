@@ -60,6 +60,7 @@ def scores(
     engine: str = "auto",
     datasets: tuple[str, ...] = DATASETS,
     baseline: bool = True,
+    tta: int = 0,
 ) -> list[dict]:
     from kerasnuc.inference.job import PredictOptions
     from kerasnuc.inference.onnx_predictor import load_engine_predictor
@@ -69,8 +70,8 @@ def scores(
     options = PredictOptions()
     tile, margin = tile or options.tile_size, options.margin
     run_dir = resolve_model(model)
-    predictor = load_engine_predictor(run_dir, engine)
-    print(f"engine: {getattr(predictor, 'engine', 'keras')}")
+    predictor = load_engine_predictor(run_dir, engine, tta=tta)
+    print(f"engine: {getattr(predictor, 'engine', 'keras')}" + (f", tta {tta}" if tta else ""))
     mpp = predictor.data_config.mpp or 0.25
     names = predictor.data_config.class_names
     table = []
