@@ -325,8 +325,8 @@ def load_initial_weights(
         if class_names is not None and (run_dir / RUN_CONFIG).is_file():
             source_config = load_config(run_dir)
             if not learns_cell_types(source_config.data.class_names, class_names):
+                order = class_order(source_config.data.class_names, class_names, source)
                 source_config = None
-                order = class_order(load_config(run_dir).data.class_names, class_names, source)
     else:
         path = Path(source)
     if not path.is_file():
