@@ -223,7 +223,8 @@ def init_run_dir(source: str | os.PathLike) -> Path | None:
     return resolve_model(source)
 
 
-def _class_listing(names: dict[int, str]) -> str:
+def class_listing(names: dict[int, str]) -> str:
+    """``{1: "other", 2: "spindle"}`` -> ``"1 other, 2 spindle"`` (for one-line messages)."""
     return ", ".join(f"{k} {v}" for k, v in sorted(names.items())) or "none (no cell types)"
 
 
@@ -257,8 +258,8 @@ def class_order(
     )
     if not same_set:
         raise KerasnucError(
-            f"{source}: its classes ({_class_listing(model_names)}) are not those of the data "
-            f"({_class_listing(data_names)}); classes are matched by name: import the data "
+            f"{source}: its classes ({class_listing(model_names)}) are not those of the data "
+            f"({class_listing(data_names)}); classes are matched by name: import the data "
             f"with --classes-from {source} (or --classes in the model's order)"
         )
     return [by_name[data_key[k]] for k in range(1, len(data_key) + 1)]

@@ -364,23 +364,20 @@ def train(
             method, dirs, file_config, overrides, init_config, init_from, config_file
         )
         if init_config is not None and not get_method(config.method).class_agnostic:
-            from kerasnuc.runs import class_order, learns_cell_types
+            from kerasnuc.runs import class_listing, class_order, learns_cell_types
 
             names = config.data.class_names
             if learns_cell_types(init_config.data.class_names, names):
                 click.echo(
                     f"note: {init_from} has no cell types; everything but its classifier is "
-                    "taken over, and the classifier learns the data's types ("
-                    + ", ".join(f"{k} {v}" for k, v in sorted(names.items()))
-                    + ") from scratch",
+                    f"taken over, and the classifier learns the data's types "
+                    f"({class_listing(names)}) from scratch",
                     err=True,
                 )
             elif class_order(init_config.data.class_names, names, init_from) is not None:
                 click.echo(
                     f"note: the data's classes are those of {init_from} in another order; its "
-                    "classifier is reordered by name to the data's ids ("
-                    + ", ".join(f"{k} {v}" for k, v in sorted(names.items()))
-                    + ")",
+                    f"classifier is reordered by name to the data's ids ({class_listing(names)})",
                     err=True,
                 )
     # A progress bar on a terminal; one line per epoch, without colour codes, in a log file.
