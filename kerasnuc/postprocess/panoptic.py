@@ -2,8 +2,10 @@
 
 The model (:class:`kerasnuc.models.panoptic.model.PanopticModel`) returns, per image, ``N``
 detection slots: boxes, nucleus probabilities, classes and ``28 x 28`` mask probabilities in the
-frame of each box, plus the GCN semantic map (which only gives the image size here; Liu et al.
-2019 use the instance branch alone at inference). :func:`postprocess_panoptic`:
+frame of each box, plus the GCN semantic map (background / nucleus softmax at full resolution).
+Liu et al. 2019 use the instance branch alone at inference; kerasnuc can also let the instances
+grow into the pixels the semantic branch calls nucleus (step 4, off by default).
+:func:`postprocess_panoptic`:
 
 1. keeps the detections with ``score >= score_threshold``;
 2. optionally suppresses more with a greedy box NMS at ``nms_iou`` (the model already ran one at
@@ -12,7 +14,14 @@ frame of each box, plus the GCN semantic map (which only gives the image size he
    the training-time feature fusion; pixels whose centre lies inside the box), thresholds it at
    ``mask_threshold`` and paints it into the instance map **from the lowest to the highest
    score**, so that a pixel claimed by several nuclei goes to the highest-scoring one;
-4. drops instances smaller than ``min_size`` pixels and renumbers them ``1 .. N``.
+4. with ``grow > 0``: every unclaimed pixel whose semantic nucleus probability is ``>=
+   semantic_threshold`` and which lies within ``grow`` pixels (Euclidean) of an instance joins the
+   nearest instance. The ``28 x 28`` masks of a small box are coarse and tend to miss a nucleus'
+   rim, which the full-resolution semantic map still sees;
+5. drops instances smaller than ``min_size`` pixels and renumbers them ``1 .. N``.
+
+Steps 1-3 read ``score_threshold``, ``mask_threshold`` and ``nms_iou`` and steps 4-5 the rest, so
+that :func:`tune_panoptic_postproc` pastes the masks once per setting of the first three.
 """
 
 from __future__ import annotations
@@ -22,11 +31,13 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
+from scipy import ndimage
 
 from kerasnuc.fileutil import KerasnucError
 from kerasnuc.postprocess.common import (
     PostprocResult,
     SettingsFile,
+    Stage,
     centroids_by_id,
     grid_search,
     instance_areas,
@@ -44,26 +55,28 @@ class PanopticPostprocConfig(SettingsFile):
         mask_threshold: a pixel belongs to a nucleus where its mask probability is ``>=`` this.
         nms_iou: extra greedy box NMS (suppress IoU ``>`` this); 1.0 disables it.
         min_size: instances with fewer pixels (after overlaps are resolved) are dropped.
+        grow: unclaimed semantic-nucleus pixels within this many pixels of an instance join the
+            nearest one (0: the instance masks alone, as in the paper).
+        semantic_threshold: a pixel is nucleus for ``grow`` where the semantic branch's nucleus
+            probability is ``>=`` this.
     """
 
     score_threshold: float = 0.5
     mask_threshold: float = 0.5
     nms_iou: float = 0.5
     min_size: int = 0
+    grow: int = 0
+    semantic_threshold: float = 0.5
 
     def __post_init__(self) -> None:
-        for name in ("score_threshold", "mask_threshold", "nms_iou"):
+        for name in ("score_threshold", "mask_threshold", "nms_iou", "semantic_threshold"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
                 raise ValueError(f"`{name}` must be a number in [0, 1]. Received: {name}={value!r}")
-        if (
-            isinstance(self.min_size, bool)
-            or not isinstance(self.min_size, int)
-            or self.min_size < 0
-        ):
-            raise ValueError(
-                f"`min_size` must be an int >= 0. Received: min_size={self.min_size!r}"
-            )
+        for name in ("min_size", "grow"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"`{name}` must be an int >= 0. Received: {name}={value!r}")
 
 
 def _axis_weights(lo: float, hi: float, start: int, stop: int, m: int) -> np.ndarray:
@@ -126,7 +139,7 @@ def detections_from_maps(maps: Mapping[str, np.ndarray]) -> dict[str, np.ndarray
 
     Returns:
         ``{"boxes": (N, 4), "scores": (N,), "classes": (N,) int, "masks": (N, M, M),
-        "size": (H, W)}``.
+        "size": (H, W), "nucleus": (H, W)}`` (the semantic branch's nucleus probability).
 
     Raises:
         KerasnucError: outputs of another method or shape.
@@ -141,30 +154,28 @@ def detections_from_maps(maps: Mapping[str, np.ndarray]) -> dict[str, np.ndarray
         raise KerasnucError(f"panoptic outputs disagree: boxes {boxes.shape}, scores {n} slots")
     masks = np.asarray(maps["masks"], np.float64)
     classes = np.asarray(maps.get("classes", np.ones_like(scores)), np.float64).reshape(-1)
+    semantic = np.asarray(maps["semantic"], np.float32)
+    if semantic.ndim != 3 or semantic.shape[-1] != 2:
+        raise KerasnucError(
+            "panoptic outputs: semantic must be (H, W, 2) (background, nucleus), "
+            f"got {semantic.shape}"
+        )
     return {
         "boxes": boxes.reshape(4, n).T,
         "scores": scores,
         "classes": np.rint(classes).astype(np.int32),
         "masks": np.moveaxis(masks.reshape(masks.shape[0], masks.shape[1], n), -1, 0),
-        "size": tuple(np.asarray(maps["semantic"]).shape[:2]),
+        "size": semantic.shape[:2],
+        "nucleus": semantic[..., 1],
     }
 
 
-def postprocess_panoptic(
-    maps: Mapping[str, np.ndarray], config: PanopticPostprocConfig | None = None
-) -> PostprocResult:
-    """Instance and class maps from the panoptic model's detections (see the module docstring).
+_PASTE_FIELDS = ("score_threshold", "mask_threshold", "nms_iou")
+_FINISH_FIELDS = ("grow", "semantic_threshold", "min_size")
 
-    Args:
-        maps: one image's model outputs (:func:`detections_from_maps`).
-        config: thresholds (default :class:`PanopticPostprocConfig`).
 
-    Returns:
-        :class:`~kerasnuc.postprocess.common.PostprocResult`; ``table["probabilities"]`` holds
-        the detection score in the instance's class column and ``1 - score`` in column 0.
-    """
-    config = config or PanopticPostprocConfig()
-    det = detections_from_maps(maps)
+def _paste(det: Mapping[str, Any], config: PanopticPostprocConfig):
+    """Steps 1-3: ``(raw, keep)``: the painted map (``k`` = ``keep[k - 1]``) and the slots."""
     height, width = det["size"]
     keep = np.flatnonzero(det["scores"] >= config.score_threshold)
     if config.nms_iou < 1.0 and keep.size:
@@ -176,6 +187,40 @@ def postprocess_panoptic(
         if values.size:
             region = raw[rows, cols]
             region[values >= config.mask_threshold] = k
+    return raw, keep
+
+
+def grow_into_foreground(raw: np.ndarray, foreground: np.ndarray, distance: int) -> np.ndarray:
+    """Unlabelled ``foreground`` pixels within ``distance`` px of a label take the nearest label.
+
+    Args:
+        raw: ``(H, W)`` int label map (0 = none).
+        foreground: ``(H, W)`` bool, where labels may grow.
+        distance: the largest Euclidean distance (pixel centres) a label grows.
+
+    Returns:
+        A new label map; labelled pixels keep their label. Ties between two equally near labels
+        go to the one ``scipy.ndimage.distance_transform_edt`` reports.
+    """
+    if distance <= 0 or not raw.any():
+        return raw
+    to_label, (iy, ix) = ndimage.distance_transform_edt(raw == 0, return_indices=True)
+    take = (raw == 0) & foreground & (to_label <= distance)
+    out = raw.copy()
+    out[take] = raw[iy[take], ix[take]]
+    return out
+
+
+def _finish(
+    pasted: tuple[np.ndarray, np.ndarray],
+    det: Mapping[str, Any],
+    config: PanopticPostprocConfig,
+) -> PostprocResult:
+    """Steps 4-5 and the instance table."""
+    raw, keep = pasted
+    if config.grow > 0:
+        foreground = det["nucleus"] >= config.semantic_threshold
+        raw = grow_into_foreground(raw, foreground, config.grow)
     num_classes = max(1, int(det["classes"].max(initial=1)))
     area_raw = instance_areas(raw)
     ok = np.zeros(len(keep) + 1, bool)
@@ -199,11 +244,31 @@ def postprocess_panoptic(
     return PostprocResult(instances, class_lut[instances], table)
 
 
-#: Default ``kerasnuc tune`` grid (54 configurations): detection score, mask threshold, extra NMS.
+def postprocess_panoptic(
+    maps: Mapping[str, np.ndarray], config: PanopticPostprocConfig | None = None
+) -> PostprocResult:
+    """Instance and class maps from the panoptic model's detections (see the module docstring).
+
+    Args:
+        maps: one image's model outputs (:func:`detections_from_maps`).
+        config: thresholds (default :class:`PanopticPostprocConfig`).
+
+    Returns:
+        :class:`~kerasnuc.postprocess.common.PostprocResult`; ``table["probabilities"]`` holds
+        the detection score in the instance's class column and ``1 - score`` in column 0.
+    """
+    config = config or PanopticPostprocConfig()
+    det = detections_from_maps(maps)
+    return _finish(_paste(det, config), det, config)
+
+
+#: Default ``kerasnuc tune`` grid (162 configurations): detection score, mask threshold, extra
+#: NMS, and growth into the semantic foreground (0 = the paper's instance masks alone).
 DEFAULT_GRID: dict[str, list[Any]] = {
     "score_threshold": [0.3, 0.4, 0.5, 0.6, 0.7, 0.8],
     "mask_threshold": [0.4, 0.5, 0.6],
     "nms_iou": [0.3, 0.5, 1.0],
+    "grow": [0, 2, 4],
 }
 
 
@@ -215,6 +280,10 @@ def tune_panoptic_postproc(
 ) -> tuple[PanopticPostprocConfig, list[dict[str, Any]]]:
     """Grid search of :class:`PanopticPostprocConfig` settings on the model outputs of a set.
 
+    In two :class:`~kerasnuc.postprocess.common.Stage` steps: the masks are pasted once per image
+    and setting of ``score_threshold`` / ``mask_threshold`` / ``nms_iou``; growth and the size
+    filter run per configuration.
+
     Args:
         maps_list: per image the model outputs (:func:`detections_from_maps`).
         grid: setting name -> candidate values (every combination, the last name fastest).
@@ -225,13 +294,19 @@ def tune_panoptic_postproc(
         ``(best_config, table)`` of :func:`~kerasnuc.postprocess.common.grid_search`.
     """
     base = PanopticPostprocConfig() if base_config is None else base_config
-    return grid_search(list(maps_list), grid, postprocess_panoptic, base, score_fn)
+    detections = [detections_from_maps(maps) for maps in maps_list]
+    stages = (
+        Stage(_PASTE_FIELDS, lambda det, _, config: _paste(det, config)),
+        Stage(_FINISH_FIELDS, lambda pasted, det, config: _finish(pasted, det, config)),
+    )
+    return grid_search(detections, grid, None, base, score_fn, stages=stages)
 
 
 __all__ = [
     "DEFAULT_GRID",
     "PanopticPostprocConfig",
     "detections_from_maps",
+    "grow_into_foreground",
     "paste_mask",
     "postprocess_panoptic",
     "tune_panoptic_postproc",

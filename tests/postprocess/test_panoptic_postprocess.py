@@ -10,6 +10,7 @@ from kerasnuc.fileutil import KerasnucError
 from kerasnuc.postprocess.panoptic import (
     PanopticPostprocConfig,
     detections_from_maps,
+    grow_into_foreground,
     paste_mask,
     postprocess_panoptic,
     tune_panoptic_postproc,
@@ -130,3 +131,76 @@ def test_tune_picks_the_grid_point_with_the_right_count():
         tune_panoptic_postproc([maps], {"nms_iou": [1.5]}, score)
     with pytest.raises(ValueError, match="at least one image"):
         tune_panoptic_postproc([], {"nms_iou": [0.5]}, score)
+
+
+def test_grow_into_foreground_by_hand():
+    raw = np.zeros((9, 9), np.int32)
+    raw[4, 2] = 1
+    raw[4, 7] = 2
+    foreground = np.ones((9, 9), bool)
+    foreground[0, :] = False  # row 0 may not grow
+    out = grow_into_foreground(raw, foreground, 2)
+    # Every pixel within Euclidean distance 2 of (4, 2) or (4, 7), nearest label wins; (4, 4) and
+    # (4, 5) are 2 from one label and 3 / 2 from the other.
+    yy, xx = np.mgrid[:9, :9]
+    d1 = np.hypot(yy - 4, xx - 2)
+    d2 = np.hypot(yy - 4, xx - 7)
+    expected = np.where((d1 <= 2) & (d1 < d2), 1, 0)
+    expected = np.where((d2 <= 2) & (d2 < d1), 2, expected)
+    expected[0, :] = 0
+    tie = (d1 == d2) & (d1 <= 2)
+    assert not tie.any()  # the two seeds are 5 apart: no tie within distance 2
+    np.testing.assert_array_equal(out, expected)
+    # The radius-2 digital disc has 13 pixels; the right edge cuts (4, 9) off the second one.
+    assert (out == 1).sum() == 13 and (out == 2).sum() == 12
+    np.testing.assert_array_equal(grow_into_foreground(raw, foreground, 0), raw)
+    empty = np.zeros((4, 4), np.int32)
+    np.testing.assert_array_equal(grow_into_foreground(empty, np.ones((4, 4), bool), 3), empty)
+
+
+def test_grow_takes_only_unclaimed_semantic_nucleus_pixels():
+    # One detection whose mask covers the inner 4 x 4 of its 8 x 8 box [4, 4, 12, 12]; the
+    # semantic branch calls the whole box plus a one-pixel rim nucleus (0.9), the rest 0.2.
+    mask = np.zeros((1, 28, 28))
+    mask[0, 7:21, 7:21] = 1.0  # box rows 2..5 of 8 -> image rows 6..9
+    maps = _maps([[4, 4, 12, 12]], [0.9], mask)
+    maps["semantic"][..., 0] = 0.8
+    maps["semantic"][..., 1] = 0.2
+    maps["semantic"][3:13, 3:13] = [0.1, 0.9]
+    plain = postprocess_panoptic(maps)
+    assert (plain.instances == 1).sum() == 16
+    rows, cols = np.nonzero(plain.instances)
+    assert (rows.min(), rows.max(), cols.min(), cols.max()) == (6, 9, 6, 9)
+    grown = postprocess_panoptic(maps, PanopticPostprocConfig(grow=2))
+    # Within Euclidean 2 of the 4 x 4 square (rows / cols 6..9): the square, a 2-pixel band of
+    # 4 x 2 on each side, and per corner only the diagonal neighbour (sqrt 2; (1, 2) is sqrt 5).
+    # All of it lies in the 10 x 10 nucleus region.
+    assert (grown.instances == 1).sum() == 16 + 4 * 8 + 4
+    assert grown.table["area"].tolist() == [52]
+    far = postprocess_panoptic(maps, PanopticPostprocConfig(grow=6))
+    assert (far.instances == 1).sum() == 100  # stops at the semantic nucleus region (10 x 10)
+    strict = postprocess_panoptic(maps, PanopticPostprocConfig(grow=6, semantic_threshold=0.95))
+    assert (strict.instances == 1).sum() == 16
+    with pytest.raises(ValueError, match="grow"):
+        PanopticPostprocConfig(grow=-1)
+    with pytest.raises(KerasnucError, match="semantic must be"):
+        detections_from_maps({**maps, "semantic": np.zeros((20, 24, 3))})
+
+
+def test_tune_searches_growth_after_one_paste_per_setting():
+    mask = np.zeros((1, 28, 28))
+    mask[0, 7:21, 7:21] = 1.0
+    maps = _maps([[4, 4, 12, 12]], [0.9], mask)
+    maps["semantic"][..., 0] = 1.0
+    maps["semantic"][3:13, 3:13] = [0.0, 1.0]
+    areas = []
+
+    def score(instances, classes):  # best: 52 pixels (grow 2, see the test above)
+        areas.append(int((instances[0] > 0).sum()))
+        return -abs(areas[-1] - 52)
+
+    grid = {"score_threshold": [0.5, 0.95], "grow": [0, 2, 6]}
+    best, table = tune_panoptic_postproc([maps], grid, score)
+    assert areas == [16, 52, 100, 0, 0, 0]
+    assert best == PanopticPostprocConfig(grow=2)
+    assert [r["grow"] for r in table] == [0, 2, 6, 0, 2, 6]

@@ -194,6 +194,7 @@ def build_panoptic_encoder(
     input_shape: tuple[int | None, int | None, int] = (None, None, 3),
     model_name: str = "encoder",
     freeze_levels: int = 0,
+    features: str = "blocks",
 ) -> keras.Model:
     """An encoder returning ``{"P1": .., "P5": ..}`` with no batch-norm updates.
 
@@ -211,6 +212,11 @@ def build_panoptic_encoder(
             trained), as Detectron's ``FREEZE_AT``; 0 trains the whole encoder. Freezing the
             high-resolution levels saves most of the backward pass (for EfficientNet-Lite0 on a
             CPU, its depthwise convolutions' gradients dominate a training step).
+        features: ``"efficientnet_lite0"`` only: ``"blocks"``, the blocks' outputs (linear
+            bottlenecks: 16/24/40/112/320 channels, std 5-9 on Kumar crops, 10x the other
+            encoders' levels), or ``"expand"``, the batch-normalised ReLU6 activations in front
+            of each downsampling (96/144/240/672/1280 channels, in ``[0, 6]``, std 0.6-1.6),
+            the post-activation kind of feature the FPN and its learning rate were set for.
 
     Returns:
         A functional ``keras.Model`` mapping ``(B, H, W, 3)`` float32 RGB in ``[0, 1]`` to
@@ -227,6 +233,10 @@ def build_panoptic_encoder(
         raise ValueError(
             f"`freeze_levels` must be an int in 0..5. Received: freeze_levels={freeze_levels!r}"
         )
+    if features != "blocks" and name != "efficientnet_lite0":
+        raise ValueError(
+            f"`features={features!r}` is for encoder 'efficientnet_lite0'. Received: name={name!r}"
+        )
     inputs = keras.Input(shape=tuple(input_shape), name="image")
     if name == "tiny":
         if weights is not None:
@@ -242,7 +252,11 @@ def build_panoptic_encoder(
         return model
     if name == "efficientnet_lite0":
         lite = build_efficientnet_lite_encoder(
-            name, input_shape=tuple(input_shape), weights=weights, model_name=f"{name}_features"
+            name,
+            input_shape=tuple(input_shape),
+            weights=weights,
+            model_name=f"{name}_features",
+            features=features,
         )
         frozen = _freeze_batch_norm(lite)
         logger.debug("%s: %d batch norms frozen", name, frozen)

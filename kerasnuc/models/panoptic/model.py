@@ -47,6 +47,7 @@ from typing import Any
 import keras
 from keras import ops
 
+from kerasnuc.backbones.efficientnet_lite import FEATURE_KINDS
 from kerasnuc.config import strict_from_dict
 from kerasnuc.models.panoptic import losses as panoptic_losses
 from kerasnuc.models.panoptic.anchors import AnchorConfig, anchors_per_location, generate_anchors
@@ -112,6 +113,9 @@ class PanopticModelConfig:
         tiny_widths: stage widths of the ``"tiny"`` encoder.
         encoder_freeze_levels: the encoder is not trained up to level ``P_k`` (0: all of it
             is trained; see :func:`~kerasnuc.models.panoptic.backbone.build_panoptic_encoder`).
+        encoder_features: EfficientNet-Lite0 only: ``"blocks"`` (the blocks' linear outputs)
+            or ``"expand"`` (the batch-normalised ReLU6 activations, which the FPN expects; see
+            :func:`~kerasnuc.models.panoptic.backbone.build_panoptic_encoder`).
         num_classes: object classes ``C`` (1 for class-agnostic nuclei).
         fpn_filters: FPN channels (paper 256); also the RPN conv width.
         anchors: :class:`~kerasnuc.models.panoptic.anchors.AnchorConfig` as a dict.
@@ -138,6 +142,7 @@ class PanopticModelConfig:
     encoder_weights: str | None = None
     tiny_widths: tuple[int, ...] = (16, 32, 64, 128)
     encoder_freeze_levels: int = 0
+    encoder_features: str = "blocks"
     num_classes: int = 1
     fpn_filters: int = 256
     anchors: dict[str, Any] = dataclasses.field(default_factory=lambda: AnchorConfig().to_dict())
@@ -180,6 +185,16 @@ class PanopticModelConfig:
             raise ValueError(
                 "`encoder_freeze_levels` must be an int in 0..5. "
                 f"Received: encoder_freeze_levels={self.encoder_freeze_levels!r}"
+            )
+        if self.encoder_features not in FEATURE_KINDS:
+            raise ValueError(
+                f"`encoder_features` must be one of {list(FEATURE_KINDS)}. "
+                f"Received: encoder_features={self.encoder_features!r}"
+            )
+        if self.encoder_features != "blocks" and self.encoder != "efficientnet_lite0":
+            raise ValueError(
+                f"`encoder_features={self.encoder_features!r}` is for encoder "
+                f"'efficientnet_lite0'. Received: encoder={self.encoder!r}"
             )
         if self.encoder_weights is not None:
             object.__setattr__(self, "encoder_weights", os.fspath(self.encoder_weights))
@@ -293,6 +308,7 @@ class PanopticModel(keras.Model):
             c.tiny_widths,
             model_name="encoder",
             freeze_levels=c.encoder_freeze_levels,
+            features=c.encoder_features,
         )
         self.fpn = FeaturePyramid(c.fpn_filters, name="fpn")
         self.rpn = RPNHead(anchors_per_location(c.anchor_config), c.fpn_filters, name="rpn")

@@ -3,6 +3,7 @@ the strides and channels the FPN expects, and the whole model at two input sizes
 
 from __future__ import annotations
 
+import keras
 import numpy as np
 import pytest
 
@@ -89,3 +90,29 @@ def test_lite0_panoptic_model_predicts_at_any_size():
     for shape in ((1, 64, 64, 3), (1, 96, 128, 3)):
         out = model(np.full(shape, 0.5, np.float32))
         assert tuple(out["semantic"].shape) == (*shape[:3], 2)
+
+
+def test_lite0_expand_features_are_the_batch_normalised_relu6_activations(rng):
+    _needs_pretrained()
+    enc = build_panoptic_encoder("efficientnet_lite0", weights="imagenet", features="expand")
+    inner = enc.get_layer("efficientnet_lite0_features")
+    x = rng.random((1, 64, 96, 3)).astype(np.float32)
+    feats = enc(x)
+    # Lite0: the expansion (x6) of the first block of each next stage (16 -> 96, 24 -> 144,
+    # 40 -> 240, 112 -> 672 channels) and the 1280-channel head at stride 32.
+    for level, channels in zip(range(1, 6), (96, 144, 240, 672, 1280), strict=True):
+        stride = 2**level
+        value = np.asarray(feats[f"P{level}"])
+        assert value.shape == (1, 64 // stride, 96 // stride, channels)
+        assert value.min() >= 0.0 and value.max() <= 6.0  # ReLU6
+    # P2 is the ReLU6 of the batch-normalised expansion conv of block 3 (the first of stride 8).
+    p2 = keras.Model(inner.input, inner.get_layer("block3_expand_bn").output)(x)
+    np.testing.assert_allclose(feats["P2"], np.clip(np.asarray(p2), 0.0, 6.0), atol=1e-5)
+    cfg = PanopticModelConfig(encoder="efficientnet_lite0", encoder_features="expand")
+    assert PanopticModelConfig.from_dict(cfg.to_dict()).encoder_features == "expand"
+    with pytest.raises(ValueError, match="is for encoder 'efficientnet_lite0'"):
+        PanopticModelConfig(encoder="tiny", encoder_features="expand")
+    with pytest.raises(ValueError, match="encoder_features"):
+        PanopticModelConfig(encoder="efficientnet_lite0", encoder_features="bottleneck")
+    with pytest.raises(ValueError, match="is for encoder 'efficientnet_lite0'"):
+        build_panoptic_encoder("tiny", features="expand")
