@@ -100,7 +100,8 @@ def tune(
     the best one is saved. Default grids: conic foreground/seed thresholds and minimum size;
     unet_sharp foreground rule (probability threshold or argmax), marker distance and minimum
     size; weak peak threshold, minimum detection distance (um) and smoothing; panoptic detection
-    score, mask threshold, extra box NMS and growth into the semantic foreground.
+    score, mask threshold and extra box NMS (growth into the semantic foreground, "grow", by
+    a grid file).
     """
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     grid = read_grid(grid_file) if grid_file is not None else None
