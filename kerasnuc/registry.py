@@ -34,7 +34,11 @@ from kerasnuc.postprocess.common import PostprocResult, grid_search
 from kerasnuc.postprocess.conic import DEFAULT_GRID as CONIC_GRID
 from kerasnuc.postprocess.conic import ConicPostprocConfig, postprocess_conic, tune_conic
 from kerasnuc.postprocess.panoptic import DEFAULT_GRID as PANOPTIC_GRID
-from kerasnuc.postprocess.panoptic import PanopticPostprocConfig, postprocess_panoptic
+from kerasnuc.postprocess.panoptic import (
+    PanopticPostprocConfig,
+    postprocess_panoptic,
+    tune_panoptic_postproc,
+)
 from kerasnuc.postprocess.unet_sharp import DEFAULT_GRID as UNET_SHARP_GRID
 from kerasnuc.postprocess.unet_sharp import (
     UnetSharpPostprocConfig,
@@ -401,6 +405,7 @@ METHODS: dict[str, Method] = {
         dense_outputs=False,
         initialize=_panoptic_initialize,
         tune_grid=PANOPTIC_GRID,
+        tuner=tune_panoptic_postproc,
         tune_tile=512,
         class_layers=("class_logits",),
         # A ResNet from scratch diverges within a few SGD steps without clipping (Kumar, lr
