@@ -113,7 +113,8 @@ def build_sgd_warmup_step(train: TrainConfig, total_steps: int) -> keras.optimiz
 
     Liu et al. 2019: "stochastic gradient descent (SGD) ... with a momentum of 0.9 and a weight
     decay of 0.0001 ... the same linear warming up in the first 500 iterations"; step decay by
-    10x at 1/2 and 3/4 of the run (their TCGA-Kumar schedule). Warm-up lasts
+    10x at 1/2 and 3/4 of the run (their TCGA-Kumar schedule; ``train.lr_decay_at`` moves the
+    two points, e.g. later for short CPU runs). Warm-up lasts
     ``min(500, total_steps // 10)`` steps, so that short runs are not all warm-up.
 
     Args:
@@ -135,7 +136,7 @@ def build_sgd_warmup_step(train: TrainConfig, total_steps: int) -> keras.optimiz
     schedule = WarmupStepDecay(
         train.learning_rate,
         warmup_steps=min(500, total_steps // 10),
-        boundaries=(total_steps // 2, (3 * total_steps) // 4),
+        boundaries=tuple(int(f * total_steps) for f in train.lr_decay_at),
     )
     return keras.optimizers.SGD(
         learning_rate=schedule, momentum=0.9, weight_decay=train.weight_decay

@@ -31,6 +31,22 @@ def test_sgd_warmup_step_optimizer():
         build_sgd_warmup_step(TrainConfig(optimizer="radam"), 10)
 
 
+def test_lr_decay_at_moves_the_boundaries():
+    """1120 steps decayed at 65 % and 90 %: boundaries 728 and 1008; the rate is 0.005 just
+    before 728, 0.0005 from 728 and 0.00005 from 1008; bad fractions are refused."""
+    train = TrainConfig.from_dict({"learning_rate": 0.005, "lr_decay_at": [0.65, 0.9]})
+    sched = build_sgd_warmup_step(train, 1120)._learning_rate
+    assert sched.boundaries == (728, 1008)
+    got = [float(sched(s)) for s in (727, 728, 1007, 1008)]
+    np.testing.assert_allclose(got, [0.005, 0.0005, 0.0005, 0.00005], rtol=1e-6)
+    assert TrainConfig.from_dict(train.to_dict()).lr_decay_at == (0.65, 0.9)
+    single = build_sgd_warmup_step(TrainConfig(lr_decay_at=(0.8,)), 100)._learning_rate
+    assert single.boundaries == (80,)
+    for bad in ([0.9, 0.5], [0.5, 1.0], [0.0], [0.5, 0.5]):
+        with pytest.raises(ValueError, match="lr_decay_at"):
+            TrainConfig(lr_decay_at=bad)
+
+
 def test_registry_entry():
     from kerasnuc.config import RunConfig
     from kerasnuc.data.augment import AugmentConfig
