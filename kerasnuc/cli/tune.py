@@ -75,6 +75,16 @@ POINT_DISTANCE_PX = 12.0
     f"({POINT_DISTANCE_PX:g} px for a model without a pixel size).",
 )
 @click.option(
+    "--metric",
+    type=click.Choice(["auto", "pq", "aji"]),
+    default="auto",
+    show_default=True,
+    help="What the masks are tuned for: auto is mPQ+ on data with cell types and PQ otherwise; "
+    "pq is PQ also on typed data; aji is the aggregated Jaccard index (AJI rewards complete "
+    "masks and punishes spurious detections by their area; PQ counts matched nuclei). Not with "
+    "--points (always detection F1).",
+)
+@click.option(
     "--out",
     type=click.Path(path_type=Path),
     help="Write the tuned model as a new run folder OUT (config and weights copied) instead of "
@@ -90,14 +100,15 @@ def tune(
     tile: int | None,
     points: str | None,
     max_distance: float,
+    metric: str,
     out: Path | None,
 ) -> None:
     """Tune the post-processing of RUN_DIR on a labelled split; write RUN_DIR/postproc.json.
 
     RUN_DIR is a run folder or a bundled model (with --out). Each image is predicted once;
     every grid configuration is scored with mPQ+ (PQ for data without classes, and for weak
-    runs) over the whole split, or with --points by the detection F1 against the points, and
-    the best one is saved. Default grids: conic foreground/seed thresholds and minimum size;
+    runs) over the whole split, or by PQ or AJI with --metric, or with --points by the
+    detection F1 against the points, and the best one is saved. Default grids: conic foreground/seed thresholds and minimum size;
     unet_sharp foreground rule (probability threshold or argmax), marker distance and minimum
     size; weak peak threshold, minimum detection distance (um) and smoothing; panoptic detection
     score, mask threshold and extra box NMS (growth into the semantic foreground, "grow", by
@@ -107,6 +118,8 @@ def tune(
     grid = read_grid(grid_file) if grid_file is not None else None
     if points is not None and tile:
         raise KerasnucError("--tile and --points exclude each other")
+    if points is not None and metric != "auto":
+        raise KerasnucError(f"--metric {metric} and --points exclude each other")
     if tile is not None and 0 < tile < 32:
         raise KerasnucError(f"--tile {tile}: tiles must be at least 32 px (or 0: whole images)")
     from kerasnuc.runs import POSTPROC, copy_run, is_bundled, load_run, resolve_model
@@ -137,7 +150,9 @@ def tune(
     if tile is None and points is None:
         tile = method.tune_tile
     if points is None:
-        items, score_fn, metric = _mask_scoring(run, datasets, split, max_images, tile or None)
+        items, score_fn, metric = _mask_scoring(
+            run, datasets, split, max_images, tile or None, metric
+        )
     else:
         items, score_fn, metric = _point_scoring(run, datasets, split, max_images, points,
                                                  max_distance)  # fmt: skip
@@ -176,8 +191,12 @@ def tune(
     )
 
 
-def _mask_scoring(run, datasets, split, max_images, tile) -> tuple[list, Any, str]:
-    """Items and score function of the PQ / mPQ+ tuning against instance masks."""
+def _mask_scoring(run, datasets, split, max_images, tile, metric="auto") -> tuple[list, Any, str]:
+    """Items and score function of the tuning against instance masks.
+
+    ``metric`` "auto": mPQ+ on data with cell types (PQ without, and for class-agnostic
+    methods); "pq": PQ; "aji": AJI (both over the split, a mean over datasets when several).
+    """
     from kerasnuc.training.validation import score_predictions, score_summary, tile_items
     from kerasnuc.training.validation import val_items as load_val_items
 
@@ -186,7 +205,9 @@ def _mask_scoring(run, datasets, split, max_images, tile) -> tuple[list, Any, st
     if tile is not None:
         items = tile_items(items, tile)
     model_classes = run.config.model.get("num_classes")
-    if num_classes == 0 and not method.class_agnostic and max(1, model_classes or 1) > 1:
+    if metric != "auto":
+        pass  # PQ and AJI do not look at the cell types
+    elif num_classes == 0 and not method.class_agnostic and max(1, model_classes or 1) > 1:
         # Masks without cell types (e.g. Kumar) tune a classifying model by PQ: the
         # segmentation thresholds do not need the types.
         click.echo(
@@ -199,13 +220,17 @@ def _mask_scoring(run, datasets, split, max_images, tile) -> tuple[list, Any, st
             f"the data has {num_classes} classes but the model was trained for "
             f"{run.config.model.get('num_classes')}"
         )
-    if method.class_agnostic:  # scored by PQ whatever the data's classes
+    if method.class_agnostic or metric != "auto":  # PQ / AJI whatever the data's classes
         num_classes = 0
 
     def score_fn(pred_instances: list, pred_classes: list) -> float:
         summary = score_predictions(pred_instances, pred_classes, items, num_classes)
+        if metric == "aji":
+            return float(summary["aji"])
         return score_summary(summary, num_classes)
 
+    if metric == "aji":
+        return items, score_fn, "AJI"
     return items, score_fn, "mPQ+" if num_classes else "PQ"
 
 

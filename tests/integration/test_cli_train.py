@@ -161,3 +161,41 @@ def test_tune_a_classifying_model_on_masks_without_types(tmp_path, agnostic):
     res = invoke("tune", "default", "--data", typed, "--grid", grid, "--out", tmp_path / "t2")
     assert res.exit_code == 1
     assert "the data has 2 classes but the model was trained for 4" in res.output
+
+
+def test_tune_metric_aji_scores_by_aji(tmp_path, agnostic):
+    """One 10x10 nucleus, predicted exactly plus a spurious 5x5 one: PQ = DQ x SQ =
+    1 / (1 + 0.5 * 1) x 1 = 2/3 and AJI = 100 / (100 + 25) = 0.8 (Kumar et al. 2017)."""
+    from types import SimpleNamespace
+
+    from kerasnuc.cli.tune import _mask_scoring
+    from kerasnuc.registry import get_method
+
+    gt = np.zeros((32, 32), np.int32)
+    gt[2:12, 2:12] = 1
+    img = np.full((32, 32, 3), 200, np.uint8)
+    with DatasetWriter(tmp_path / "one", {"name": "one", "mpp": 0.5}) as w:
+        w.add("a", img, gt, None, split="val")
+    pred = gt.copy()
+    pred[20:25, 20:25] = 2
+    run = SimpleNamespace(
+        method=get_method("conic"),
+        config=SimpleNamespace(data=SimpleNamespace(mpp=0.5), model={"num_classes": 1}),
+    )
+    ds = [Dataset(tmp_path / "one")]
+    scores = {}
+    for metric in ("auto", "pq", "aji"):
+        items, score_fn, name = _mask_scoring(run, ds, "val", None, None, metric)
+        scores[name] = score_fn([pred], [None])
+    assert scores == {"PQ": pytest.approx(2 / 3), "AJI": pytest.approx(0.8)}
+    res = invoke("tune", "default", "--data", agnostic, "--metric", "aji", "--points")
+    assert res.exit_code == 1 and "--metric aji and --points exclude each other" in res.output
+    grid = tmp_path / "grid.json"
+    grid.write_text(json.dumps({"min_size": [1000000, 0]}))
+    out = tmp_path / "tuned"
+    res = invoke("tune", "default", "--data", agnostic, "--grid", grid, "--out", out,
+                 "--metric", "aji")  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert "best AJI" in res.output and "the data has no cell types" not in res.output
+    # min_size 10^6 removes every nucleus (AJI 0): the discs are found with 0.
+    assert ConicPostprocConfig.load(out / "postproc.json").min_size == 0
