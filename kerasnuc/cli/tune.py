@@ -108,11 +108,11 @@ def tune(
     RUN_DIR is a run folder or a bundled model (with --out). Each image is predicted once;
     every grid configuration is scored with mPQ+ (PQ for data without classes, and for weak
     runs) over the whole split, or by PQ or AJI with --metric, or with --points by the
-    detection F1 against the points, and the best one is saved. Default grids: conic foreground/seed thresholds and minimum size;
-    unet_sharp foreground rule (probability threshold or argmax), marker distance and minimum
-    size; weak peak threshold, minimum detection distance (um) and smoothing; panoptic detection
-    score, mask threshold and extra box NMS (growth into the semantic foreground, "grow", by
-    a grid file).
+    detection F1 against the points, and the best one is saved. Default grids: conic
+    foreground/seed thresholds and minimum size; unet_sharp foreground rule (probability
+    threshold or argmax), marker distance and minimum size; weak peak threshold, minimum
+    detection distance (um) and smoothing; panoptic detection score, mask threshold and extra
+    box NMS (growth into the semantic foreground, "grow", by a grid file).
     """
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     grid = read_grid(grid_file) if grid_file is not None else None
