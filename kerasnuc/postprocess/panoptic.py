@@ -12,15 +12,19 @@ grow into the pixels the semantic branch calls nucleus (step 4, off by default).
    its own ``detection_nms_iou``; a lower value here removes more, 1.0 none);
 3. pastes each mask into its box (bilinear resize with half-pixel centres, the same sampling as
    the training-time feature fusion; pixels whose centre lies inside the box), thresholds it at
-   ``mask_threshold`` and paints it into the instance map **from the lowest to the highest
-   score**, so that a pixel claimed by several nuclei goes to the highest-scoring one;
+   ``mask_threshold`` and paints it into the instance map so that a pixel claimed by several
+   nuclei goes to the highest-scoring one; with ``min_visible > 0`` a detection of which less
+   than that fraction of its own mask is still unclaimed by higher-scoring ones is dropped
+   instead of leaving a sliver (the overlap rule of Kirillov et al. 2019, Panoptic Feature
+   Pyramid Networks, Sec. 4: duplicates of a nucleus become false positives and spurious area);
 4. with ``grow > 0``: every unclaimed pixel whose semantic nucleus probability is ``>=
    semantic_threshold`` and which lies within ``grow`` pixels (Euclidean) of an instance joins the
    nearest instance. The ``28 x 28`` masks of a small box are coarse and tend to miss a nucleus'
    rim, which the full-resolution semantic map still sees;
 5. drops instances smaller than ``min_size`` pixels and renumbers them ``1 .. N``.
 
-Steps 1-3 read ``score_threshold``, ``mask_threshold`` and ``nms_iou`` and steps 4-5 the rest, so
+Steps 1-3 read ``score_threshold``, ``mask_threshold``, ``nms_iou`` and ``min_visible`` and steps
+4-5 the rest, so
 that :func:`tune_panoptic_postproc` pastes the masks once per setting of the first three.
 """
 
@@ -59,6 +63,9 @@ class PanopticPostprocConfig(SettingsFile):
             nearest one (0: the instance masks alone, as in the paper).
         semantic_threshold: a pixel is nucleus for ``grow`` where the semantic branch's nucleus
             probability is ``>=`` this.
+        min_visible: a detection is dropped when less than this fraction of its thresholded
+            mask is left after the higher-scoring ones took their pixels (0: none dropped, as
+            in the paper).
     """
 
     score_threshold: float = 0.5
@@ -67,9 +74,17 @@ class PanopticPostprocConfig(SettingsFile):
     min_size: int = 0
     grow: int = 0
     semantic_threshold: float = 0.5
+    min_visible: float = 0.0
 
     def __post_init__(self) -> None:
-        for name in ("score_threshold", "mask_threshold", "nms_iou", "semantic_threshold"):
+        names = (
+            "score_threshold",
+            "mask_threshold",
+            "nms_iou",
+            "semantic_threshold",
+            "min_visible",
+        )
+        for name in names:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
                 raise ValueError(f"`{name}` must be a number in [0, 1]. Received: {name}={value!r}")
@@ -170,7 +185,7 @@ def detections_from_maps(maps: Mapping[str, np.ndarray]) -> dict[str, np.ndarray
     }
 
 
-_PASTE_FIELDS = ("score_threshold", "mask_threshold", "nms_iou")
+_PASTE_FIELDS = ("score_threshold", "mask_threshold", "nms_iou", "min_visible")
 _FINISH_FIELDS = ("grow", "semantic_threshold", "min_size")
 
 
@@ -182,11 +197,20 @@ def _paste(det: Mapping[str, Any], config: PanopticPostprocConfig):
         keep = keep[_box_nms(det["boxes"][keep], det["scores"][keep], config.nms_iou)]
     keep = keep[np.argsort(det["scores"][keep], kind="stable")]  # lowest score first
     raw = np.zeros((height, width), np.int32)
-    for k, i in enumerate(keep, start=1):
+    # Highest score first, each taking only the pixels still free: a pixel goes to the
+    # highest-scoring mask that covers it (ties: the later slot, as painting in ``keep``
+    # order would give). Label ``k`` stays ``keep[k - 1]``; a dropped detection has no pixels.
+    for k in range(len(keep), 0, -1):
+        i = keep[k - 1]
         rows, cols, values = paste_mask(det["masks"][i], det["boxes"][i], height, width)
-        if values.size:
-            region = raw[rows, cols]
-            region[values >= config.mask_threshold] = k
+        if not values.size:
+            continue
+        region = raw[rows, cols]
+        own = values >= config.mask_threshold
+        free = own & (region == 0)
+        if config.min_visible > 0 and free.sum() < config.min_visible * own.sum():
+            continue
+        region[free] = k
     return raw, keep
 
 

@@ -61,6 +61,26 @@ def test_overlaps_go_to_the_higher_score():
     np.testing.assert_array_equal(res.classes > 0, inst > 0)
 
 
+def test_min_visible_drops_occluded_duplicates():
+    """Full masks in 8 x 8 boxes (64 px) in one column: A rows 0-7 (score 0.9), B rows 2-9
+    (0.8), C rows 6-13 (0.7). B loses rows 2-7 to A and keeps 16 / 64 = 0.25 of its mask. C
+    loses rows 6-7 to A and, while B stays, rows 8-9 to B: 32 / 64 = 0.5 left; without B,
+    48 / 64 = 0.75. So min_visible 0 keeps all, 0.5 drops B (C then keeps 48 px), 0.8 drops B
+    and C; A always keeps its 64 px.
+    """
+    boxes = [[0, 0, 8, 8], [2, 0, 10, 8], [6, 0, 14, 8]]
+    maps = _maps(boxes, [0.9, 0.8, 0.7], np.ones((3, 28, 28)), size=(20, 24))
+    areas = {}
+    for min_visible in (0.0, 0.5, 0.8):
+        config = PanopticPostprocConfig(nms_iou=1.0, min_visible=min_visible)
+        res = postprocess_panoptic(maps, config)
+        areas[min_visible] = sorted(res.table["area"].tolist())
+        assert (res.instances[0:8, 0:8] == res.instances[0, 0]).all() and res.instances[0, 0]
+    assert areas == {0.0: [16, 32, 64], 0.5: [48, 64], 0.8: [64]}
+    with pytest.raises(ValueError, match="min_visible"):
+        PanopticPostprocConfig(min_visible=1.5)
+
+
 def test_thresholds_and_nms():
     masks = np.zeros((3, 28, 28))
     masks[:, :14] = 0.8  # upper half of each box
