@@ -135,7 +135,7 @@ def test_panoptic_train_predict_evaluate_export(tmp_path):
     res = invoke("tune", run, "--data", data, "--split", "val", "--max-images", "2")
     assert res.exit_code == 0, res.output
     # panoptic tunes on tiles of at most 512 px by default: one per 64 px image
-    assert "54 configurations on 2 tiles" in res.output
+    assert "72 configurations on 2 tiles" in res.output
     grid = tmp_path / "grid.json"
     grid.write_text(json.dumps({"score_threshold": [0.05, 0.95], "min_size": [3]}))
     res = invoke("tune", run, "--data", data, "--split", "val", "--grid", grid, "--tile", "0")
