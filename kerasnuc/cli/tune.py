@@ -150,11 +150,11 @@ def tune(
     if tile is None and points is None:
         tile = method.tune_tile
     if points is None:
-        items, score_fn, metric = _mask_scoring(
+        items, score_fn, label = _mask_scoring(
             run, datasets, split, max_images, tile or None, metric
         )
     else:
-        items, score_fn, metric = _point_scoring(run, datasets, split, max_images, points,
+        items, score_fn, label = _point_scoring(run, datasets, split, max_images, points,
                                                  max_distance)  # fmt: skip
     from kerasnuc.training.validation import predict_all
 
@@ -167,7 +167,7 @@ def tune(
     scores = [r["score"] for r in table if not math.isnan(r["score"])]
     if not scores or max(scores) <= 0:
         click.echo(
-            f"warning: every setting scores {metric} {0 if scores else 'undefined'} on the "
+            f"warning: every setting scores {label} {0 if scores else 'undefined'} on the "
             f"{len(items)} images of split {split!r}: no predicted nucleus matches the "
             "annotations, so the saved settings are no better than any other",
             err=True,
@@ -180,13 +180,13 @@ def tune(
         saved = out / POSTPROC
     ranked = sorted(table, key=lambda r: -r["score"] if not math.isnan(r["score"]) else math.inf)
     rows = [
-        {**{k: json.dumps(v) for k, v in r.items() if k != "score"}, metric: r["score"]}
+        {**{k: json.dumps(v) for k, v in r.items() if k != "score"}, label: r["score"]}
         for r in ranked[:SHOWN]
     ]
-    click.echo(format_table(rows, list(grid) + [metric]))
+    click.echo(format_table(rows, list(grid) + [label]))
     unit = "tiles" if tile else "images"
     click.echo(
-        f"\n{len(table)} configurations on {len(items)} {unit}; best {metric} "
+        f"\n{len(table)} configurations on {len(items)} {unit}; best {label} "
         f"{ranked[0]['score']:.4f} saved to {saved}"
     )
 
@@ -205,9 +205,8 @@ def _mask_scoring(run, datasets, split, max_images, tile, metric="auto") -> tupl
     if tile is not None:
         items = tile_items(items, tile)
     model_classes = run.config.model.get("num_classes")
-    if metric != "auto":
-        pass  # PQ and AJI do not look at the cell types
-    elif num_classes == 0 and not method.class_agnostic and max(1, model_classes or 1) > 1:
+    typed_score = metric == "auto" and not method.class_agnostic  # PQ and AJI ignore the types
+    if typed_score and num_classes == 0 and max(1, model_classes or 1) > 1:
         # Masks without cell types (e.g. Kumar) tune a classifying model by PQ: the
         # segmentation thresholds do not need the types.
         click.echo(
@@ -215,12 +214,12 @@ def _mask_scoring(run, datasets, split, max_images, tile, metric="auto") -> tupl
             "classes are not scored",
             err=True,
         )
-    elif not method.class_agnostic and max(1, num_classes) != model_classes:
+    elif typed_score and max(1, num_classes) != model_classes:
         raise KerasnucError(
             f"the data has {num_classes} classes but the model was trained for "
             f"{run.config.model.get('num_classes')}"
         )
-    if method.class_agnostic or metric != "auto":  # PQ / AJI whatever the data's classes
+    if not typed_score:  # PQ / AJI whatever the data's classes
         num_classes = 0
 
     def score_fn(pred_instances: list, pred_classes: list) -> float:

@@ -23,9 +23,9 @@ grow into the pixels the semantic branch calls nucleus (step 4, off by default).
    rim, which the full-resolution semantic map still sees;
 5. drops instances smaller than ``min_size`` pixels and renumbers them ``1 .. N``.
 
-Steps 1-3 read ``score_threshold``, ``mask_threshold``, ``nms_iou`` and ``min_visible`` and steps
-4-5 the rest, so
-that :func:`tune_panoptic_postproc` pastes the masks once per setting of the first three.
+Steps 1-3 read ``score_threshold``, ``mask_threshold``, ``nms_iou`` and ``min_visible``, steps
+4-5 the rest, so that :func:`tune_panoptic_postproc` pastes the masks once per setting of those
+four.
 """
 
 from __future__ import annotations
@@ -288,8 +288,8 @@ def postprocess_panoptic(
 
 #: Default ``kerasnuc tune`` grid (72 configurations): detection score, mask threshold, extra
 #: NMS. Tuned on Kumar train tiles (Lite0 recipe), NMS 0.2 was best by PQ and by AJI; score 0.2
-#: and ``min_visible`` 0.5 moved neither by more than 0.001, and ``grow`` 2 cost PQ (0.471
-#: against 0.482) while moving val AJI by < 0.003: give those in a grid file.
+#: never won, ``min_visible`` 0.5 moved the best PQ and AJI by less than 0.001, and ``grow`` 2
+#: cost PQ (0.471 against 0.482) while moving val AJI by < 0.003: give those in a grid file.
 DEFAULT_GRID: dict[str, list[Any]] = {
     "score_threshold": [0.3, 0.4, 0.5, 0.6, 0.7, 0.8],
     "mask_threshold": [0.4, 0.5, 0.6],
