@@ -273,6 +273,10 @@ class TrainConfig:
         lr_decay_at: for the step-decay schedule (``panoptic``): the fractions of the run at
             which the learning rate is multiplied by 0.1, increasing, in (0, 1). The default
             (1/2, 3/4) is the paper's; short CPU runs gain from a longer high-rate phase.
+        train_only: train only the model's top-level layers whose names match one of these
+            ``fnmatch`` patterns (e.g. ``["semantic_*"]`` for the cell-type decoder and head of
+            ``conic``; the encoder is the one layer ``"encoder"``); every other layer is frozen
+            (no gradient, batch norms in inference mode). None: every layer trains.
     """
 
     epochs: int = 50
@@ -292,10 +296,18 @@ class TrainConfig:
     keep_epoch_weights: bool = False
     bn_reestimation_batches: int = 0
     lr_decay_at: tuple[float, ...] = (0.5, 0.75)
+    train_only: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         check_field_types(type(self), dataclasses.asdict(self))
         object.__setattr__(self, "lr_decay_at", tuple(float(f) for f in self.lr_decay_at))
+        if self.train_only is not None:
+            object.__setattr__(self, "train_only", tuple(self.train_only))
+            if not self.train_only or not all(self.train_only):
+                raise ValueError(
+                    "`train_only` must be None or a non-empty list of non-empty layer-name "
+                    f"patterns. Received: train_only={list(self.train_only)}"
+                )
         fractions = self.lr_decay_at
         if any(not 0 < f < 1 for f in fractions) or list(fractions) != sorted(set(fractions)):
             raise ValueError(

@@ -26,7 +26,9 @@ across it) applies the right phase in ``on_epoch_begin``.
 
 from __future__ import annotations
 
+import fnmatch
 import logging
+from collections.abc import Sequence
 
 import keras
 
@@ -120,3 +122,47 @@ class EncoderFreezeSchedule(keras.callbacks.Callback):
     def on_train_end(self, logs=None):
         set_encoder_phase(self._encoder(), frozen=False, freeze_batchnorm=False)
         self._phase = None
+
+
+def train_only(model: keras.Model, patterns: Sequence[str]) -> list[str]:
+    """Freeze every top-level layer of ``model`` whose name matches none of ``patterns``.
+
+    Fine-tuning one part of a trained model, e.g. the cell-type decoder of ``conic`` on new
+    types (``["semantic_*"]``) while the encoder and the instance decoder stay as they are: a
+    frozen layer gets no gradient and its batch norms run in inference mode (Keras 3), so its
+    outputs are exactly those of the model before training.
+
+    Args:
+        model: a built model; its direct layers are matched (a nested encoder is one layer).
+        patterns: ``fnmatch`` patterns of layer names (case-sensitive).
+
+    Returns:
+        The names of the layers with weights that stay trainable, in model order.
+
+    Raises:
+        ValueError: a pattern matches no layer with weights, or no layer with weights is left
+            to train.
+    """
+    weighted = [layer for layer in model.layers if layer.weights]
+    for pattern in patterns:
+        if not any(fnmatch.fnmatchcase(layer.name, pattern) for layer in weighted):
+            raise ValueError(
+                f"`train_only` pattern {pattern!r} matches no layer with weights of the model "
+                f"{model.name!r}; its layers with weights are "
+                + ", ".join(layer.name for layer in weighted)
+            )
+    kept = []
+    for layer in model.layers:
+        trains = any(fnmatch.fnmatchcase(layer.name, p) for p in patterns)
+        for sub in layer._flatten_layers(include_self=True, recursive=True):
+            sub.trainable = trains
+        if trains and layer.weights:
+            kept.append(layer.name)
+    logger.info(
+        "train_only %s: %d of %d layers with weights train (%d trainable variables)",
+        list(patterns),
+        len(kept),
+        len(weighted),
+        len(model.trainable_variables),
+    )
+    return kept

@@ -46,6 +46,7 @@ from kerasnuc.config import DataConfig, RunConfig
 from kerasnuc.data.dataset import Dataset
 from kerasnuc.data.info import check_labels
 from kerasnuc.fileutil import KerasnucError, replace_dir
+from kerasnuc.models.freeze import train_only
 from kerasnuc.optimizers.schedules import build_optimizer, set_clip_norm
 from kerasnuc.runs import (
     CHECKPOINT_DIR,
@@ -465,6 +466,13 @@ def _fit(
                     class_layers=method.class_layers,
                 )
                 logger.info("starting from the weights of %s", path)
+            if train_cfg.train_only is not None:
+                if method.callbacks is not None:
+                    raise ValueError(
+                        f"`train_only` is not available for {config.method}: its own schedule "
+                        "decides which layers train (freeze_encoder_epochs)"
+                    )
+                train_only(model, train_cfg.train_only)
             if train_cfg.strategy == "multiworker":
                 synchronize_batch_norm(model)
             make_optimizer = method.optimizer or build_optimizer

@@ -10,7 +10,7 @@ import keras
 import numpy as np
 import pytest
 
-from kerasnuc.models.freeze import EncoderFreezeSchedule, batchnorm_layers
+from kerasnuc.models.freeze import EncoderFreezeSchedule, batchnorm_layers, train_only
 from kerasnuc.optimizers.adabound import AdaBound
 
 
@@ -112,3 +112,37 @@ def test_no_frozen_epochs_and_checks():
         model.fit(
             np.zeros((2, 4)), np.zeros((2, 1)), verbose=0, callbacks=[EncoderFreezeSchedule(1)]
         )
+
+
+def test_train_only_freezes_every_other_layer_exactly():
+    """train_only(["d_*"]): the decoder conv and its batch norm learn; the nested encoder (convs,
+    BN scale/offset and moving statistics) and the head ``out`` keep their values exactly."""
+    model = _model()
+    assert train_only(model, ["d_*"]) == ["d_conv", "d_bn"]
+    assert not any(layer.trainable for layer in model.get_layer("encoder")._flatten_layers())
+    # d_conv kernel + bias, d_bn gamma + beta.
+    assert len(model.trainable_variables) == 4
+    rng = np.random.default_rng(0)
+    x = rng.random((8, 16, 16, 3)).astype(np.float32) * 2.0 + 0.5
+    y = rng.integers(0, 2, (8, 16, 16)).astype(np.int32)
+    model.compile(optimizer=AdaBound(learning_rate=1e-2), loss="sparse_categorical_crossentropy")
+    record = Record()
+    model.fit(x, y, batch_size=4, epochs=1, verbose=0, callbacks=[record], shuffle=False)
+    start, end = record.snapshots
+    assert _changed(start, end, "e_") == set()
+    assert _changed(start, end, "out") == set()
+    # Every d_bn variable moves: gamma, beta (gradient) and the moving statistics (training).
+    assert _changed(start, end, "d_conv") == _keys(start, "d_conv")
+    assert _changed(start, end, "d_bn") == _keys(start, "d_bn")
+
+
+def test_train_only_patterns_must_match_a_layer_with_weights():
+    model = _model()
+    # "d_*" matches, "o" matches nothing; the Input layer has no weights.
+    with pytest.raises(ValueError, match=r"pattern 'o' matches no layer with weights .*"
+                       r"are encoder, d_conv, d_bn, out$"):  # fmt: skip
+        train_only(model, ["d_*", "o"])
+    # Several patterns: the union; the nested encoder is one layer.
+    assert train_only(model, ["out", "enc*"]) == ["encoder", "out"]
+    assert all(layer.trainable for layer in model.get_layer("encoder")._flatten_layers())
+    assert not model.get_layer("d_bn").trainable

@@ -283,3 +283,54 @@ def test_init_from_a_missing_or_foreign_weights_file_fails_in_one_line(tmp_path)
     other.save_weights(tmp_path / "other.weights.h5")
     with pytest.raises(KerasnucError, match="cannot start from these weights"):
         load_initial_weights(model, tmp_path / "other.weights.h5")
+
+
+def test_train_only_trains_the_matching_layers_and_keeps_the_others(
+    small_discs, tmp_path, tiny_method
+):
+    """``"train": {"train_only": ["batch_normalization*"]}`` on the tiny model (convs + one batch
+    norm): after 3 steps every convolution equals the weights it started from (init_from), the
+    batch norm moved, and the optimizer holds slots for gamma and beta only."""
+    source = tmp_path / "source"
+    source.mkdir()
+    keras.utils.set_random_seed(11)
+    donor = build_tiny_conic(TinyConicConfig(num_classes=2))
+    donor.save_weights(source / BEST_WEIGHTS)
+    train = TrainConfig.from_dict(
+        {"epochs": 1, "steps_per_epoch": 3, "seed": 3, "learning_rate": 1e-2,
+         "init_from": str(source), "train_only": ["batch_normalization*"]}
+    )  # fmt: skip
+    assert train.train_only == ("batch_normalization*",)
+    assert TrainConfig.from_dict(train.to_dict()) == train
+    config = RunConfig(
+        NAME,
+        TinyConicConfig(num_classes=2).to_dict(),
+        DataConfig(datasets=(str(small_discs),), class_names=CLASSES, mpp=0.5),
+        PipelineConfig(crop_size=64, batch_size=2, deterministic=True, parallel_calls=1).to_dict(),
+        train,
+    )
+    result = train_run(config, tmp_path / "run", verbose=0, tensorboard=False)
+    pairs = list(zip(result.model.weights, donor.weights, strict=True))
+    convs = [(w.path, np.asarray(w), np.asarray(d)) for w, d in pairs if "conv2d" in w.path]
+    assert len(convs) == 9  # 5 kernels, 4 biases (the first conv has none)
+    for path, got, want in convs:
+        np.testing.assert_array_equal(got, want, err_msg=path)
+    bn = [(w.path, np.asarray(w), np.asarray(d)) for w, d in pairs if "batch_norm" in w.path]
+    assert len(bn) == 4 and all(np.abs(got - want).max() > 1e-4 for _, got, want in bn)
+    assert [v.path.split("/")[-1] for v in result.model.trainable_variables] == ["gamma", "beta"]
+
+
+def test_train_only_checks(small_discs, tmp_path, tiny_method):
+    for bad in ([], [""], "semantic_*"):
+        with pytest.raises(ValueError, match="train_only"):
+            TrainConfig.from_dict({"train_only": bad})
+    config = RunConfig(
+        NAME,
+        TinyConicConfig(num_classes=2).to_dict(),
+        DataConfig(datasets=(str(small_discs),), class_names=CLASSES, mpp=0.5),
+        PipelineConfig(crop_size=64, batch_size=2, deterministic=True, parallel_calls=1).to_dict(),
+        TrainConfig(epochs=1, steps_per_epoch=1, train_only=("semantic",)),
+    )
+    # "semantic" is the name of the softmax activation: a layer without weights.
+    with pytest.raises(ValueError, match="pattern 'semantic' matches no layer with weights"):
+        train_run(config, tmp_path / "run", verbose=0, tensorboard=False)
