@@ -10,6 +10,7 @@ MirroredStrategy check trains a small ``ConicModel`` in a subprocess (two logica
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -21,6 +22,7 @@ import keras
 import numpy as np
 import pytest
 
+from kerasnuc import registry
 from kerasnuc.config import DataConfig, RunConfig, TrainConfig
 from kerasnuc.data.dataset import DatasetWriter
 from kerasnuc.data.pipeline import PipelineConfig
@@ -334,3 +336,11 @@ def test_train_only_checks(small_discs, tmp_path, tiny_method):
     # "semantic" is the name of the softmax activation: a layer without weights.
     with pytest.raises(ValueError, match="pattern 'semantic' matches no layer with weights"):
         train_run(config, tmp_path / "run", verbose=0, tensorboard=False)
+    # A method with its own freeze schedule (unet_sharp's callbacks) refuses train_only.
+    scheduled = dataclasses.replace(tiny_method, callbacks=lambda config, model: [])
+    registry.METHODS[NAME] = scheduled  # the fixture's monkeypatch restores the entry
+    config = dataclasses.replace(
+        config, train=dataclasses.replace(config.train, train_only=("batch_normalization*",))
+    )
+    with pytest.raises(ValueError, match="`train_only` is not available for tiny_conic"):
+        train_run(config, tmp_path / "run2", verbose=0, tensorboard=False)
