@@ -198,8 +198,8 @@ def test_tile_plan(shape, tile_size, margin, scale, expected):
 
 
 def test_single_tile_plan_shows_the_model_the_image_and_gives_every_nucleus(shared_data):
-    """An image that fits: one call, one tile of its longer side (the image, then its mirror
-    image below it), and exactly the GT nuclei, those cut by the image border included."""
+    """An image that fits: one call with the image itself (not squared with its mirror image),
+    and exactly the GT nuclei, those cut by the image border included."""
     gt = Dataset(shared_data / "monuseg_kumar").instances("TCGA-44-2665-01B-06-BS6")[:300, :420]
     image = encode_ids(gt)
     tile_size, margin = tile_plan(gt.shape, 1152, 64)
@@ -210,10 +210,40 @@ def test_single_tile_plan_shows_the_model_the_image_and_gives_every_nucleus(shar
         return decode_ids(tiles)
 
     result = predict_tiled(image, recording, tile_size=tile_size, margin=margin)
-    assert [c.shape for c in calls] == [(1, 420, 420, 3)]
-    np.testing.assert_array_equal(calls[0][0, :300], image)
-    np.testing.assert_array_equal(calls[0][0, 300:], image[::-1][:120])  # mirrored at row 300
+    assert tile_size == 420 and margin == 0
+    assert [c.shape for c in calls] == [(1, 300, 420, 3)]
+    np.testing.assert_array_equal(calls[0][0], image)
     assert same_instances(gt, result.instances)
+
+
+def test_single_resampled_tile_is_the_image_at_the_model_resolution():
+    """A 100 x 150 image at 0.5 um/px for a 0.25 um/px model: one 300 px tile without margin,
+    of which 200 x 300 model pixels show the image; predict_fn gets exactly those, and a nucleus
+    at model rows 20-39 / cols 30-59 comes back at input rows 10-19 / cols 15-29."""
+    image = np.full((100, 150, 3), 200, np.uint8)
+    tile_size, margin = tile_plan(image.shape[:2], 1152, 64, scale=2.0)
+    assert (tile_size, margin) == (300, 0)
+    calls = []
+
+    def one_nucleus(tiles):
+        calls.append(tiles.shape)
+        inst = np.zeros(tiles.shape[1:3], np.int32)
+        inst[20:40, 30:60] = 7
+        return [inst]
+
+    result = predict_tiled(
+        image, one_nucleus, tile_size=tile_size, margin=margin, target_mpp=0.25, mpp=0.5
+    )
+    assert calls == [(1, 200, 300, 3)]
+    expected = np.zeros((100, 150), np.int32)
+    expected[10:20, 15:30] = 1
+    np.testing.assert_array_equal(result.instances, expected)
+
+
+def test_whole_image_predict_fn_must_return_the_image_shape():
+    image = np.full((64, 96, 3), 200, np.uint8)
+    with pytest.raises(ValueError, match=r"must return \(64, 96\) instance maps"):
+        predict_tiled(image, lambda tiles: [np.zeros((96, 96), np.int32)], tile_size=96, margin=0)
 
 
 def test_balanced_tiles_give_the_same_nuclei(shared_data):
