@@ -298,7 +298,7 @@ def train(
     check_writable_dir(run_dir)
     if resume:
         from kerasnuc.runs import load_config
-        from kerasnuc.training.trainer import resume_dir
+        from kerasnuc.training.run_folder import resume_dir
 
         config = load_config(resume_dir(run_dir))
     else:

@@ -18,7 +18,8 @@ from kerasnuc.config import DataConfig, RunConfig, TrainConfig
 from kerasnuc.data.pipeline import PipelineConfig
 from kerasnuc.fileutil import KerasnucError
 from kerasnuc.runs import BEST_WEIGHTS, HISTORY, pending_run_dir
-from kerasnuc.training.trainer import prepare_run_dir, train_run
+from kerasnuc.training.run_folder import prepare_run_dir
+from kerasnuc.training.trainer import train_run
 from tests.training.test_trainer import CLASSES, write_discs
 from tests.training.tiny_method import NAME, TinyConicConfig
 

@@ -18,8 +18,9 @@ from kerasnuc.training.checkpoint import (
     restore_training_state,
     save_training_state,
 )
+from kerasnuc.training.run_folder import prepare_run_dir, resume_dir
 from kerasnuc.training.strategy import get_strategy, precision_policy
-from kerasnuc.training.trainer import prepare_run_dir, resolve_config, resume_dir
+from kerasnuc.training.trainer import resolve_config
 from kerasnuc.training.validation import ValItem, score_predictions, score_summary
 
 
