@@ -196,6 +196,8 @@ def _mask_scoring(run, datasets, split, max_images, tile, metric="auto") -> tupl
 
     ``metric`` "auto": mPQ+ on data with cell types (PQ without, and for class-agnostic
     methods); "pq": PQ; "aji": AJI (both over the split, a mean over datasets when several).
+    The label names the score as printed: "mean PQ", "mean mPQ+/PQ" (typed datasets by mPQ+,
+    the others by PQ) and so on for several datasets.
     """
     from kerasnuc.training.validation import score_predictions, score_summary, tile_items
     from kerasnuc.training.validation import val_items as load_val_items
@@ -228,9 +230,14 @@ def _mask_scoring(run, datasets, split, max_images, tile, metric="auto") -> tupl
             return float(summary["aji"])
         return score_summary(summary, num_classes)
 
-    if metric == "aji":
-        return items, score_fn, "AJI"
-    return items, score_fn, "mPQ+" if num_classes else "PQ"
+    label = "AJI" if metric == "aji" else "mPQ+" if num_classes else "PQ"
+    if len(datasets) > 1:
+        # Each dataset is scored on its own and the score is the mean over them (with cell
+        # types: mPQ+ of the typed datasets, PQ of the others).
+        if label == "mPQ+" and not all(ds.has_classes for ds in datasets):
+            label = "mPQ+/PQ"
+        label = f"mean {label}"
+    return items, score_fn, label
 
 
 def _point_scoring(run, datasets, split, max_images, points, max_distance):

@@ -188,6 +188,16 @@ def test_tune_metric_aji_scores_by_aji(tmp_path, agnostic):
         items, score_fn, name = _mask_scoring(run, ds, "val", None, None, metric)
         scores[name] = score_fn([pred], [None])
     assert scores == {"PQ": pytest.approx(2 / 3), "AJI": pytest.approx(0.8)}
+    # Two datasets, the second predicted exactly (PQ 1, AJI 1): each is scored on its own and
+    # the printed score is the mean, (2/3 + 1) / 2 and (0.8 + 1) / 2, named as such.
+    with DatasetWriter(tmp_path / "two", {"name": "two", "mpp": 0.5}) as w:
+        w.add("b", img, gt, None, split="val")
+    ds.append(Dataset(tmp_path / "two"))
+    scores = {}
+    for metric in ("auto", "aji"):
+        items, score_fn, name = _mask_scoring(run, ds, "val", None, None, metric)
+        scores[name] = score_fn([pred, gt], [None, None])
+    assert scores == {"mean PQ": pytest.approx(5 / 6), "mean AJI": pytest.approx(0.9)}
     res = invoke("tune", "default", "--data", agnostic, "--metric", "aji", "--points")
     assert res.exit_code == 1 and "--metric aji and --points exclude each other" in res.output
     grid = tmp_path / "grid.json"
