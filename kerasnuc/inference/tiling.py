@@ -428,13 +428,22 @@ def whole_image_extent(grid: TileGrid) -> tuple[int, int] | None:
     """
     if grid.n_tiles != 1 or grid.read_margin != 0:
         return None
-    size = grid.tile_size
-    centres = (np.arange(size) + 0.5) * (grid.read_size / size) - 0.5
-    rows = int(np.count_nonzero(centres < grid.level_shape[0] - 0.5))
-    cols = int(np.count_nonzero(centres < grid.level_shape[1] - 0.5))
-    if (rows, cols) == (size, size) or rows < 1 or cols < 1:
+    # The tile starts at the image's corner, so the pixels inside are its first rows / cols.
+    rows, cols = (int(np.count_nonzero(inside)) for inside in _inside(grid, 0))
+    if (rows, cols) == (grid.tile_size, grid.tile_size) or rows < 1 or cols < 1:
         return None
     return rows, cols
+
+
+def _inside(grid: TileGrid, index: int) -> tuple[np.ndarray, np.ndarray]:
+    """Which rows and which columns of tile ``index`` (model pixels) lie inside the image."""
+    size = grid.tile_size
+    oy, ox = grid.origin(index)
+    centres = (np.arange(size) + 0.5) * (grid.read_size / size) - 0.5
+    ry, rx = oy + centres, ox + centres
+    rows_in = (ry > -0.5) & (ry < grid.level_shape[0] - 0.5)
+    cols_in = (rx > -0.5) & (rx < grid.level_shape[1] - 0.5)
+    return rows_in, cols_in
 
 
 def _pad_result(result: Any, extent: tuple[int, int], size: int) -> tuple[Any, Any, Any]:
@@ -514,10 +523,7 @@ def tile_instances(
         ids, labels = np.arange(top + 1), inst.astype(np.intp, copy=False)
     # Only pixels inside the image count: outside, read_tile mirrors the image.
     oy, ox = grid.origin(index)
-    centres = (np.arange(size) + 0.5) * (grid.read_size / size) - 0.5
-    ry, rx = oy + centres, ox + centres
-    rows_in = (ry > -0.5) & (ry < grid.level_shape[0] - 0.5)
-    cols_in = (rx > -0.5) & (rx < grid.level_shape[1] - 0.5)
+    rows_in, cols_in = _inside(grid, index)
     listed = None  # ids of the whole tile, for tables without an "id" column
     full_area = None  # pixels of each instance in the whole tile, mirrored context included
     if not (rows_in.all() and cols_in.all()):

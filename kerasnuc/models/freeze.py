@@ -140,8 +140,7 @@ def train_only(model: keras.Model, patterns: Sequence[str]) -> list[str]:
         The names of the layers with weights that stay trainable, in model order.
 
     Raises:
-        ValueError: a pattern matches no layer with weights, or no layer with weights is left
-            to train.
+        ValueError: a pattern matches no layer with weights (so at least one layer trains).
     """
     weighted = [layer for layer in model.layers if layer.weights]
     for pattern in patterns:
