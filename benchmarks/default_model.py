@@ -16,7 +16,7 @@ Usage::
 
     TF_CPP_MIN_LOG_LEVEL=2 python benchmarks/default_model.py [--model default] \\
         [--data ../shared/data] [--engine auto|onnx|keras] [--tta 8] [--repeats 2] [--skip-timing]
-        [--skip-scores]
+        [--skip-scores] [--score-tta 0]
 """
 
 from __future__ import annotations
@@ -172,7 +172,10 @@ def main() -> None:
         default="auto",
         help="what runs the model for the scores (as kerasnuc predict --engine)",
     )
-    parser.add_argument("--tta", type=int, default=8)
+    parser.add_argument("--tta", type=int, default=8, help="TTA passes of the timed run")
+    parser.add_argument(
+        "--score-tta", type=int, default=0, help="TTA passes of the scored runs (Keras engine)"
+    )
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--skip-scores", action="store_true")
     parser.add_argument("--skip-timing", action="store_true")
@@ -186,6 +189,7 @@ def main() -> None:
             not args.no_balance,
             args.keep_margin,
             args.engine,
+            tta=args.score_tta,
         )
         cols = ["dataset", "images", "method", "pq", "aji", "pixel_f1", "det_f1", "mpq_plus"]
         cols += sorted({k for r in table for k in r if k.startswith("pq+_c")})

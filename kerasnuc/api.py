@@ -86,7 +86,11 @@ class Segmentation:
 
 @functools.lru_cache(maxsize=4)
 def load_predictor(
-    model: str = DEFAULT_MODEL, tta: int = 0, batch_size: int = 4, engine: str = "auto"
+    model: str = DEFAULT_MODEL,
+    tta: int = 0,
+    batch_size: int = 4,
+    engine: str = "auto",
+    views: int | None = None,
 ) -> Any:
     """The predictor of a model, loaded once per process.
 
@@ -96,6 +100,8 @@ def load_predictor(
         batch_size: tiles per model call.
         engine: ``"auto"`` (onnxruntime where the model folder allows, else Keras), ``"onnx"``
             or ``"keras"``, as ``kerasnuc predict --engine``.
+        views: flips / rotations averaged per tile (None: the model's own setting), as
+            ``kerasnuc predict --views``.
 
     Returns:
         An :class:`~kerasnuc.inference.onnx_predictor.OnnxPredictor` or a
@@ -104,7 +110,7 @@ def load_predictor(
     Raises:
         KerasnucError: an unknown model, or ``engine="onnx"`` where it cannot run (why).
     """
-    return load_engine_predictor(resolve_model(model), engine, tta, batch_size)
+    return load_engine_predictor(resolve_model(model), engine, tta, batch_size, views=views)
 
 
 def _as_table(table: NucleusTable) -> Any:

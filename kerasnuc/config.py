@@ -358,6 +358,43 @@ class TrainConfig:
         return strict_from_dict(cls, data)
 
 
+#: Numbers of views :class:`InferenceConfig` accepts (see ``kerasnuc.models.views``).
+VIEW_COUNTS = (1, 2, 4, 8)
+
+
+@dataclass(frozen=True)
+class InferenceConfig:
+    """How the model is run on images by default (``kerasnuc predict``, ``tune``, the API).
+
+    Attributes:
+        views: deterministic flips / rotations of every tile whose maps are mapped back and
+            averaged: 1 (the tile as it is), 2 (and its mirror image), 4 (and the up-down
+            flip and the half turn), 8 (every flip and quarter turn). Each view costs one
+            forward pass; ``kerasnuc predict --views`` overrides it.
+    """
+
+    views: int = 1
+
+    def __post_init__(self) -> None:
+        check_views(self.views)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"views": self.views}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> InferenceConfig:
+        return strict_from_dict(cls, data)
+
+
+def check_views(views: Any) -> int:
+    """``views`` if it is one of :data:`VIEW_COUNTS`, else a ValueError saying so."""
+    if isinstance(views, bool) or views not in VIEW_COUNTS:
+        raise ValueError(
+            f"`views` must be one of {', '.join(map(str, VIEW_COUNTS))}. Received: views={views!r}"
+        )
+    return int(views)
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """Everything needed to rebuild a trained model and run it like it was trained.
@@ -368,6 +405,7 @@ class RunConfig:
         data: :class:`DataConfig`.
         pipeline: ``PipelineConfig.to_dict()`` of the training pipeline.
         train: :class:`TrainConfig`.
+        inference: :class:`InferenceConfig` (how ``predict`` runs the model by default).
         kerasnuc_version: version that wrote the run.
     """
 
@@ -376,6 +414,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     pipeline: dict[str, Any] = field(default_factory=dict)
     train: TrainConfig = field(default_factory=TrainConfig)
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
     kerasnuc_version: str = __version__
 
     def to_dict(self) -> dict[str, Any]:
@@ -386,6 +425,7 @@ class RunConfig:
             "data": self.data.to_dict(),
             "pipeline": self.pipeline,
             "train": self.train.to_dict(),
+            "inference": self.inference.to_dict(),
         }
 
     @classmethod
@@ -394,6 +434,7 @@ class RunConfig:
         data = migrate_model_mpp(data)
         data["data"] = DataConfig.from_dict(data.get("data", {}))
         data["train"] = TrainConfig.from_dict(data.get("train", {}))
+        data["inference"] = InferenceConfig.from_dict(data.get("inference", {}))
         return strict_from_dict(cls, data)
 
 

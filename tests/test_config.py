@@ -3,7 +3,7 @@ import json
 import numpy as np
 import pytest
 
-from kerasnuc.config import DataConfig, RunConfig, TrainConfig
+from kerasnuc.config import DataConfig, InferenceConfig, RunConfig, TrainConfig
 from kerasnuc.fileutil import KerasnucError
 from kerasnuc.runs import load_config, save_config
 
@@ -15,9 +15,11 @@ def test_run_config_round_trip(tmp_path):
         data=DataConfig(datasets=("a", "b"), mpp=0.5, class_names={1: "tumour", 2: "immune"}),
         pipeline={"crop_size": 128},
         train=TrainConfig(epochs=3, learning_rate=2e-3),
+        inference=InferenceConfig(views=4),
     )
     save_config(cfg, tmp_path)
     raw = json.loads((tmp_path / "config.json").read_text())
+    assert raw["inference"] == {"views": 4}
     assert raw["data"]["class_names"] == {"1": "tumour", "2": "immune"}
     assert raw["data"]["class_colours"]["1"] == [255, 215, 0]  # default colour of class 1
     back = load_config(tmp_path)
@@ -26,6 +28,11 @@ def test_run_config_round_trip(tmp_path):
 
 
 def test_bad_configs():
+    with pytest.raises(ValueError, match="`views` must be one of 1, 2, 4, 8. Received: views=3"):
+        InferenceConfig.from_dict({"views": 3})
+    with pytest.raises(ValueError, match="Unknown InferenceConfig keys"):
+        InferenceConfig.from_dict({"tta": 2})
+    assert RunConfig.from_dict({"method": "conic", "model": {}}).inference.views == 1  # old runs
     with pytest.raises(ValueError, match="Unknown TrainConfig keys"):
         TrainConfig.from_dict({"epoch": 3})
     with pytest.raises(ValueError, match="strategy"):

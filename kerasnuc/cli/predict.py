@@ -171,6 +171,14 @@ def _predict_on_cluster(cluster, worker_threads, spec, paths, out, options, mode
     help="Test-time augmentation passes (16 as in the paper; 0 or 1: one plain pass).",
 )
 @click.option(
+    "--views",
+    type=click.Choice(["1", "2", "4", "8"]),
+    default=None,
+    help="Flips / rotations of each tile whose maps are averaged (1: the tile as it is; 2: and "
+    "its mirror image; 4, 8: more flips and turns), one forward pass each [default: the "
+    "model's own setting, 2 for the bundled default].",
+)
+@click.option(
     "--mpp",
     type=MPP,
     default=None,
@@ -264,6 +272,7 @@ def predict(
     model: str | None,
     out: Path,
     tta: int,
+    views: str | None,
     mpp: float | None,
     formats: str | None,
     tile: int,
@@ -291,6 +300,12 @@ def predict(
     worker that loads the model once.
     """
     format_set = _parse_formats(formats)
+    n_views = None if views is None else int(views)
+    if tta > 1 and n_views is not None and n_views > 1:
+        raise KerasnucError(
+            f"--views {n_views} and --tta {tta} exclude each other (the TTA passes have their "
+            "own flips)"
+        )
     if tile - 2 * margin < 1:
         raise click.BadParameter(
             f"must be less than half of --tile ({tile}); got {margin}", param_hint="--margin"
@@ -317,7 +332,9 @@ def predict(
             raise KerasnucError("--engine onnx: --server runs the model on the server")
         from kerasnuc.inference.predictor import Predictor
 
-        predictor = Predictor.from_server(server, model, tta=tta, batch_size=batch_size)
+        predictor = Predictor.from_server(
+            server, model, tta=tta, batch_size=batch_size, views=n_views
+        )
     elif cluster is None:
         from kerasnuc.inference.onnx_predictor import load_engine_predictor
 
@@ -328,6 +345,7 @@ def predict(
             batch_size,
             keras_reason="--device gpu runs with TensorFlow" if device == "gpu" else None,
             note=lambda message: click.echo(f"Note: {message}", err=True),
+            views=n_views,
         )
     if run_dir is None:
         model_id, source = f"{model} @ {server}", f"{model} on {server}"
@@ -356,6 +374,7 @@ def predict(
             server=server,
             model=model,
             tta=tta,
+            views=n_views,
             batch_size=batch_size,
             threads=worker_threads,
         )

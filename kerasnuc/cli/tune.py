@@ -105,7 +105,8 @@ def tune(
 ) -> None:
     """Tune the post-processing of RUN_DIR on a labelled split; write RUN_DIR/postproc.json.
 
-    RUN_DIR is a run folder or a bundled model (with --out). Each image is predicted once;
+    RUN_DIR is a run folder or a bundled model (with --out). Each image is predicted once (with
+    the run's views, config.json "inference");
     every grid configuration is scored with mPQ+ (PQ for data without classes, and for weak
     runs) over the whole split, or by PQ or AJI with --metric, or with --points by the
     detection F1 against the points, and the best one is saved. Default grids: conic
@@ -159,7 +160,7 @@ def tune(
     from kerasnuc.training.validation import predict_all
 
     with click.progressbar(items, label=f"predicting {len(items)} images") as bar:
-        maps = predict_all(run.model, list(bar))
+        maps = predict_all(run.model, list(bar), views=run.config.inference.views)
     try:
         best, table = method.tune(maps, grid, score_fn, run.postproc)
     except ValueError as exc:

@@ -51,6 +51,7 @@ class PredictorSpec:
         server: TF Serving endpoint that runs the model, or None.
         model: the model's name on ``server``.
         tta: test-time augmentation passes.
+        views: flips / rotations averaged per tile (None: the model's own setting).
         batch_size: tiles per model call.
         threads: TensorFlow intra-op threads per worker (0: TensorFlow's default).
     """
@@ -59,6 +60,7 @@ class PredictorSpec:
     server: str | None = None
     model: str | None = None
     tta: int = 0
+    views: int | None = None
     batch_size: int = 4
     threads: int = 0
 
@@ -74,11 +76,13 @@ class PredictorSpec:
 
         if self.server is not None:
             return Predictor.from_server(
-                self.server, self.model, tta=self.tta, batch_size=self.batch_size
+                self.server, self.model, tta=self.tta, batch_size=self.batch_size, views=self.views
             )
         if self.run_dir is None:
             raise KerasnucError("PredictorSpec needs run_dir or server")
-        return Predictor.from_run_dirs(self.run_dir, tta=self.tta, batch_size=self.batch_size)
+        return Predictor.from_run_dirs(
+            self.run_dir, tta=self.tta, batch_size=self.batch_size, views=self.views
+        )
 
 
 _JOBS: dict[Any, PredictJob] = {}

@@ -10,9 +10,10 @@ post-processing, measurements, writers) is the same code as with Keras.
 
 The graph records the SHA-256 of the weights file it was made from; a folder whose weights
 changed since (trained on, or copied with other weights) is refused with a message, never run
-with stale weights. This path covers plain prediction of the ``conic`` method (no test-time
-augmentation, no ensembles, no MC dropout); the
-:class:`~kerasnuc.inference.predictor.Predictor` does the rest.
+with stale weights. This path covers prediction of the ``conic`` method, with the run's
+flip / rotation views (:mod:`kerasnuc.models.views`) but no stochastic test-time augmentation,
+no ensembles and no MC dropout; the :class:`~kerasnuc.inference.predictor.Predictor` does the
+rest.
 """
 
 from __future__ import annotations
@@ -25,9 +26,10 @@ from typing import Any
 
 import numpy as np
 
-from kerasnuc.config import RunConfig
+from kerasnuc.config import RunConfig, check_views
 from kerasnuc.fileutil import KerasnucError
 from kerasnuc.models.maps import crop_maps, pad_to_multiple
+from kerasnuc.models.views import average_views
 from kerasnuc.postprocess.common import PostprocResult
 from kerasnuc.postprocess.conic import ConicPostprocConfig, postprocess_conic
 from kerasnuc.serving.onnx import ONNX_FILE, WEIGHTS_DIGEST_KEY, weights_digest
@@ -92,6 +94,8 @@ class OnnxPredictor:
         batch_size: tiles per call of :meth:`predict_maps_batch` as the job batches them (the
             graph itself runs one tile at a time).
         digest: SHA-256 of the graph file (the predictor's fingerprint).
+        views: flips / rotations of each tile averaged (1, 2, 4 or 8; see
+            :func:`kerasnuc.models.views.average_views`), as the Keras predictor's ``views``.
     """
 
     tta = 0
@@ -104,6 +108,7 @@ class OnnxPredictor:
         data_config: Any,
         batch_size: int = 8,
         digest: str = "",
+        views: int = 1,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"`batch_size` must be >= 1. Received: batch_size={batch_size}")
@@ -113,12 +118,17 @@ class OnnxPredictor:
         self.data_config = data_config
         self.batch_size = int(batch_size)
         self.digest = digest
+        self.views = check_views(views)
         self.output_names = [o.name for o in session.get_outputs()]
         self.input_name = session.get_inputs()[0].name
 
     @classmethod
     def from_run_dir(
-        cls, run_dir: str | os.PathLike, batch_size: int = 8, threads: int | None = None
+        cls,
+        run_dir: str | os.PathLike,
+        batch_size: int = 8,
+        threads: int | None = None,
+        views: int | None = None,
     ) -> OnnxPredictor:
         """Load ``run_dir/model.onnx`` with its run config and post-processing.
 
@@ -126,6 +136,7 @@ class OnnxPredictor:
             run_dir: a run or bundled-model folder with ``model.onnx``.
             batch_size: tiles per forward pass.
             threads: onnxruntime intra-op threads (None: onnxruntime's default, the cores).
+            views: views averaged per tile; None: the run's ``inference.views``.
 
         Raises:
             KerasnucError: no usable graph (the message says why), or weights newer than it.
@@ -155,7 +166,8 @@ class OnnxPredictor:
             )
         config = RunConfig.from_dict(json.loads((run_dir / "config.json").read_text("utf-8")))
         postproc = ConicPostprocConfig.load(run_dir / POSTPROC_FILE)
-        return cls(session, postproc, config.data, batch_size, weights_digest(path))
+        views = config.inference.views if views is None else views
+        return cls(session, postproc, config.data, batch_size, weights_digest(path), views)
 
     @property
     def mpp(self) -> float | None:
@@ -171,6 +183,7 @@ class OnnxPredictor:
             "models": [self.digest],
             "postproc": self.postproc.to_dict(),
             "tta": 0,
+            "views": self.views,
             "batch_size": self.batch_size,
             "mpp": self.data_config.mpp,
             "class_names": {str(k): v for k, v in dict(self.data_config.class_names).items()},
@@ -182,16 +195,23 @@ class OnnxPredictor:
         if images.ndim != 4 or images.shape[-1] != 3:
             raise ValueError(f"`images` must have shape (B, H, W, 3). Received: {images.shape}")
         x = images.astype(np.float32) / 255.0 if images.dtype == np.uint8 else images
-        x, size = pad_to_multiple(np.asarray(x, dtype=np.float32))
+        x = np.asarray(x, dtype=np.float32)
         parts: dict[str, list[np.ndarray]] = {}
         # One image per run: onnxruntime on a CPU gains nothing from batching tiles, and one
         # tile's activations at a time keep the memory down (4000 x 4000 image in 1128-px
         # tiles, one core: 23.5 s and 1.9 GB peak one by one, 24.4 s and 3.3 GB four at once).
         for i in range(len(x)):
-            outs = self.session.run(None, {self.input_name: x[i : i + 1]})
-            for name, value in zip(self.output_names, outs, strict=True):
+            maps = average_views(self._forward, x[i : i + 1], self.views)
+            for name, value in maps.items():
                 parts.setdefault(name, []).append(value)
-        return crop_maps({k: np.concatenate(v) for k, v in parts.items()}, size)
+        return {k: np.concatenate(v) for k, v in parts.items()}
+
+    def _forward(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        """The graph on one ``(1, H, W, 3)`` float32 tile, padded to the stride and cropped
+        back (the padding follows each view, as in the Keras predictor)."""
+        padded, size = pad_to_multiple(x)
+        outs = self.session.run(None, {self.input_name: np.ascontiguousarray(padded)})
+        return crop_maps(dict(zip(self.output_names, outs, strict=True)), size)
 
     def predict_instances_batch(self, images: np.ndarray) -> list[PostprocResult]:
         """Nuclei of a batch of tiles (the ``predict_fn`` of the tiling)."""
@@ -209,6 +229,7 @@ def load_engine_predictor(
     batch_size: int = 8,
     keras_reason: str | None = None,
     note: Any = None,
+    views: int | None = None,
 ) -> Any:
     """The predictor of ``run_dir`` on the engine ``kerasnuc predict --engine`` names.
 
@@ -226,6 +247,8 @@ def load_engine_predictor(
         note: with ``"auto"``, called with a one-line message when a graph exists but cannot be
             loaded (e.g. made from other weights) and Keras runs the model instead; None: that
             error is raised.
+        views: flips / rotations averaged per tile (None: the run's ``inference.views``; 1
+            with ``tta > 1``).
 
     Raises:
         KerasnucError: ``"onnx"`` where onnxruntime cannot run the model (the reason), or
@@ -237,7 +260,7 @@ def load_engine_predictor(
         reason = keras_reason or onnx_unusable_reason(run_dir, tta)
         if reason is None:
             try:
-                return OnnxPredictor.from_run_dir(run_dir, batch_size=batch_size)
+                return OnnxPredictor.from_run_dir(run_dir, batch_size=batch_size, views=views)
             except KerasnucError as err:
                 if engine == "onnx" or note is None:
                     raise
@@ -246,7 +269,7 @@ def load_engine_predictor(
             raise KerasnucError(f"{run_dir}: cannot predict with onnxruntime: {reason}")
     from kerasnuc.inference.predictor import Predictor  # imports TensorFlow
 
-    return Predictor.from_run_dirs(run_dir, tta=tta, batch_size=batch_size)
+    return Predictor.from_run_dirs(run_dir, tta=tta, batch_size=batch_size, views=views)
 
 
 __all__ = [

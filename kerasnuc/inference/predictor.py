@@ -45,11 +45,18 @@ import keras
 import numpy as np
 
 from kerasnuc.checks import check_int
-from kerasnuc.config import DataConfig
+from kerasnuc.config import DataConfig, check_views
 from kerasnuc.data.stain import hed_to_rgb, rgb_to_hed
 from kerasnuc.fileutil import KerasnucError
 from kerasnuc.layers.dropout import MCDropout, set_mc_dropout
 from kerasnuc.models.maps import predict_maps_batch
+from kerasnuc.models.views import (
+    NUM_TRANSFORMS,
+    VECTOR_OUTPUTS,
+    VIEW_ORDER,
+    apply_transform,
+    invert_transform,
+)
 from kerasnuc.postprocess.common import PostprocResult
 from kerasnuc.registry import Method
 from kerasnuc.runs import load_config, load_run
@@ -58,10 +65,6 @@ logger = logging.getLogger(__name__)
 
 #: Number of passes of ``tta=True`` (the paper's 16).
 DEFAULT_TTA_PASSES = 16
-#: Number of dihedral transforms (4 rotations x optional left-right flip).
-NUM_TRANSFORMS = 8
-#: Outputs whose last axis is a ``(dy, dx)`` vector in (row, column) pixel axes.
-VECTOR_OUTPUTS: tuple[str, ...] = ("vectors",)
 
 
 @dataclass(frozen=True)
@@ -77,79 +80,6 @@ class AugmentPass:
     transform: int
     hed_scale: np.ndarray | None
     mc_dropout: bool
-
-
-def _transform_parts(transform: int) -> tuple[int, bool]:
-    if not isinstance(transform, int | np.integer) or not 0 <= transform < NUM_TRANSFORMS:
-        raise ValueError(f"`transform` must be an int in [0, 8). Received: transform={transform!r}")
-    return int(transform) % 4, int(transform) >= 4
-
-
-def apply_transform(image: np.ndarray, transform: int) -> np.ndarray:
-    """Apply dihedral transform ``transform`` to an image or a batch.
-
-    Transform ``t`` flips left-right when ``t >= 4`` and then rotates by ``t % 4`` quarter turns
-    counter-clockwise (``np.rot90``): 0 identity, 1..3 rotations, 4 left-right flip, 6
-    up-down flip, 5 the transpose, 7 the anti-transpose.
-
-    Args:
-        image: ``(H, W, C)`` or ``(B, H, W, C)`` array.
-        transform: index ``0..7``.
-
-    Returns:
-        The transformed array (``(W, H, ...)`` spatial size for odd rotations).
-    """
-    rotations, flip = _transform_parts(transform)
-    out = np.asarray(image)
-    if flip:
-        out = out[..., :, ::-1, :]
-    return np.rot90(out, rotations, axes=(-3, -2))
-
-
-def invert_transform(
-    maps: Mapping[str, np.ndarray],
-    transform: int,
-    vector_outputs: Sequence[str] = VECTOR_OUTPUTS,
-) -> dict[str, np.ndarray]:
-    """Map outputs predicted on ``apply_transform(image, transform)`` back to the image's frame.
-
-    Spatially this is the inverse flip / rotation of :func:`apply_transform`. A vector field
-    transforms with the pixel grid: if the transform sends pixel ``p = (row, col)`` to
-    ``A p + b``, an equivariant model predicts ``v'(A p + b) = A v(p)``, so after undoing the
-    spatial move the vectors are multiplied by ``A^-1``. With ``np.rot90`` sending
-    ``(row, col)`` to ``(-col, row)`` (plus a shift), ``A^-1`` of one quarter turn maps
-    ``(dy, dx)`` to ``(dx, -dy)``; the left-right flip negates ``dx``.
-
-    Args:
-        maps: ``{name: (H', W', K)}`` or ``(B, H', W', K)`` arrays predicted on the transformed
-            image.
-        transform: the index ``0..7`` that was applied.
-        vector_outputs: names of the outputs holding ``(dy, dx)`` vectors in their last axis
-            (``K = 2``); missing names are ignored.
-
-    Returns:
-        ``{name: array}`` in the original frame (``(H, W, K)``), float32 for vector outputs.
-    """
-    rotations, flip = _transform_parts(transform)
-    out: dict[str, np.ndarray] = {}
-    for name, value in maps.items():
-        value = np.rot90(np.asarray(value), -rotations, axes=(-3, -2))
-        if flip:
-            value = value[..., :, ::-1, :]
-        if name in vector_outputs:
-            if value.shape[-1] != 2:
-                raise ValueError(
-                    f"vector output {name!r} must have 2 channels (dy, dx). "
-                    f"Received: shape={value.shape}"
-                )
-            dy, dx = value[..., 0], value[..., 1]
-            for _ in range(rotations):
-                dy, dx = dx, -dy
-            if flip:
-                dx = -dx
-            value = np.stack([dy, dx], axis=-1).astype(np.float32)
-        out[name] = np.ascontiguousarray(value)
-    return out
 
 
 def passes_per_model(passes: int, num_models: int) -> list[int]:
@@ -270,6 +200,9 @@ class Predictor:
         seed: seed of the TTA plan (HED factors).
         batch_size: forward passes per model call.
         vector_outputs: names of the outputs holding ``(dy, dx)`` vectors.
+        views: without TTA, the deterministic views of each image averaged per model (1, 2,
+            4 or 8; :data:`~kerasnuc.models.views.VIEW_ORDER`: no stain change, dropout off).
+            Must be 1 with ``tta > 1``.
 
     Raises:
         ValueError: bad arguments.
@@ -287,6 +220,7 @@ class Predictor:
         seed: int = 0,
         batch_size: int = 8,
         vector_outputs: Sequence[str] = VECTOR_OUTPUTS,
+        views: int = 1,
     ) -> None:
         models = [models] if _is_backend(models) else list(models)
         if not models or not all(_is_backend(m) for m in models):
@@ -298,6 +232,12 @@ class Predictor:
         if isinstance(tta, bool):
             tta = DEFAULT_TTA_PASSES if tta else 0
         self.tta = check_int("tta", tta, 0)
+        self.views = check_views(views)
+        if self.tta > 1 and self.views > 1:
+            raise ValueError(
+                "`views` must be 1 with test-time augmentation (its passes have their own "
+                f"flips). Received: tta={self.tta}, views={self.views}"
+            )
         if self.tta > 1 and not getattr(method, "dense_outputs", True):
             raise KerasnucError(
                 f"test-time augmentation (tta={self.tta}) is not available for the "
@@ -318,9 +258,13 @@ class Predictor:
         self.mc_dropout = bool(mc_dropout)
         self.hed_intensity = float(hed_intensity)
         self.vector_outputs = tuple(vector_outputs)
-        self.plan = plan_passes(
-            self.tta, len(models), self.hed_intensity, self.mc_dropout, self.seed
-        )
+        if self.views > 1:
+            views_plan = [AugmentPass(t, None, False) for t in VIEW_ORDER[: self.views]]
+            self.plan = [list(views_plan) for _ in models]
+        else:
+            self.plan = plan_passes(
+                self.tta, len(models), self.hed_intensity, self.mc_dropout, self.seed
+            )
         self._fingerprint: dict[str, Any] | None = None
 
     @classmethod
@@ -333,6 +277,7 @@ class Predictor:
         seed: int = 0,
         batch_size: int = 8,
         postproc: Any = None,
+        views: int | None = None,
     ) -> Predictor:
         """A predictor for one run directory or an ensemble of several.
 
@@ -341,6 +286,8 @@ class Predictor:
             tta, mc_dropout, hed_intensity, seed, batch_size: as for :class:`Predictor`.
             postproc: post-processing config; default the first run's ``postproc.json`` (or the
                 method's defaults).
+            views: as for :class:`Predictor`; None: the first run's ``inference.views``
+                (1 with ``tta > 1``).
 
         Raises:
             KerasnucError: unreadable runs, or runs that differ in method, cell types or
@@ -371,7 +318,10 @@ class Predictor:
                 {"outputs": (_output_channels(runs[0].model), _output_channels(run.model))},
             )
         first = runs[0]
-        logger.info("predictor: %d model(s), tta=%s", len(runs), tta)
+        if views is None:
+            passes = (DEFAULT_TTA_PASSES if tta else 0) if isinstance(tta, bool) else tta
+            views = 1 if check_int("tta", passes, 0) > 1 else first.config.inference.views
+        logger.info("predictor: %d model(s), tta=%s, views=%s", len(runs), tta, views)
         return cls(
             [r.model for r in runs],
             first.method,
@@ -382,6 +332,7 @@ class Predictor:
             hed_intensity=hed_intensity,
             seed=seed,
             batch_size=batch_size,
+            views=views,
         )
 
     @classmethod
@@ -396,6 +347,7 @@ class Predictor:
         batch_size: int = 8,
         timeout: float = 60.0,
         retries: int = 3,
+        views: int | None = None,
     ) -> Predictor:
         """A predictor whose maps come from a TensorFlow Serving endpoint.
 
@@ -407,6 +359,8 @@ class Predictor:
             url: ``http(s)://host:8501`` (REST) or ``grpc://host:8500``.
             model_name: the model name on the server (``kerasnuc export --name``).
             version: a served version (default: the server's latest).
+            views: as for :class:`Predictor`; None: the exported run's ``inference.views``
+                (1 with ``tta > 1``).
             Other arguments as :class:`Predictor`; ``timeout``/``retries`` of the client.
 
         Raises:
@@ -424,6 +378,10 @@ class Predictor:
             class_colours=meta.get("class_colours") or {},
         )
         postproc = method.postproc_config.from_dict(meta["postproc"])
+        if views is None:
+            passes = (DEFAULT_TTA_PASSES if tta else 0) if isinstance(tta, bool) else tta
+            exported = (meta.get("run_config") or {}).get("inference") or {}
+            views = 1 if check_int("tta", passes, 0) > 1 else exported.get("views", 1)
         return cls(
             client,
             method,
@@ -434,6 +392,7 @@ class Predictor:
             hed_intensity=hed_intensity,
             seed=seed,
             batch_size=batch_size,
+            views=views,
         )
 
     @property
@@ -460,6 +419,7 @@ class Predictor:
                     "models": [_model_digest(m) for m in self.models],
                     "postproc": to_dict() if callable(to_dict) else repr(postproc),
                     "tta": self.tta,
+                    "views": self.views,
                     "mc_dropout": self.mc_dropout,
                     "hed_intensity": self.hed_intensity,
                     "seed": self.seed,

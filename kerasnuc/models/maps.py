@@ -11,6 +11,8 @@ from collections.abc import Callable, Mapping
 
 import numpy as np
 
+from kerasnuc.models.views import average_views
+
 STRIDE = 32
 
 
@@ -76,7 +78,9 @@ def forward_function(model) -> Callable:
     return fn
 
 
-def predict_maps_batch(model, images: np.ndarray, batch_size: int = 4) -> dict[str, np.ndarray]:
+def predict_maps_batch(
+    model, images: np.ndarray, batch_size: int = 4, views: int = 1
+) -> dict[str, np.ndarray]:
     """Probability maps of a batch of same-size images.
 
     Args:
@@ -84,23 +88,30 @@ def predict_maps_batch(model, images: np.ndarray, batch_size: int = 4) -> dict[s
             ``[0, 1]`` for any ``H, W`` divisible by :data:`STRIDE`.
         images: ``(B, H, W, 3)`` uint8, or float32 in ``[0, 1]``.
         batch_size: images per forward pass.
+        views: flips / rotations averaged (:func:`kerasnuc.models.views.average_views`); each
+            view is padded and cropped on its own.
 
     Returns:
         ``{output name: (B, H, W, K) float32}`` at the input size.
     """
     images = np.asarray(images)
     x = images.astype(np.float32) / 255.0 if images.dtype == np.uint8 else images.astype(np.float32)
-    x, size = pad_to_multiple(x)
-    parts: dict[str, list[np.ndarray]] = {}
     forward = forward_function(model)
-    for i in range(0, len(x), batch_size):
-        out = forward(x[i : i + batch_size])
-        for k, v in out.items():
-            parts.setdefault(k, []).append(np.asarray(v, dtype=np.float32))
-    return crop_maps({k: np.concatenate(v) for k, v in parts.items()}, size)
+
+    def padded_forward(batch: np.ndarray) -> dict[str, np.ndarray]:
+        batch, size = pad_to_multiple(batch)
+        parts: dict[str, list[np.ndarray]] = {}
+        for i in range(0, len(batch), batch_size):
+            out = forward(batch[i : i + batch_size])
+            for k, v in out.items():
+                parts.setdefault(k, []).append(np.asarray(v, dtype=np.float32))
+        return crop_maps({k: np.concatenate(v) for k, v in parts.items()}, size)
+
+    return average_views(padded_forward, x, views)
 
 
-def predict_maps(model, image: np.ndarray) -> dict[str, np.ndarray]:
-    """Probability maps ``{name: (H, W, K) float32}`` of one ``(H, W, 3)`` image (no TTA)."""
-    out = predict_maps_batch(model, np.asarray(image)[None], batch_size=1)
+def predict_maps(model, image: np.ndarray, views: int = 1) -> dict[str, np.ndarray]:
+    """Probability maps ``{name: (H, W, K) float32}`` of one ``(H, W, 3)`` image (no TTA;
+    ``views`` as for :func:`predict_maps_batch`)."""
+    out = predict_maps_batch(model, np.asarray(image)[None], batch_size=1, views=views)
     return {k: v[0] for k, v in out.items()}

@@ -202,9 +202,12 @@ def tile_items(items: Sequence[ValItem], size: int) -> list[ValItem]:
     return out
 
 
-def predict_all(model: Any, items: Sequence[ValItem]) -> list[dict[str, np.ndarray]]:
-    """Probability maps ``{output: (H, W, K) float32}`` of every item (one forward pass each)."""
-    return [predict_maps(model, it.image) for it in items]
+def predict_all(
+    model: Any, items: Sequence[ValItem], views: int = 1
+) -> list[dict[str, np.ndarray]]:
+    """Probability maps ``{output: (H, W, K) float32}`` of every item (``views`` forward passes
+    each, see :func:`kerasnuc.models.maps.predict_maps`)."""
+    return [predict_maps(model, it.image, views=views) for it in items]
 
 
 def score_summary(summary: Mapping[str, Any], num_classes: int) -> float:

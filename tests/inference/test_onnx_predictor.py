@@ -56,6 +56,33 @@ def test_same_maps_and_nuclei_as_keras(default_dir):
     assert fast.fingerprint()["engine"] == "onnxruntime"
 
 
+def test_views_are_the_mean_of_the_flipped_back_maps_as_with_keras(default_dir):
+    from kerasnuc.inference.predictor import Predictor
+
+    demo = Dataset(example_dataset("demo"))
+    images = np.stack([demo.sample(i).image[:200, :232] for i in DEMO_IDS])
+    plain = OnnxPredictor.from_run_dir(default_dir, views=1)
+    two = OnnxPredictor.from_run_dir(default_dir, views=2)
+    flat = plain.predict_maps_batch(images)
+    mirrored = plain.predict_maps_batch(images[:, :, ::-1])
+    got = two.predict_maps_batch(images)
+    for name in ("semantic", "three_label"):
+        np.testing.assert_allclose(
+            got[name], (flat[name] + mirrored[name][:, :, ::-1]) / 2, atol=1e-6, rtol=0
+        )
+    # The mirror image's column vectors point the other way.
+    np.testing.assert_allclose(
+        got["vectors"][..., 1],
+        (flat["vectors"][..., 1] - mirrored["vectors"][:, :, ::-1, 1]) / 2,
+        atol=1e-5,
+        rtol=0,
+    )
+    expected = Predictor.from_run_dirs(default_dir, views=2).predict_maps_batch(images)
+    for name in expected:
+        np.testing.assert_allclose(got[name], expected[name], atol=1e-4, rtol=0)
+    assert two.fingerprint() != plain.fingerprint()
+
+
 def test_graph_of_other_weights_is_refused(default_dir, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(default_dir, run)

@@ -4,7 +4,7 @@ import keras
 import numpy as np
 import pytest
 
-from kerasnuc.config import DataConfig, RunConfig
+from kerasnuc.config import DataConfig, InferenceConfig, RunConfig
 from kerasnuc.data.dataset import Dataset
 from kerasnuc.fileutil import KerasnucError
 from kerasnuc.inference.predictor import (
@@ -185,6 +185,49 @@ def test_variance_and_mc_dropout_switch(rng):
     assert layer.mc
 
 
+def _local_model() -> keras.Model:
+    """A 3x3 convolution with random weights: not equivariant, so its views differ."""
+    keras.utils.set_random_seed(2)
+    inputs = keras.Input((None, None, 3))
+    x = keras.layers.Conv2D(4, 3, padding="same", activation="relu")(inputs)
+    three = keras.layers.Conv2D(3, 3, padding="same", activation="softmax", name="three")(x)
+    return keras.Model(inputs, {"three_label": three})
+
+
+def test_two_views_average_the_image_and_its_flipped_back_mirror_image(rng):
+    model = _local_model()
+    img = _image(rng, (64, 96))
+    plain = maps_lib.predict_maps(model, img)["three_label"]
+    mirrored = maps_lib.predict_maps(model, img[:, ::-1])["three_label"][:, ::-1]
+    assert np.abs(plain - mirrored).max() > 1e-3  # the views differ
+    expected = (plain + mirrored) / 2
+    got = Predictor(model, CONIC, None, views=2).predict_maps(img)["three_label"]
+    np.testing.assert_allclose(got, expected, atol=1e-6)
+    direct = maps_lib.predict_maps(model, img, views=2)["three_label"]
+    np.testing.assert_allclose(direct, expected, atol=1e-6)
+    upside_down = maps_lib.predict_maps(model, img[::-1])["three_label"][::-1]
+    half_turn = maps_lib.predict_maps(model, img[::-1, ::-1])["three_label"][::-1, ::-1]
+    four = Predictor(model, CONIC, None, views=4, batch_size=3).predict_maps(img)["three_label"]
+    np.testing.assert_allclose(four, (plain + mirrored + upside_down + half_turn) / 4, atol=1e-6)
+
+
+def test_views_come_from_the_run_config(run_dirs, tmp_path):
+    run = tmp_path / "views2"
+    run.mkdir()
+    config = RunConfig(
+        "conic",
+        ConicModelConfig(num_classes=4, decoder_filters=(16, 8, 8, 8, 8), dropout=0.2).to_dict(),
+        DataConfig(mpp=0.25, class_names=CLASSES),
+        inference=InferenceConfig(views=2),
+    )
+    save_config(config, run)
+    (run / BEST_WEIGHTS).write_bytes((run_dirs["a"] / BEST_WEIGHTS).read_bytes())
+    assert Predictor.from_run_dirs(run).views == 2
+    assert Predictor.from_run_dirs(run, views=1).views == 1
+    assert Predictor.from_run_dirs(run, tta=4).views == 1  # TTA passes bring their own flips
+    assert Predictor.from_run_dirs(run_dirs["a"]).views == 1  # the default
+
+
 def test_bad_arguments():
     model = _dropout_model()
     with pytest.raises(ValueError, match="`tta` must be an int >= 0"):
@@ -196,6 +239,10 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match=r"`image` must have shape \(H, W, 3\)"):
         Predictor(model, CONIC, None).predict_maps(np.zeros((8, 8), np.uint8))
     assert Predictor(model, CONIC, None, tta=True).tta == 16
+    with pytest.raises(ValueError, match="`views` must be one of 1, 2, 4, 8"):
+        Predictor(model, CONIC, None, views=3)
+    with pytest.raises(ValueError, match="`views` must be 1 with test-time augmentation"):
+        Predictor(model, CONIC, None, tta=4, views=2)
 
 
 @pytest.fixture(scope="module")
@@ -287,6 +334,7 @@ def test_fingerprint_names_the_weights_and_every_setting_that_changes_results():
         "postproc": Predictor(model, CONIC, ConicPostprocConfig(fg_threshold=0.4), data),
         "mpp": Predictor(model, CONIC, postproc, DataConfig(mpp=0.25, class_names=CLASSES)),
         "ensemble": Predictor([model, twin], CONIC, postproc, data),
+        "views": Predictor(model, CONIC, postproc, data, views=2),
     }
     prints = {name: p.fingerprint() for name, p in changed.items()}
     for name, fp in prints.items():

@@ -152,6 +152,21 @@ def test_resume_skips_finished_inputs(first_run, run_dir, inputs):
     assert summary["fingerprint"]["predictor"]["tta"] == 2
 
 
+def test_views_reach_the_predictor_and_exclude_tta(run_dir, inputs, tmp_path):
+    out = tmp_path / "out"
+    result = invoke(inputs / "rgba.png", "--model", run_dir, "--out", out, "--views", "2",
+                    "--format", "summary", *FAST)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "rgba" / "rgba.summary.json").read_text())
+    assert summary["fingerprint"]["predictor"]["views"] == 2
+    result = invoke(inputs / "rgba.png", "--model", run_dir, "--out", tmp_path / "other",
+                    "--views", "2", "--tta", "4")  # fmt: skip
+    assert result.exit_code == 1
+    assert "--views 2 and --tta 4 exclude each other" in result.output
+    result = invoke(inputs / "rgba.png", "--model", run_dir, "--out", out, "--views", "3")
+    assert result.exit_code == 2 and "'3' is not one of '1', '2', '4', '8'" in result.output
+
+
 @pytest.mark.slow
 def test_grey_convert_and_pyramidal_slide_streams(run_dir, inputs, tmp_path):
     out = tmp_path / "out"
