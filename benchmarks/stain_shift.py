@@ -85,14 +85,20 @@ def main() -> None:
     parser.add_argument("--datasets", nargs="+", default=["monuseg_kumar", "consep"])
     parser.add_argument("--shifts", nargs="+", default=list(SHIFTS)[1:], choices=list(SHIFTS)[1:])
     parser.add_argument("--max-images", type=int, default=None)
+    parser.add_argument(
+        "--engine",
+        choices=("auto", "onnx", "keras"),
+        default="keras",
+        help="what runs the model (auto: as kerasnuc predict, onnxruntime where it can)",
+    )
     args = parser.parse_args()
 
     from kerasnuc.inference.job import PredictOptions
-    from kerasnuc.inference.predictor import Predictor
+    from kerasnuc.inference.onnx_predictor import load_engine_predictor
     from kerasnuc.inference.tiling import predict_tiled, tile_plan
     from kerasnuc.runs import resolve_model
 
-    predictor = Predictor.from_run_dirs(resolve_model(args.model))
+    predictor = load_engine_predictor(resolve_model(args.model), args.engine)
     tile, margin = PredictOptions().tile_size, PredictOptions().margin
     mpp = predictor.data_config.mpp or 0.25
     table = []

@@ -91,6 +91,7 @@ def load_predictor(
     batch_size: int = 4,
     engine: str = "auto",
     views: int | None = None,
+    precision: str | None = None,
 ) -> Any:
     """The predictor of a model, loaded once per process.
 
@@ -102,6 +103,8 @@ def load_predictor(
             or ``"keras"``, as ``kerasnuc predict --engine``.
         views: flips / rotations averaged per tile (None: the model's own setting), as
             ``kerasnuc predict --views``.
+        precision: ``"float32"`` or ``"int8"`` graph of the onnxruntime engine (None: the
+            model's own setting), as ``kerasnuc predict --precision``.
 
     Returns:
         An :class:`~kerasnuc.inference.onnx_predictor.OnnxPredictor` or a
@@ -110,7 +113,9 @@ def load_predictor(
     Raises:
         KerasnucError: an unknown model, or ``engine="onnx"`` where it cannot run (why).
     """
-    return load_engine_predictor(resolve_model(model), engine, tta, batch_size, views=views)
+    return load_engine_predictor(
+        resolve_model(model), engine, tta, batch_size, views=views, precision=precision
+    )
 
 
 def _as_table(table: NucleusTable) -> Any:
@@ -134,6 +139,8 @@ def segment(
     grey: str = "error",
     name: str | None = None,
     engine: str = "auto",
+    views: int | None = None,
+    precision: str | None = None,
 ) -> Segmentation:
     """Find, outline, classify and measure the nuclei of one image, as ``kerasnuc predict`` does.
 
@@ -158,7 +165,10 @@ def segment(
         name: the ``image`` column of the table for an array (default ``"image"``; a file
             gets its file name, as in the CSV of ``kerasnuc predict``).
         engine: what runs the model, as ``kerasnuc predict --engine`` (see
-            :func:`load_predictor`); both engines find the same nuclei.
+            :func:`load_predictor`); both engines find the same nuclei with the float graph.
+        views, precision: flips / turns averaged per tile and the onnxruntime graph
+            (``"float32"`` or ``"int8"``), as ``kerasnuc predict --views / --precision``;
+            None: the model's own settings.
 
     Returns:
         A :class:`Segmentation` (``labels``, ``classes``, ``table``, ``counts``).
@@ -168,7 +178,7 @@ def segment(
             (one line).
     """
     run_dir = resolve_model(model)
-    predictor = load_predictor(str(run_dir), tta, batch_size, engine)
+    predictor = load_predictor(str(run_dir), tta, batch_size, engine, views, precision)
     options = PredictOptions(
         tile_size=tile, margin=margin, batch_size=batch_size, mpp=mpp, grey=grey, tissue=False
     )

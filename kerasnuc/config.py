@@ -360,6 +360,8 @@ class TrainConfig:
 
 #: Numbers of views :class:`InferenceConfig` accepts (see ``kerasnuc.models.views``).
 VIEW_COUNTS = (1, 2, 4, 8)
+#: Graphs the onnxruntime engine can run (``model.onnx``, ``model.int8.onnx``).
+ONNX_PRECISIONS = ("float32", "int8")
 
 
 @dataclass(frozen=True)
@@ -371,19 +373,35 @@ class InferenceConfig:
             averaged: 1 (the tile as it is), 2 (and its mirror image), 4 (and the up-down
             flip and the half turn), 8 (every flip and quarter turn). Each view costs one
             forward pass; ``kerasnuc predict --views`` overrides it.
+        onnx_precision: the graph the onnxruntime engine runs: ``"float32"`` (``model.onnx``)
+            or ``"int8"`` (``model.int8.onnx``, ``kerasnuc.serving.quantize``; used only where
+            the folder has it); ``kerasnuc predict --precision`` overrides it. The Keras engine
+            always computes in float32.
     """
 
     views: int = 1
+    onnx_precision: str = "float32"
 
     def __post_init__(self) -> None:
         check_views(self.views)
+        check_onnx_precision(self.onnx_precision)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"views": self.views}
+        return {"views": self.views, "onnx_precision": self.onnx_precision}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> InferenceConfig:
         return strict_from_dict(cls, data)
+
+
+def check_onnx_precision(precision: Any) -> str:
+    """``precision`` if it is one of :data:`ONNX_PRECISIONS`, else a ValueError saying so."""
+    if precision not in ONNX_PRECISIONS:
+        raise ValueError(
+            f"`onnx_precision` must be one of {', '.join(ONNX_PRECISIONS)}. "
+            f"Received: onnx_precision={precision!r}"
+        )
+    return str(precision)
 
 
 def check_views(views: Any) -> int:

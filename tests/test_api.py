@@ -109,7 +109,7 @@ def test_both_engines_find_the_same_nuclei_and_auto_needs_no_tensorflow():
     from kerasnuc.examples import example_images
 
     image = read_image(example_images("demo")[0])
-    fast = kerasnuc.segment(image, engine="onnx")
+    fast = kerasnuc.segment(image, engine="onnx", precision="float32")
     slow = kerasnuc.segment(image, engine="keras")
     np.testing.assert_array_equal(fast.labels, slow.labels)
     np.testing.assert_array_equal(fast.classes, slow.classes)

@@ -15,11 +15,11 @@ def test_run_config_round_trip(tmp_path):
         data=DataConfig(datasets=("a", "b"), mpp=0.5, class_names={1: "tumour", 2: "immune"}),
         pipeline={"crop_size": 128},
         train=TrainConfig(epochs=3, learning_rate=2e-3),
-        inference=InferenceConfig(views=4),
+        inference=InferenceConfig(views=4, onnx_precision="int8"),
     )
     save_config(cfg, tmp_path)
     raw = json.loads((tmp_path / "config.json").read_text())
-    assert raw["inference"] == {"views": 4}
+    assert raw["inference"] == {"views": 4, "onnx_precision": "int8"}
     assert raw["data"]["class_names"] == {"1": "tumour", "2": "immune"}
     assert raw["data"]["class_colours"]["1"] == [255, 215, 0]  # default colour of class 1
     back = load_config(tmp_path)
@@ -30,6 +30,8 @@ def test_run_config_round_trip(tmp_path):
 def test_bad_configs():
     with pytest.raises(ValueError, match="`views` must be one of 1, 2, 4, 8. Received: views=3"):
         InferenceConfig.from_dict({"views": 3})
+    with pytest.raises(ValueError, match="`onnx_precision` must be one of float32, int8"):
+        InferenceConfig(onnx_precision="float16")
     with pytest.raises(ValueError, match="Unknown InferenceConfig keys"):
         InferenceConfig.from_dict({"tta": 2})
     assert RunConfig.from_dict({"method": "conic", "model": {}}).inference.views == 1  # old runs

@@ -7,7 +7,13 @@ from pathlib import Path
 
 import click
 
-from kerasnuc.cli.common import check_writable_dir, format_table, json_option, verbose_option
+from kerasnuc.cli.common import (
+    check_writable_dir,
+    dataset_path,
+    format_table,
+    json_option,
+    verbose_option,
+)
 from kerasnuc.fileutil import KerasnucError
 
 
@@ -130,11 +136,20 @@ def _write_onnx_if_possible(run_path: Path, float32: bool) -> None:
 @models.command("onnx")
 @click.argument("run_dir")
 @click.option("--float32", is_flag=True, help="Store float32 weights (default: float16).")
+@click.option(
+    "--int8-data",
+    "int8_data",
+    multiple=True,
+    help="Also write model.int8.onnx, its activations calibrated on crops of this dataset's "
+    "train split (repeatable).",
+)
 @verbose_option
-def onnx(run_dir: str, float32: bool) -> None:
+def onnx(run_dir: str, float32: bool, int8_data: tuple[str, ...]) -> None:
     """Write RUN_DIR/model.onnx, with which kerasnuc predict runs the model on onnxruntime
     (no TensorFlow; conic models). Needs the onnx package (pip install 'kerasnuc[onnx]');
-    the graph records the weights it was made from, so write it again after training on."""
+    the graph records the weights it was made from, so write it again after training on.
+    With --int8-data, also the 8-bit graph model.int8.onnx (kerasnuc predict --precision int8,
+    or "onnx_precision": "int8" in the run's config "inference")."""
     from kerasnuc.runs import is_bundled, resolve_model
     from kerasnuc.serving.onnx import export_run_onnx
 
@@ -145,6 +160,15 @@ def onnx(run_dir: str, float32: bool) -> None:
             "kerasnuc models pack first"
         )
     check_writable_dir(run_path)
+    dirs = [dataset_path(d) for d in int8_data]
+    for d in dirs:
+        if not (d / "meta.json").is_file():
+            raise KerasnucError(f"{d}: not a dataset folder (no meta.json)")
     path = export_run_onnx(run_path, float16_weights=not float32)
     size = path.stat().st_size / 2**20
     click.echo(f"{path}: {size:.1f} MiB ({'float32' if float32 else 'float16'} weights)")
+    if dirs:
+        from kerasnuc.serving.quantize import quantize_run_onnx
+
+        path = quantize_run_onnx(run_path, dirs)
+        click.echo(f"{path}: {path.stat().st_size / 2**20:.1f} MiB (int8, {len(dirs)} datasets)")

@@ -179,6 +179,13 @@ def _predict_on_cluster(cluster, worker_threads, spec, paths, out, options, mode
     "model's own setting, 2 for the bundled default].",
 )
 @click.option(
+    "--precision",
+    type=click.Choice(["float32", "int8"]),
+    default=None,
+    help="Graph of the onnxruntime engine: float32 (model.onnx) or int8 (model.int8.onnx, about "
+    "2.5x faster on CPUs with VNNI) [default: the model's own setting].",
+)
+@click.option(
     "--mpp",
     type=MPP,
     default=None,
@@ -273,6 +280,7 @@ def predict(
     out: Path,
     tta: int,
     views: str | None,
+    precision: str | None,
     mpp: float | None,
     formats: str | None,
     tile: int,
@@ -320,6 +328,8 @@ def predict(
     from kerasnuc.inference.job import PredictOptions
     from kerasnuc.model_dirs import resolve_model
 
+    if precision == "int8" and (server is not None or cluster is not None):
+        raise KerasnucError("--precision int8 runs on onnxruntime, not with --server or --cluster")
     if server is not None and not model:
         raise KerasnucError("--server needs --model NAME, the model's name on the server")
     run_dir = resolve_model(model) if server is None else None
@@ -346,6 +356,7 @@ def predict(
             keras_reason="--device gpu runs with TensorFlow" if device == "gpu" else None,
             note=lambda message: click.echo(f"Note: {message}", err=True),
             views=n_views,
+            precision=precision,
         )
     if run_dir is None:
         model_id, source = f"{model} @ {server}", f"{model} on {server}"

@@ -26,13 +26,14 @@ from typing import Any
 
 import numpy as np
 
-from kerasnuc.config import RunConfig, check_views
+from kerasnuc.config import RunConfig, check_onnx_precision, check_views
 from kerasnuc.fileutil import KerasnucError
 from kerasnuc.models.maps import crop_maps, pad_to_multiple
 from kerasnuc.models.views import average_views
 from kerasnuc.postprocess.common import PostprocResult
 from kerasnuc.postprocess.conic import ConicPostprocConfig, postprocess_conic
 from kerasnuc.serving.onnx import ONNX_FILE, WEIGHTS_DIGEST_KEY, weights_digest
+from kerasnuc.serving.quantize import INT8_FILE
 
 WEIGHTS_FILE = "model.weights.h5"
 POSTPROC_FILE = "postproc.json"
@@ -49,7 +50,27 @@ def onnxruntime_available() -> bool:
     return importlib.util.find_spec("onnxruntime") is not None
 
 
-def onnx_unusable_reason(run_dir: str | os.PathLike, tta: int = 0) -> str | None:
+def graph_file(run_dir: str | os.PathLike, precision: str | None = None) -> Path:
+    """The graph onnxruntime runs for ``run_dir``: ``model.int8.onnx`` for ``"int8"``,
+    ``model.onnx`` for ``"float32"``; None: the run's ``inference.onnx_precision``, falling
+    back to ``model.onnx`` where the folder has no int8 graph."""
+    run_dir = Path(run_dir)
+    if precision is not None:
+        check_onnx_precision(precision)
+        return run_dir / (INT8_FILE if precision == "int8" else ONNX_FILE)
+    try:
+        config = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
+        wanted = (config.get("inference") or {}).get("onnx_precision", "float32")
+    except (OSError, ValueError, AttributeError):
+        wanted = "float32"
+    if wanted == "int8" and (run_dir / INT8_FILE).is_file():
+        return run_dir / INT8_FILE
+    return run_dir / ONNX_FILE
+
+
+def onnx_unusable_reason(
+    run_dir: str | os.PathLike, tta: int = 0, precision: str | None = None
+) -> str | None:
     """Why ``run_dir`` cannot be predicted with onnxruntime, or None when it can.
 
     Reads only small files (the run config, the graph's metadata is checked when loading).
@@ -57,8 +78,12 @@ def onnx_unusable_reason(run_dir: str | os.PathLike, tta: int = 0) -> str | None
     run_dir = Path(run_dir)
     if tta > 1:
         return "test-time augmentation runs with Keras"
-    if not (run_dir / ONNX_FILE).is_file():
-        return f"{run_dir / ONNX_FILE} does not exist (kerasnuc models onnx RUN_DIR writes it)"
+    graph = graph_file(run_dir, precision)
+    if not graph.is_file():
+        how = "kerasnuc models onnx RUN_DIR"
+        if graph.name == INT8_FILE:
+            how += " --int8-data DIR"
+        return f"{graph} does not exist ({how} writes it)"
     if not (run_dir / POSTPROC_FILE).is_file():
         return f"{run_dir / POSTPROC_FILE} does not exist"
     try:
@@ -96,6 +121,8 @@ class OnnxPredictor:
         digest: SHA-256 of the graph file (the predictor's fingerprint).
         views: flips / rotations of each tile averaged (1, 2, 4 or 8; see
             :func:`kerasnuc.models.views.average_views`), as the Keras predictor's ``views``.
+        precision: which graph the session holds (``"float32"`` or ``"int8"``), for the
+            fingerprint.
     """
 
     tta = 0
@@ -109,6 +136,7 @@ class OnnxPredictor:
         batch_size: int = 8,
         digest: str = "",
         views: int = 1,
+        precision: str = "float32",
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"`batch_size` must be >= 1. Received: batch_size={batch_size}")
@@ -119,6 +147,7 @@ class OnnxPredictor:
         self.batch_size = int(batch_size)
         self.digest = digest
         self.views = check_views(views)
+        self.precision = check_onnx_precision(precision)
         self.output_names = [o.name for o in session.get_outputs()]
         self.input_name = session.get_inputs()[0].name
 
@@ -129,6 +158,7 @@ class OnnxPredictor:
         batch_size: int = 8,
         threads: int | None = None,
         views: int | None = None,
+        precision: str | None = None,
     ) -> OnnxPredictor:
         """Load ``run_dir/model.onnx`` with its run config and post-processing.
 
@@ -137,17 +167,19 @@ class OnnxPredictor:
             batch_size: tiles per forward pass.
             threads: onnxruntime intra-op threads (None: onnxruntime's default, the cores).
             views: views averaged per tile; None: the run's ``inference.views``.
+            precision: ``"float32"`` or ``"int8"`` (:func:`graph_file`); None: the run's
+                ``inference.onnx_precision`` where its graph exists.
 
         Raises:
             KerasnucError: no usable graph (the message says why), or weights newer than it.
         """
         run_dir = Path(run_dir)
-        reason = onnx_unusable_reason(run_dir)
+        reason = onnx_unusable_reason(run_dir, precision=precision)
         if reason is not None:
             raise KerasnucError(f"{run_dir}: cannot predict with onnxruntime: {reason}")
         import onnxruntime as ort
 
-        path = run_dir / ONNX_FILE
+        path = graph_file(run_dir, precision)
         options = ort.SessionOptions()
         options.log_severity_level = 3  # errors only: keep the terminal ours
         if threads is not None:
@@ -167,7 +199,8 @@ class OnnxPredictor:
         config = RunConfig.from_dict(json.loads((run_dir / "config.json").read_text("utf-8")))
         postproc = ConicPostprocConfig.load(run_dir / POSTPROC_FILE)
         views = config.inference.views if views is None else views
-        return cls(session, postproc, config.data, batch_size, weights_digest(path), views)
+        used = "int8" if path.name == INT8_FILE else "float32"
+        return cls(session, postproc, config.data, batch_size, weights_digest(path), views, used)
 
     @property
     def mpp(self) -> float | None:
@@ -184,6 +217,7 @@ class OnnxPredictor:
             "postproc": self.postproc.to_dict(),
             "tta": 0,
             "views": self.views,
+            "precision": self.precision,
             "batch_size": self.batch_size,
             "mpp": self.data_config.mpp,
             "class_names": {str(k): v for k, v in dict(self.data_config.class_names).items()},
@@ -230,6 +264,7 @@ def load_engine_predictor(
     keras_reason: str | None = None,
     note: Any = None,
     views: int | None = None,
+    precision: str | None = None,
 ) -> Any:
     """The predictor of ``run_dir`` on the engine ``kerasnuc predict --engine`` names.
 
@@ -249,6 +284,9 @@ def load_engine_predictor(
             error is raised.
         views: flips / rotations averaged per tile (None: the run's ``inference.views``; 1
             with ``tta > 1``).
+        precision: the onnxruntime graph (``"float32"`` / ``"int8"``; None: the run's
+            ``inference.onnx_precision`` where its graph exists). ``"int8"`` with the Keras
+            engine is refused.
 
     Raises:
         KerasnucError: ``"onnx"`` where onnxruntime cannot run the model (the reason), or
@@ -256,11 +294,18 @@ def load_engine_predictor(
     """
     if engine not in ENGINES:
         raise ValueError(f"`engine` must be one of {ENGINES}. Received: engine={engine!r}")
+    if precision == "int8" and (engine == "keras" or keras_reason or tta > 1):
+        why = keras_reason or ("test-time augmentation runs with Keras" if tta > 1 else None)
+        raise KerasnucError(
+            "int8 runs on onnxruntime only" + (f" ({why})" if why else " (not with --engine keras)")
+        )
     if engine != "keras":
-        reason = keras_reason or onnx_unusable_reason(run_dir, tta)
+        reason = keras_reason or onnx_unusable_reason(run_dir, tta, precision)
         if reason is None:
             try:
-                return OnnxPredictor.from_run_dir(run_dir, batch_size=batch_size, views=views)
+                return OnnxPredictor.from_run_dir(
+                    run_dir, batch_size=batch_size, views=views, precision=precision
+                )
             except KerasnucError as err:
                 if engine == "onnx" or note is None:
                     raise
@@ -275,6 +320,7 @@ def load_engine_predictor(
 __all__ = [
     "ENGINES",
     "OnnxPredictor",
+    "graph_file",
     "load_engine_predictor",
     "onnx_unusable_reason",
     "onnxruntime_available",

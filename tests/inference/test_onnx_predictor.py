@@ -38,7 +38,7 @@ def test_same_maps_and_nuclei_as_keras(default_dir):
 
     demo = Dataset(example_dataset("demo"))
     images = np.stack([demo.sample(i).image[:256, :256] for i in DEMO_IDS])
-    fast = OnnxPredictor.from_run_dir(default_dir, batch_size=1)
+    fast = OnnxPredictor.from_run_dir(default_dir, batch_size=1, precision="float32")
     keras_predictor = Predictor.from_run_dirs(default_dir)
     got, expected = fast.predict_maps_batch(images), keras_predictor.predict_maps_batch(images)
     assert set(got) == set(expected)
@@ -61,8 +61,8 @@ def test_views_are_the_mean_of_the_flipped_back_maps_as_with_keras(default_dir):
 
     demo = Dataset(example_dataset("demo"))
     images = np.stack([demo.sample(i).image[:200, :232] for i in DEMO_IDS])
-    plain = OnnxPredictor.from_run_dir(default_dir, views=1)
-    two = OnnxPredictor.from_run_dir(default_dir, views=2)
+    plain = OnnxPredictor.from_run_dir(default_dir, views=1, precision="float32")
+    two = OnnxPredictor.from_run_dir(default_dir, views=2, precision="float32")
     flat = plain.predict_maps_batch(images)
     mirrored = plain.predict_maps_batch(images[:, :, ::-1])
     got = two.predict_maps_batch(images)
@@ -81,6 +81,54 @@ def test_views_are_the_mean_of_the_flipped_back_maps_as_with_keras(default_dir):
     for name in expected:
         np.testing.assert_allclose(got[name], expected[name], atol=1e-4, rtol=0)
     assert two.fingerprint() != plain.fingerprint()
+
+
+def test_int8_graph_finds_the_float_graphs_nuclei(default_dir):
+    """The bundled 8-bit graph against the float graph it was made from: the float graph's
+    nuclei serve as ground truth, scored by the definitions in kerasnuc.metrics."""
+    from kerasnuc.metrics.evaluation import evaluate_pair
+
+    assert onnx_unusable_reason(default_dir, precision="int8") is None
+    demo = Dataset(example_dataset("demo"))
+    images = np.stack([demo.sample(i).image[:256, :256] for i in DEMO_IDS])
+    exact = OnnxPredictor.from_run_dir(default_dir, views=1, precision="float32")
+    rounded = OnnxPredictor.from_run_dir(default_dir, views=1, precision="int8")
+    assert rounded.precision == "int8" and exact.fingerprint() != rounded.fingerprint()
+    for a, b in zip(
+        exact.predict_instances_batch(images), rounded.predict_instances_batch(images), strict=True
+    ):
+        scores = evaluate_pair(a.instances, b.instances, hausdorff=False)
+        assert scores["n_gt"] > 20
+        assert scores["det_f1"] > 0.9 and scores["pq"] > 0.75, scores
+
+
+def test_graph_choice_follows_the_config_and_falls_back_to_float(default_dir, tmp_path):
+    from kerasnuc.inference.onnx_predictor import graph_file, load_engine_predictor
+
+    assert graph_file(default_dir).name == "model.int8.onnx"  # the bundled config asks for it
+    assert graph_file(default_dir, "float32").name == "model.onnx"
+    run = tmp_path / "run"
+    shutil.copytree(default_dir, run)
+    (run / "model.int8.onnx").unlink()
+    assert graph_file(run).name == "model.onnx"  # no int8 graph: the float one
+    assert OnnxPredictor.from_run_dir(run).precision == "float32"
+    assert "model.int8.onnx does not exist" in onnx_unusable_reason(run, precision="int8")
+    with pytest.raises(KerasnucError, match="int8 runs on onnxruntime only"):
+        load_engine_predictor(run, "keras", precision="int8")
+    result = CliRunner().invoke(
+        main,
+        [
+            "predict",
+            "demo",
+            "--out",
+            str(tmp_path / "o"),
+            "--precision",
+            "int8",
+            "--tta",
+            "4",
+        ],  # fmt: skip
+    )
+    assert result.exit_code == 1 and "int8 runs on onnxruntime only" in result.output
 
 
 def test_graph_of_other_weights_is_refused(default_dir, tmp_path):
@@ -103,6 +151,8 @@ def test_unusable_reasons(default_dir, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(default_dir, run)
     (run / "model.onnx").unlink()
+    assert "model.onnx does not exist" in onnx_unusable_reason(run, precision="float32")
+    (run / "model.int8.onnx").unlink()
     assert "model.onnx does not exist" in onnx_unusable_reason(run)
     result = CliRunner().invoke(
         main, ["predict", "demo", "--out", str(tmp_path / "o"), "--engine", "onnx", "--tta", "4"]
@@ -142,5 +192,10 @@ def test_models_onnx_writes_a_graph_for_a_run_and_refuses_bundled_models(default
     # The export is deterministic: the same weights give the bundled graph, byte for byte (so
     # the bundled model.onnx is also what the exporter writes today).
     assert (run / "model.onnx").read_bytes() == (default_dir / "model.onnx").read_bytes()
+    (run / "model.int8.onnx").unlink()
+    result = CliRunner().invoke(main, ["models", "onnx", str(run), "--int8-data", "demo"])
+    assert result.exit_code == 0, result.output
+    assert "int8, 1 datasets" in result.output
+    assert OnnxPredictor.from_run_dir(run, precision="int8").precision == "int8"
     result = CliRunner().invoke(main, ["models", "onnx", "default"])
     assert result.exit_code == 1 and "read-only" in result.output
