@@ -183,7 +183,7 @@ def _predict_on_cluster(cluster, worker_threads, spec, paths, out, options, mode
     type=click.Choice(["float32", "int8"]),
     default=None,
     help="Graph of the onnxruntime engine: float32 (model.onnx) or int8 (model.int8.onnx, about "
-    "2.5x faster on CPUs with VNNI) [default: the model's own setting].",
+    "2.7x faster on a CPU with VNNI) [default: the model's own setting].",
 )
 @click.option(
     "--mpp",

@@ -5,8 +5,8 @@ Neural Networks for Efficient Integer-Arithmetic-Only Inference", CVPR 2018): we
 output channel, activations uint8 with one scale and zero point per tensor, both written as
 QuantizeLinear / DequantizeLinear pairs around each convolution (the QDQ format), so that
 onnxruntime runs the convolutions in integer arithmetic. The activation ranges are calibrated on
-crops of the training images. On CPUs with AVX-512 VNNI or AVX-VNNI the network runs about
-2.5x faster than the float graph (the bundled default: 0.29 against 0.77 s per megapixel on one
+crops of the training images. On a CPU with AVX-512 VNNI the network ran about 2.7x faster
+than the float graph (the bundled default: 0.23 against 0.63 s per megapixel and view on one
 core, see the README); the maps differ from the float graph's by the rounding, which the val
 scores in the README measure.
 
