@@ -18,6 +18,7 @@ rest.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import os
@@ -50,10 +51,33 @@ def onnxruntime_available() -> bool:
     return importlib.util.find_spec("onnxruntime") is not None
 
 
+#: CPU flags (Linux ``/proc/cpuinfo``) of the int8 dot-product instructions.
+VNNI_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_has_vnni() -> bool:
+    """Whether this CPU has VNNI (AVX-512 VNNI, AVX-VNNI or AMX-INT8), read from
+    ``/proc/cpuinfo``; False where that file is missing (other systems).
+
+    Without VNNI, onnxruntime multiplies uint8 activations by int8 weights with instructions
+    whose 16-bit pair sums can saturate (its quantization documentation), so a model's int8
+    setting is applied only with VNNI; ``--precision int8`` forces it.
+    """
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return False
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return bool(VNNI_FLAGS & set(line.split(":", 1)[-1].split()))
+    return False
+
+
 def graph_file(run_dir: str | os.PathLike, precision: str | None = None) -> Path:
     """The graph onnxruntime runs for ``run_dir``: ``model.int8.onnx`` for ``"int8"``,
-    ``model.onnx`` for ``"float32"``; None: the run's ``inference.onnx_precision``, falling
-    back to ``model.onnx`` where the folder has no int8 graph."""
+    ``model.onnx`` for ``"float32"``; None: the run's ``inference.onnx_precision``, where the
+    folder has the int8 graph and the CPU has VNNI (:func:`cpu_has_vnni`), else ``model.onnx``."""
     run_dir = Path(run_dir)
     if precision is not None:
         check_onnx_precision(precision)
@@ -63,7 +87,7 @@ def graph_file(run_dir: str | os.PathLike, precision: str | None = None) -> Path
         wanted = (config.get("inference") or {}).get("onnx_precision", "float32")
     except (OSError, ValueError, AttributeError):
         wanted = "float32"
-    if wanted == "int8" and (run_dir / INT8_FILE).is_file():
+    if wanted == "int8" and (run_dir / INT8_FILE).is_file() and cpu_has_vnni():
         return run_dir / INT8_FILE
     return run_dir / ONNX_FILE
 

@@ -102,11 +102,19 @@ def test_int8_graph_finds_the_float_graphs_nuclei(default_dir):
         assert scores["det_f1"] > 0.9 and scores["pq"] > 0.75, scores
 
 
-def test_graph_choice_follows_the_config_and_falls_back_to_float(default_dir, tmp_path):
+def test_graph_choice_follows_the_config_and_falls_back_to_float(
+    default_dir, tmp_path, monkeypatch
+):
+    from kerasnuc.inference import onnx_predictor
     from kerasnuc.inference.onnx_predictor import graph_file, load_engine_predictor
 
+    monkeypatch.setattr(onnx_predictor, "cpu_has_vnni", lambda: True)
     assert graph_file(default_dir).name == "model.int8.onnx"  # the bundled config asks for it
     assert graph_file(default_dir, "float32").name == "model.onnx"
+    monkeypatch.setattr(onnx_predictor, "cpu_has_vnni", lambda: False)
+    assert graph_file(default_dir).name == "model.onnx"  # no VNNI: the float graph
+    assert graph_file(default_dir, "int8").name == "model.int8.onnx"  # unless asked for
+    monkeypatch.setattr(onnx_predictor, "cpu_has_vnni", lambda: True)
     run = tmp_path / "run"
     shutil.copytree(default_dir, run)
     (run / "model.int8.onnx").unlink()
@@ -199,3 +207,26 @@ def test_models_onnx_writes_a_graph_for_a_run_and_refuses_bundled_models(default
     assert OnnxPredictor.from_run_dir(run, precision="int8").precision == "int8"
     result = CliRunner().invoke(main, ["models", "onnx", "default"])
     assert result.exit_code == 1 and "read-only" in result.output
+
+
+def test_cpu_has_vnni_reads_the_flags_line(monkeypatch, tmp_path):
+    from kerasnuc.inference import onnx_predictor
+
+    def with_cpuinfo(text):
+        path = tmp_path / "cpuinfo"
+        path.write_text(text)
+        real = onnx_predictor.Path
+        monkeypatch.setattr(
+            onnx_predictor, "Path", lambda p: path if p == "/proc/cpuinfo" else real(p)
+        )
+        onnx_predictor.cpu_has_vnni.cache_clear()
+        try:
+            return onnx_predictor.cpu_has_vnni()
+        finally:
+            onnx_predictor.cpu_has_vnni.cache_clear()
+            monkeypatch.setattr(onnx_predictor, "Path", real)
+
+    assert with_cpuinfo("model name : x\nflags : fpu avx2 fma avx512f avx512_vnni\n")
+    assert with_cpuinfo("flags\t\t: fpu avx2 avx_vnni\n")
+    assert not with_cpuinfo("flags : fpu avx2 fma avx512f avx512bw\n")  # AVX-512 without VNNI
+    assert not with_cpuinfo("processor : 0\n")
