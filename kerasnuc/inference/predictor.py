@@ -229,9 +229,7 @@ class Predictor:
                 "e.g. a ServingClient) or a non-empty list of them. "
                 f"Received: {[type(m).__name__ for m in models]}"
             )
-        if isinstance(tta, bool):
-            tta = DEFAULT_TTA_PASSES if tta else 0
-        self.tta = check_int("tta", tta, 0)
+        self.tta = _tta_passes(tta)
         self.views = check_views(views)
         if self.tta > 1 and self.views > 1:
             raise ValueError(
@@ -319,8 +317,7 @@ class Predictor:
             )
         first = runs[0]
         if views is None:
-            passes = (DEFAULT_TTA_PASSES if tta else 0) if isinstance(tta, bool) else tta
-            views = 1 if check_int("tta", passes, 0) > 1 else first.config.inference.views
+            views = _default_views(tta, first.config.inference.views)
         logger.info("predictor: %d model(s), tta=%s, views=%s", len(runs), tta, views)
         return cls(
             [r.model for r in runs],
@@ -379,9 +376,8 @@ class Predictor:
         )
         postproc = method.postproc_config.from_dict(meta["postproc"])
         if views is None:
-            passes = (DEFAULT_TTA_PASSES if tta else 0) if isinstance(tta, bool) else tta
             exported = (meta.get("run_config") or {}).get("inference") or {}
-            views = 1 if check_int("tta", passes, 0) > 1 else exported.get("views", 1)
+            views = _default_views(tta, exported.get("views", 1))
         return cls(
             client,
             method,
@@ -564,6 +560,19 @@ class Predictor:
             self.method.postprocess({k: v[b] for k, v in maps.items()}, self.postproc)
             for b in range(len(images))
         ]
+
+
+def _tta_passes(tta: int | bool) -> int:
+    """The number of TTA passes ``tta`` stands for (``True``: the paper's 16, ``False``: 0)."""
+    if isinstance(tta, bool):
+        return DEFAULT_TTA_PASSES if tta else 0
+    return check_int("tta", tta, 0)
+
+
+def _default_views(tta: int | bool, configured: int) -> int:
+    """The views of a model whose config says ``configured``: 1 with TTA, whose passes bring
+    their own flips."""
+    return 1 if _tta_passes(tta) > 1 else configured
 
 
 def _model_digest(model: Any) -> str | dict[str, Any]:

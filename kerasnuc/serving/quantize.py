@@ -26,7 +26,7 @@ import numpy as np
 
 from kerasnuc.data.dataset import Dataset
 from kerasnuc.fileutil import KerasnucError, atomic_path
-from kerasnuc.serving.onnx import INPUT_NAME, ONNX_FILE, WEIGHTS_DIGEST_KEY
+from kerasnuc.serving.onnx import INPUT_NAME, ONNX_FILE
 
 INT8_FILE = "model.int8.onnx"
 """File name of the 8-bit graph in a run or bundled-model folder."""
@@ -155,7 +155,6 @@ def quantize_run_onnx(
 
 __all__ = [
     "INT8_FILE",
-    "WEIGHTS_DIGEST_KEY",
     "calibration_crops",
     "quantize_graph",
     "quantize_run_onnx",

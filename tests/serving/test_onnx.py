@@ -9,6 +9,7 @@ import pytest
 from kerasnuc.fileutil import KerasnucError
 from kerasnuc.layers.resize import ResizeLike
 from kerasnuc.models.conic import build_conic
+from tests.serving.tiny_models import randomise_batch_norm, tiny_conic_model
 
 onnx = pytest.importorskip("onnx", reason="ONNX export needs the onnx package")
 ort = pytest.importorskip("onnxruntime", reason="running the graphs needs onnxruntime")
@@ -27,28 +28,9 @@ def _run(proto, x: np.ndarray) -> dict[str, np.ndarray]:
     return dict(zip(names, session.run(None, {"image": x}), strict=True))
 
 
-def _randomise_batch_norm(model: keras.Model, rng: np.random.Generator) -> None:
-    """Fresh batch norms are identities; give them statistics so the test sees them."""
-    for layer in model._flatten_layers():
-        if isinstance(layer, keras.layers.BatchNormalization):
-            n = layer.moving_mean.shape[0]
-            layer.moving_mean.assign(rng.normal(0, 0.1, n).astype("float32"))
-            layer.moving_variance.assign(rng.uniform(0.5, 1.5, n).astype("float32"))
-            layer.gamma.assign(rng.uniform(0.8, 1.2, n).astype("float32"))
-            layer.beta.assign(rng.normal(0, 0.1, n).astype("float32"))
-
-
 @pytest.fixture(scope="module")
 def tiny_conic():
-    keras.utils.set_random_seed(0)
-    model = build_conic(
-        "efficientnet_lite0",
-        num_classes=3,
-        decoder_filters=(16, 8, 8, 8),
-        encoder_features="blocks",
-    )
-    _randomise_batch_norm(model, np.random.default_rng(1))
-    return model
+    return tiny_conic_model()
 
 
 @pytest.mark.parametrize("shape", [(2, 64, 64), (1, 96, 160)])
@@ -71,7 +53,7 @@ def test_efficientnet_b0_encoder_with_squeeze_excitation():
     keras.utils.set_random_seed(0)
     model = build_conic("efficientnet_b0", num_classes=2, decoder_filters=(8, 8, 8, 8, 8))
     rng = np.random.default_rng(4)
-    _randomise_batch_norm(model, rng)
+    randomise_batch_norm(model, rng)
     norms = [l for l in model._flatten_layers() if isinstance(l, keras.layers.Normalization)]
     assert norms and np.abs(keras.ops.convert_to_numpy(norms[0].mean)).max() > 0.1  # ImageNet
     x = rng.random((1, 96, 64, 3), dtype=np.float32)

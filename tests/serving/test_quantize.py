@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import json
 
-import keras
 import numpy as np
 import pytest
 
 from kerasnuc.fileutil import KerasnucError
-from kerasnuc.models.conic import build_conic
+from tests.serving.tiny_models import tiny_conic_model
 
 onnx = pytest.importorskip("onnx", reason="quantization needs the onnx package")
 ort = pytest.importorskip("onnxruntime", reason="quantization needs onnxruntime")
@@ -26,13 +25,7 @@ def _run(path, x):
 
 @pytest.fixture(scope="module")
 def float_graph(tmp_path_factory):
-    keras.utils.set_random_seed(0)
-    model = build_conic(
-        "efficientnet_lite0",
-        num_classes=3,
-        decoder_filters=(16, 8, 8, 8),
-        encoder_features="blocks",
-    )
+    model = tiny_conic_model(randomise=False)
     path = tmp_path_factory.mktemp("q") / "model.onnx"
     return export_onnx(model, path, metadata={WEIGHTS_DIGEST_KEY: "abc"})
 
