@@ -45,6 +45,7 @@ def _score(rows: list[dict], num_classes: int) -> dict:
     out = {k: agg.get(k) for k in ("pq", "aji", "pixel_f1", "det_f1")}
     if num_classes:
         out["mpq_plus"] = agg.get("mpq_plus")
+        out["type_acc"] = agg.get("type_acc")
         for c in range(1, num_classes + 1):
             out[f"pq+_c{c}"] = agg.get(f"pq_plus_c{c}")
     return out
@@ -192,7 +193,7 @@ def main() -> None:
             tta=args.score_tta,
         )
         cols = ["dataset", "images", "method", "pq", "aji", "pixel_f1", "det_f1", "mpq_plus"]
-        cols += sorted({k for r in table for k in r if k.startswith("pq+_c")})
+        cols += ["type_acc"] + sorted({k for r in table for k in r if k.startswith("pq+_c")})
         print(format_table(table, cols, "{:.3f}"))
         print()
     if not args.skip_timing:

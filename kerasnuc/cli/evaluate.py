@@ -144,6 +144,10 @@ def _print_tables(result: dict[str, Any]) -> None:
     if classes:
         click.echo(f"mPQ+ {s['mpq_plus']:.4f}  R2 {s['r2']:.4f}  mPQ {s['mpq']:.4f}")
         click.echo(
+            f"Types of detected nuclei (HoVer-Net): accuracy {s['type_acc']:.4f} of "
+            f"{s['type_pairs']} pairs; F_d {s['det_f1_pooled']:.4f}"
+        )
+        click.echo(
             f"Semantic (pooled pixels, classes 1..C): mIoU {s['miou_pooled']:.4f}  "
             f"mDice {s['mdice_pooled']:.4f}"
         )
@@ -160,13 +164,14 @@ def _print_tables(result: dict[str, Any]) -> None:
                     "R2": s[f"r2_c{c}"],
                     "IoU": s[f"iou_pooled_c{c}"],
                     "Dice": s[f"dice_pooled_c{c}"],
+                    "F_c": s[f"type_f1_c{c}"],
                 }
             )
         click.echo(
             "\n"
             + format_table(
                 class_rows,
-                ["class", "name", "n_gt", "n_pred", "PQ+", "PQ(mean)", "R2", "IoU", "Dice"],
+                ["class", "name", "n_gt", "n_pred", "PQ+", "PQ(mean)", "R2", "IoU", "Dice", "F_c"],
             )
         )
 
@@ -201,7 +206,8 @@ def evaluate(
 
     Every GT image (of --split) with a prediction is scored: PQ/DQ/SQ, AJI, AJI+, pixel F1,
     object Dice and Hausdorff, detection F1 and, with classes, PanNuke mPQ, CoNIC mPQ+, R2 of
-    the class counts and per-class IoU/Dice. Images without a usable prediction are listed as
+    the class counts, per-class IoU/Dice and HoVer-Net's type accuracy and per-class F_c of
+    the detected nuclei. Images without a usable prediction are listed as
     skipped; the command fails only when nothing could be scored. In JSON, undefined values
     (e.g. PQ of an image empty on both sides) are null and infinite ones "inf".
     """

@@ -13,7 +13,9 @@ Keys of a per-image row (``c`` runs over the classes 1..C when classes are score
 * counts, summed by :func:`aggregate`: ``n_gt``, ``n_pred``, ``tp``, ``fp``, ``fn``, ``iou_sum``,
   ``px_inter``, ``px_gt``, ``px_pred``, ``px_total``, ``det_tp``, ``det_fp``, ``det_fn``,
   ``tp_c{c}``, ``fp_c{c}``, ``fn_c{c}``, ``iou_sum_c{c}``, ``sem_tp_c{c}``, ``sem_gt_c{c}``,
-  ``sem_pred_c{c}``;
+  ``sem_pred_c{c}``, and for the type classification of detected nuclei ``type_pairs``,
+  ``type_correct``, ``type_tp_c{c}``, ``type_fp_c{c}``, ``type_fn_c{c}``, ``det_fp_c{c}``,
+  ``det_fn_c{c}`` (see :func:`type_counts`);
 * scores, averaged over the images where they are defined (``nan`` skipped, ``inf`` kept):
   ``pq``, ``dq``, ``sq`` (binary PQ), ``aji``, ``aji_plus``, ``pixel_f1`` (= pixel Dice),
   ``pixel_acc``, ``obj_dice``, ``obj_hausdorff`` (pixels), ``det_precision``, ``det_recall``,
@@ -23,7 +25,20 @@ Keys of a per-image row (``c`` runs over the classes 1..C when classes are score
 Dataset-only keys added by :func:`aggregate`: ``n_images``, ``ccc`` (of ``n_gt`` vs ``n_pred``),
 ``pixel_f1_pooled``, ``det_precision_pooled``, ``det_recall_pooled``, ``det_f1_pooled`` and with
 classes ``mpq_plus``, ``pq_plus_c{c}``, ``r2``, ``r2_c{c}``, ``miou_pooled``, ``mdice_pooled``,
-``iou_pooled_c{c}``, ``dice_pooled_c{c}``.
+``iou_pooled_c{c}``, ``dice_pooled_c{c}``, ``type_acc`` and ``type_f1_c{c}`` (HoVer-Net's
+``F_d`` is ``det_f1_pooled``).
+
+Type classification of detected nuclei (Graham et al. 2019, HoVer-Net, Sec. 5.2): ground-truth and
+predicted nuclei are paired by centroid within ``max_dist`` (as for detection); ``type_acc`` is
+the fraction of pairs whose types agree, and for each class ``c``
+
+    F_c = 2 TP_c / (2 TP_c + 2 FP_c + 2 FN_c + FP_d,c + FN_d,c)
+
+with, among the pairs, ``TP_c`` both of type ``c``, ``FP_c`` predicted ``c`` but truly another
+type, ``FN_c`` truly ``c`` but predicted another type, and ``FP_d,c`` / ``FN_d,c`` the unpaired
+predicted / true nuclei of type ``c``. The paper's formula also has true negatives, which its
+published evaluation counts only among pairs that involve ``c`` (so there are none); the
+figures reported for HoVer-Net use this form. All counts are pooled over the images.
 """
 
 from __future__ import annotations
@@ -35,9 +50,9 @@ from typing import Any
 
 import numpy as np
 
-from kerasnuc.instances import instance_centroids
+from kerasnuc.instances import compact_ids, instance_centroids
 from kerasnuc.metrics.counts import concordance_cc, multiclass_r2
-from kerasnuc.metrics.detection import DetectionResult, detection_scores
+from kerasnuc.metrics.detection import DetectionResult, match_points
 from kerasnuc.metrics.instance import (
     PQResult,
     check_label_map,
@@ -76,6 +91,11 @@ SUM_KEYS = frozenset(
         "sem_tp",
         "sem_gt",
         "sem_pred",
+        "type_pairs",
+        "type_correct",
+        "type_tp",
+        "type_fp",
+        "type_fn",
     }
 )
 """Base names (without the ``_c{c}`` class suffix) of the count keys that aggregate by sum."""
@@ -133,9 +153,12 @@ def evaluate_pair(
     pq = stats.pq(match_iou)
     inter, px_gt, px_pred = stats.foreground_counts()
     pixel = binary_scores_from_counts(inter, px_gt, px_pred, stats.n_pixels)
-    _, gt_pts = instance_centroids(check_label_map("gt_inst", gt_inst))
-    _, pred_pts = instance_centroids(check_label_map("pred_inst", pred_inst))
-    det = detection_scores(gt_pts, pred_pts, max_dist)
+    gt_ids, gt_pts = instance_centroids(gt_inst)
+    pred_ids, pred_pts = instance_centroids(pred_inst)
+    det_gt, det_pred, _ = match_points(gt_pts, pred_pts, max_dist)
+    det = DetectionResult.from_counts(
+        det_gt.size, len(pred_ids) - det_gt.size, len(gt_ids) - det_gt.size
+    )
 
     row: dict[str, Any] = {
         "n_gt": stats.n_gt,
@@ -171,7 +194,68 @@ def evaluate_pair(
     )
     if num_classes:
         row.update(_class_metrics(gt_inst, pred_inst, gt_cls, pred_cls, num_classes, match_iou))
+        gt_type = instance_types(gt_inst, check_label_map("gt_cls", gt_cls), num_classes)
+        pred_type = instance_types(pred_inst, check_label_map("pred_cls", pred_cls), num_classes)
+        row.update(type_counts(gt_type, pred_type, det_gt, det_pred, num_classes))
     return row
+
+
+def instance_types(instances: np.ndarray, classes: np.ndarray, num_classes: int) -> np.ndarray:
+    """Type of every nucleus: the class 1..C on most of its pixels (0 when it has none).
+
+    Args:
+        instances: ``(H, W)`` integer instance map, 0 = background.
+        classes: ``(H, W)`` integer class map; values outside 1..C are ignored.
+        num_classes: C.
+
+    Returns:
+        ``(N,)`` int64 types in the order of increasing instance id (the order of
+        :func:`kerasnuc.instances.instance_centroids`); ties go to the lower class.
+    """
+    labels, ids = compact_ids(instances)
+    fg = (labels > 0) & (classes > 0) & (classes <= num_classes)
+    votes = np.bincount(
+        labels[fg].astype(np.int64) * (num_classes + 1) + classes[fg].astype(np.int64),
+        minlength=(ids.size + 1) * (num_classes + 1),
+    ).reshape(ids.size + 1, num_classes + 1)[1:]
+    types = np.argmax(votes, axis=1)
+    return np.where(votes.max(axis=1) > 0, types, 0).astype(np.int64)
+
+
+def type_counts(
+    gt_type: np.ndarray,
+    pred_type: np.ndarray,
+    gt_index: np.ndarray,
+    pred_index: np.ndarray,
+    num_classes: int,
+) -> dict[str, int]:
+    """Counts of the type classification of paired nuclei (see the module docstring).
+
+    Args:
+        gt_type: ``(N,)`` type of each true nucleus.
+        pred_type: ``(M,)`` type of each predicted nucleus.
+        gt_index: ``(T,)`` true nucleus of each pair.
+        pred_index: ``(T,)`` predicted nucleus of each pair.
+        num_classes: C.
+
+    Returns:
+        ``type_pairs``, ``type_correct`` and per class ``type_tp_c``, ``type_fp_c``,
+        ``type_fn_c``, ``det_fp_c`` (unpaired predictions of type c), ``det_fn_c`` (unpaired
+        true nuclei of type c).
+    """
+    true, pred = gt_type[gt_index], pred_type[pred_index]
+    unpaired_gt = np.ones(gt_type.size, dtype=bool)
+    unpaired_gt[gt_index] = False
+    unpaired_pred = np.ones(pred_type.size, dtype=bool)
+    unpaired_pred[pred_index] = False
+    out = {"type_pairs": int(true.size), "type_correct": int((true == pred).sum())}
+    for c in range(1, num_classes + 1):
+        out[f"type_tp_c{c}"] = int(((true == c) & (pred == c)).sum())
+        out[f"type_fp_c{c}"] = int(((true != c) & (pred == c)).sum())
+        out[f"type_fn_c{c}"] = int(((true == c) & (pred != c)).sum())
+        out[f"det_fp_c{c}"] = int((pred_type[unpaired_pred] == c).sum())
+        out[f"det_fn_c{c}"] = int((gt_type[unpaired_gt] == c).sum())
+    return out
 
 
 def _class_metrics(
@@ -282,6 +366,14 @@ def aggregate(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
             dices.append(dice)
         out["miou_pooled"] = _nanmean(ious)
         out["mdice_pooled"] = _nanmean(dices)
+    if "type_pairs" in out:
+        pairs = out["type_pairs"]
+        out["type_acc"] = out["type_correct"] / pairs if pairs else math.nan
+        for c in sorted({c for k in keys for b, c in [_base_key(k)] if b == "type_tp"}):
+            tp = out[f"type_tp_c{c}"]
+            den = 2 * (tp + out[f"type_fp_c{c}"] + out[f"type_fn_c{c}"])
+            den += out[f"det_fp_c{c}"] + out[f"det_fn_c{c}"]
+            out[f"type_f1_c{c}"] = 2 * tp / den if den else math.nan
     return out
 
 

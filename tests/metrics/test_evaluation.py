@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from kerasnuc.metrics import MetricAccumulator, aggregate, evaluate_pair
+from kerasnuc.metrics.evaluation import instance_types, type_counts
 
 
 def box(arr, value, r0, r1, c0, c1):
@@ -82,6 +83,64 @@ def test_dataset_aggregate_by_hand():
     assert s["pixel_f1_pooled"] == pytest.approx(2 * 44 / (48 + 57))
     assert s["iou_pooled_c2"] == pytest.approx(12 / 36)
     assert acc.rows[0]["id"] == "one"
+
+
+def test_type_classification_by_hand():
+    # Pairs by centroid: image one A (1 -> 1) and B (2 -> 1); image two C (2 -> 2) and an
+    # unpaired prediction of class 3. Accuracy 2 of 3 pairs.
+    s = aggregate(
+        [evaluate_pair(*image_one(), num_classes=3), evaluate_pair(*image_two(), num_classes=3)]
+    )
+    assert (s["type_pairs"], s["type_correct"]) == (3, 2)
+    assert s["type_acc"] == pytest.approx(2 / 3)
+    # Class 1: TP 1 (A), FP 1 (B) -> 2 / (2 + 2); class 2: TP 1 (C), FN 1 (B) -> 2 / (2 + 2);
+    # class 3: one unpaired prediction -> 0 / (0 + 1).
+    assert (s["type_tp_c1"], s["type_fp_c1"], s["type_fn_c1"]) == (1, 1, 0)
+    assert (s["type_tp_c2"], s["type_fp_c2"], s["type_fn_c2"]) == (1, 0, 1)
+    assert (s["det_fp_c3"], s["det_fn_c3"]) == (1, 0)
+    assert s["type_f1_c1"] == pytest.approx(0.5)
+    assert s["type_f1_c2"] == pytest.approx(0.5)
+    assert s["type_f1_c3"] == 0.0
+
+
+def test_type_counts_and_f1_with_unpaired_nuclei():
+    # True types 1, 2, 3, 2; predicted 1, 2, 2, 3; pairs (0, 0), (1, 1), (2, 2).
+    # Unpaired: true nucleus 3 (type 2), prediction 3 (type 3).
+    c = type_counts(
+        np.array([1, 2, 3, 2]), np.array([1, 2, 2, 3]), np.array([0, 1, 2]), np.array([0, 1, 2]), 3
+    )
+    assert (c["type_pairs"], c["type_correct"]) == (3, 2)
+    assert (c["type_tp_c2"], c["type_fp_c2"], c["type_fn_c2"]) == (1, 1, 0)
+    assert (c["det_fp_c2"], c["det_fn_c2"]) == (0, 1)
+    assert (c["type_tp_c3"], c["type_fp_c3"], c["type_fn_c3"]) == (0, 0, 1)
+    assert (c["det_fp_c3"], c["det_fn_c3"]) == (1, 0)
+    s = aggregate(
+        [
+            {
+                "n_gt": 4,
+                "n_pred": 4,
+                "px_inter": 0,
+                "px_gt": 0,
+                "px_pred": 0,
+                "px_total": 1,
+                "det_tp": 3,
+                "det_fp": 1,
+                "det_fn": 1,
+                **c,
+            }
+        ]
+    )
+    # F_2 = 2 * 1 / (2 * (1 + 1 + 0) + 0 + 1) = 2 / 5; F_3 = 0 / (2 + 1) = 0.
+    assert s["type_f1_c2"] == pytest.approx(0.4)
+    assert s["type_f1_c3"] == 0.0
+
+
+def test_instance_types_majority_ties_and_missing():
+    inst = np.array([[4, 4, 4, 9, 9, 7]])
+    cls = np.array([[2, 3, 3, 1, 2, 0]])
+    # id 4: class 3 on two pixels; id 7: no class pixel -> 0; id 9: tie 1 / 2 -> 1.
+    assert instance_types(inst, cls, 3).tolist() == [3, 0, 1]
+    assert instance_types(np.zeros((2, 2), np.int32), np.zeros((2, 2), np.int32), 3).size == 0
 
 
 def test_undefined_images_are_skipped_in_means():
