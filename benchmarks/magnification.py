@@ -2,7 +2,7 @@
 
 Each ``val`` image of Kumar and CoNSeP (40x, 0.25 um/px) is shrunk by ``--factors`` (2 = 20x,
 0.5 um/px; area averaging of the RGB, nearest neighbour of the label maps, so every nucleus
-keeps its id) and predicted as ``kerasnuc predict`` does, twice:
+keeps its id) and predicted as ``kerasnuc predict`` does (:func:`kerasnuc.segment`), twice:
 
 * ``mpp given``: the shrunk image with its pixel size (``--mpp`` on the command line, or read
   from the file): the model resamples it to its own resolution and maps the result back;
@@ -56,15 +56,11 @@ def main() -> None:
     parser.add_argument("--max-images", type=int, default=None)
     args = parser.parse_args()
 
-    from kerasnuc.inference.job import PredictOptions
-    from kerasnuc.inference.onnx_predictor import load_engine_predictor
-    from kerasnuc.inference.tiling import predict_tiled, tile_plan
-    from kerasnuc.runs import resolve_model
+    from kerasnuc.api import load_predictor, segment
 
-    predictor = load_engine_predictor(resolve_model(args.model), "auto")
-    names = predictor.data_config.class_names
-    model_mpp = predictor.data_config.mpp or 0.25
-    options = PredictOptions()
+    data = load_predictor(args.model).data_config
+    names = data.class_names
+    model_mpp = data.mpp or 0.25
     table = []
     for name in DATASETS:
         root = args.data / name
@@ -77,29 +73,19 @@ def main() -> None:
         ids = ds.split("val")[: args.max_images]
         for factor in args.factors:
             mpp = (ds.mpp or model_mpp) * factor
-            cases = [("mpp given", mpp)] + ([("mpp not given", model_mpp)] if factor != 1 else [])
+            cases = [("mpp given", mpp)] + ([("mpp not given", None)] if factor != 1 else [])
             for label, told in cases:
                 rows, t0 = [], time.perf_counter()
                 for id in ids:
                     s = ds.sample(id)
                     labels = [s.instances] + ([s.classes] if typed else [])
                     image, labels = shrink(s.image, labels, factor)
-                    scale = told / model_mpp
-                    tile, margin = tile_plan(
-                        image.shape[:2], options.tile_size, options.margin, scale
-                    )
-                    res = predict_tiled(
-                        image,
-                        predictor.predict_instances_batch,
-                        tile_size=tile,
-                        margin=margin,
-                        target_mpp=model_mpp,
-                        mpp=told,
-                    )
+                    # An array has no pixel size of its own: None is the forgotten --mpp.
+                    res = segment(image, args.model, mpp=told)
                     rows.append(
                         evaluate_pair(
                             labels[0],
-                            res.instances,
+                            res.labels,
                             labels[1] if typed else None,
                             res.classes if typed else None,
                             k,

@@ -1,8 +1,7 @@
 """Where a model loses its cell-type score: wrong types or wrong outlines.
 
-Predicts every ``val`` image of a typed dataset as ``kerasnuc predict`` does (the model's own
-views, precision and post-processing; whole image, as :mod:`benchmarks.default_model`) and
-prints
+Predicts every ``val`` image of a typed dataset as ``kerasnuc predict`` does
+(:func:`kerasnuc.segment`: the model's own views, precision and post-processing) and prints
 
 1. the confusion matrix of the types of matched nuclei (ground truth vs prediction, matched as
    for PQ: IoU > 0.5) and the type accuracy among them;
@@ -95,32 +94,19 @@ def confusion(images: list[ImageTypes], num_classes: int) -> np.ndarray:
 
 
 def predict_images(model: str, root: Path) -> tuple[list[ImageTypes], dict[int, str]]:
-    from kerasnuc.inference.job import PredictOptions
-    from kerasnuc.inference.onnx_predictor import load_engine_predictor
-    from kerasnuc.inference.tiling import predict_tiled, tile_plan
-    from kerasnuc.runs import resolve_model
+    from kerasnuc.api import load_predictor, segment
 
-    predictor = load_engine_predictor(resolve_model(model), "auto")
-    names = predictor.data_config.class_names
+    data = load_predictor(model).data_config
+    names = data.class_names
     ds = Dataset(root)
     if not ds.has_classes or ds.class_names != names:
         sys.exit(f"{root}: its cell types {ds.class_names} are not the model's {names}")
-    options = PredictOptions()
-    mpp = predictor.data_config.mpp or 0.25
     out = []
     t0 = time.perf_counter()
     for id in ds.split("val"):
         s = ds.sample(id)
-        tile, margin = tile_plan(s.image.shape[:2], options.tile_size, options.margin)
-        res = predict_tiled(
-            s.image,
-            predictor.predict_instances_batch,
-            tile_size=tile,
-            margin=margin,
-            target_mpp=mpp,
-            mpp=ds.mpp or mpp,
-        )
-        out.append(image_types(s.instances, s.classes, res.instances, res.classes, len(names)))
+        res = segment(s.image, model, mpp=ds.mpp or data.mpp)
+        out.append(image_types(s.instances, s.classes, res.labels, res.classes, len(names)))
     seconds = time.perf_counter() - t0
     print(f"{root.name}: {len(out)} val images in {seconds:.0f} s", file=sys.stderr)
     return out, {int(k): v for k, v in names.items()}

@@ -7,6 +7,8 @@ consecutive). Per-nucleus results are returned for the ids present, in increasin
 
 * :func:`compact_ids`: relabel to 1..N (order kept) and the original ids;
 * :func:`label_centroids`: areas and centroids of a map labelled 0..N;
+* :func:`majority_class`: the class on most of each label's pixels (stitched tiles, the type
+  metrics);
 * :func:`instance_centroids`: the centroid of every nucleus (training targets, point labels,
   detection metrics and the post-processing tables all use it);
 * :func:`composition_counts`: nuclei per cell type in the central window (CoNIC task 2; the
@@ -69,6 +71,28 @@ def label_centroids(labels: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]
     cy = np.bincount(flat, weights=rows.ravel(), minlength=n + 1) / safe
     cx = np.bincount(flat, weights=cols.ravel(), minlength=n + 1) / safe
     return area, np.stack([cy, cx], axis=1)
+
+
+def majority_class(labels: np.ndarray, classes: np.ndarray, n: int) -> np.ndarray:
+    """Most frequent non-zero class of each label of a map labelled 0..n.
+
+    Args:
+        labels: ``(H, W)`` labels 0..n (0 = background).
+        classes: ``(H, W)`` non-negative integer class map.
+        n: the largest label.
+
+    Returns:
+        ``(n + 1,)`` int64 indexed by label: the class on most of the label's pixels (ties: the
+        smaller class), 0 where it has no pixel of a non-zero class, and 0 for label 0.
+    """
+    n_cls = int(classes.max()) + 1 if classes.size else 1
+    fg = labels > 0
+    keys = labels[fg].astype(np.int64) * n_cls + classes[fg].astype(np.int64)
+    counts = np.bincount(keys, minlength=(n + 1) * n_cls).reshape(n + 1, n_cls)
+    counts[:, 0] = 0
+    best = counts.argmax(axis=1)
+    best[counts.max(axis=1) == 0] = 0
+    return best
 
 
 def instance_centroids(instances: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -115,6 +115,7 @@ from scipy import ndimage as ndi
 
 from kerasnuc.checks import check_int
 from kerasnuc.fileutil import KerasnucError, atomic_path, write_json_atomic
+from kerasnuc.instances import majority_class
 from kerasnuc.io.readers import ArraySource, ImageSource, check_mpp, open_image
 from kerasnuc.postprocess.common import PostprocResult
 
@@ -694,14 +695,7 @@ def _majority_class(labels: np.ndarray, classes: Any, size: int, top: int) -> np
             f"`predict_fn` class maps must be ({size}, {size}) integer. "
             f"Received: shape={classes.shape}, dtype={classes.dtype}"
         )
-    n_cls = int(classes.max()) + 1 if classes.size else 1
-    fg = labels > 0
-    keys = labels[fg].astype(np.int64) * n_cls + classes[fg].astype(np.int64)
-    counts = np.bincount(keys, minlength=(top + 1) * n_cls).reshape(top + 1, n_cls)
-    counts[:, 0] = 0
-    best = counts.argmax(axis=1)
-    best[counts.max(axis=1) == 0] = 0
-    return best
+    return majority_class(labels, classes, top)
 
 
 def _same_nucleus(a: dict[str, Any], b: dict[str, Any]) -> bool:

@@ -50,7 +50,7 @@ from typing import Any
 
 import numpy as np
 
-from kerasnuc.instances import compact_ids, instance_centroids
+from kerasnuc.instances import compact_ids, instance_centroids, majority_class
 from kerasnuc.metrics.counts import concordance_cc, multiclass_r2
 from kerasnuc.metrics.detection import DetectionResult, match_points
 from kerasnuc.metrics.instance import (
@@ -213,13 +213,7 @@ def instance_types(instances: np.ndarray, classes: np.ndarray, num_classes: int)
         :func:`kerasnuc.instances.instance_centroids`); ties go to the lower class.
     """
     labels, ids = compact_ids(instances)
-    fg = (labels > 0) & (classes > 0) & (classes <= num_classes)
-    votes = np.bincount(
-        labels[fg].astype(np.int64) * (num_classes + 1) + classes[fg].astype(np.int64),
-        minlength=(ids.size + 1) * (num_classes + 1),
-    ).reshape(ids.size + 1, num_classes + 1)[1:]
-    types = np.argmax(votes, axis=1)
-    return np.where(votes.max(axis=1) > 0, types, 0).astype(np.int64)
+    return majority_class(labels, np.where(classes <= num_classes, classes, 0), ids.size)[1:]
 
 
 def type_counts(
