@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -75,6 +76,13 @@ class PipelineConfig:
             the geometric augmentation and is cut away afterwards, so rotations and zoom-outs
             show real tissue instead of fill in the crop.
         importance_sampling: draw images with ``p_n`` (with replacement) instead of shuffling.
+        image_groups: a regular expression naming the group (source slide) of each image: the
+            first match in the image's id, the whole id where it does not match; groups never
+            span datasets. With it, importance sampling balances each class across groups
+            (:mod:`kerasnuc.data.sampling`), so that one slide cannot define a class. CoNSeP
+            patches ``train_18_003``: ``"^train_[0-9]+"``. None: no groups (the paper's ``p_n``).
+        group_alpha: the balancing exponent with ``image_groups``: 1 keeps each group's share
+            of a class, 0 gives the groups equal shares; the default 0.5 takes the square root.
         dataset_weights: when training on several datasets, the share of crops drawn from each
             (importance sampling then runs within each dataset). None: pool all images (the
             paper's sampling).
@@ -100,6 +108,8 @@ class PipelineConfig:
     batch_size: int = 8
     context: float = 0.25
     importance_sampling: bool = True
+    image_groups: str | None = None
+    group_alpha: float = 0.5
     dataset_weights: tuple[float, ...] | None = None
     samples_per_epoch: int | None = None
     boundary_width: int = 1
@@ -133,6 +143,18 @@ class PipelineConfig:
                 "`boundary_width` must be >= 0 and `vector_scale` > 0. Received: "
                 f"boundary_width={self.boundary_width}, vector_scale={self.vector_scale}"
             )
+        if not 0.0 <= self.group_alpha <= 1.0:
+            raise ValueError(
+                f"`group_alpha` must lie in [0, 1]. Received: group_alpha={self.group_alpha}"
+            )
+        if self.image_groups is not None:
+            try:
+                re.compile(self.image_groups)
+            except re.error as err:
+                raise ValueError(
+                    f"`image_groups` is not a regular expression ({err}). "
+                    f"Received: image_groups={self.image_groups!r}"
+                ) from None
         if self.dataset_weights is not None:
             weights = tuple(float(w) for w in self.dataset_weights)
             if not weights or min(weights) < 0 or sum(weights) <= 0:
@@ -300,6 +322,15 @@ def _sampling_frequencies(class_map: np.ndarray, num_classes: int) -> np.ndarray
     return np.bincount(idx, minlength=k + 1) / idx.size
 
 
+def image_group(item_id: str, pattern: str | None) -> str:
+    """The group of a pipeline item ``"<dataset>/<image id>"`` under ``image_groups``."""
+    dataset, _, image_id = item_id.rpartition("/")
+    if pattern is None:
+        return item_id
+    found = re.search(pattern, image_id)
+    return f"{dataset}/{found.group(0) if found else image_id}"
+
+
 def _epoch_sampler(items: list[_Item], freqs: np.ndarray, config: PipelineConfig):
     """``epoch -> item indices`` of one epoch.
 
@@ -308,8 +339,14 @@ def _epoch_sampler(items: list[_Item], freqs: np.ndarray, config: PipelineConfig
     dataset by importance sampling among its own images.
     """
     per_epoch = config.samples_per_epoch or len(items)
+    groups = None
+    if config.image_groups is not None:
+        groups = np.array([image_group(it.id, config.image_groups) for it in items])
+    alpha = config.group_alpha
     if config.dataset_weights is None:
-        sampler = ImportanceSampler(freqs, seed=config.seed, enabled=config.importance_sampling)
+        sampler = ImportanceSampler(
+            freqs, seed=config.seed, enabled=config.importance_sampling, groups=groups, alpha=alpha
+        )
         return lambda epoch: sampler.draw(epoch, per_epoch)[0]
 
     sources = np.array([it.source for it in items])
@@ -323,7 +360,11 @@ def _epoch_sampler(items: list[_Item], freqs: np.ndarray, config: PipelineConfig
     members = [np.flatnonzero(sources == s) for s in range(n_sources)]
     samplers = [
         ImportanceSampler(
-            freqs[m], seed=config.seed + 1000 * (s + 1), enabled=config.importance_sampling
+            freqs[m],
+            seed=config.seed + 1000 * (s + 1),
+            enabled=config.importance_sampling,
+            groups=None if groups is None else groups[m],
+            alpha=alpha,
         )
         for s, m in enumerate(members)
     ]

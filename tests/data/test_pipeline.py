@@ -188,6 +188,32 @@ def test_typed_and_untyped_datasets_mix_with_unknown_class(consep_small, shared_
     assert "untyped" in kinds and "typed" in kinds
 
 
+def test_image_groups_balance_slides_in_the_pipeline_sampler():
+    from kerasnuc.data.pipeline import _epoch_sampler, _Item, image_group
+
+    assert image_group("consep/train_18_003", "^train_[0-9]+") == "consep/train_18"
+    assert image_group("kumar/TCGA-21", "^train_[0-9]+") == "kumar/TCGA-21"  # no match
+    assert image_group("consep/train_18_003", None) == "consep/train_18_003"
+    lab = np.zeros((4, 4, 2), np.int32)
+    # slide 1: 8 patches; slide 2: 2 patches; the same class content everywhere
+    ids = [f"train_1_{i:03d}" for i in range(8)] + ["train_2_000", "train_2_001"]
+    items = [_Item(f"consep/{i}", np.zeros((4, 4, 3), np.uint8), lab) for i in ids]
+    freqs = np.tile([0.75, 0.25], (len(items), 1))
+    paper = _epoch_sampler(items, freqs, _cfg(samples_per_epoch=20000))(0)
+    assert (paper >= 8).mean() == pytest.approx(2 / 10, abs=0.015)
+    cfg = _cfg(samples_per_epoch=20000, image_groups="^train_[0-9]+", group_alpha=0.0)
+    equal = _epoch_sampler(items, freqs, cfg)(0)
+    assert (equal >= 8).mean() == pytest.approx(1 / 2, abs=0.015)
+    sqrt = _cfg(samples_per_epoch=20000, image_groups="^train_[0-9]+")
+    assert sqrt.group_alpha == 0.5  # sqrt(8) : sqrt(2) = 2 : 1
+    assert (_epoch_sampler(items, freqs, sqrt)(0) >= 8).mean() == pytest.approx(1 / 3, abs=0.015)
+    assert PipelineConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match="regular expression"):
+        PipelineConfig(image_groups="train_(")
+    with pytest.raises(ValueError, match="group_alpha"):
+        PipelineConfig(group_alpha=-0.1)
+
+
 def test_dataset_weights_set_the_share_of_each_dataset():
     from kerasnuc.data.pipeline import _epoch_sampler, _Item
 

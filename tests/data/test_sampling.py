@@ -3,6 +3,7 @@ import pytest
 
 from kerasnuc.data.sampling import (
     ImportanceSampler,
+    class_distributions,
     importance_probabilities,
 )
 
@@ -77,3 +78,53 @@ def test_disabled_is_a_permutation():
     idx, cls = ImportanceSampler(freqs, seed=0, enabled=False).draw(0)
     np.testing.assert_array_equal(np.sort(idx), np.arange(40))
     assert (cls == -1).all()
+
+
+# Group balancing. Three images, classes bg and a; images 1 and 2 come from one slide (group 1).
+_GROUP_FREQS = np.array([[0.5, 0.5], [0.9, 0.1], [0.8, 0.2]])
+_GROUPS = np.array(["s0", "s1", "s1"])
+
+
+def test_group_balance_alpha_one_is_the_paper():
+    np.testing.assert_allclose(
+        importance_probabilities(_GROUP_FREQS, _GROUPS, 1.0), importance_probabilities(_GROUP_FREQS)
+    )
+
+
+def test_group_balance_alpha_zero_by_hand():
+    # bg: group masses 0.5 and 1.7, each group gets 1/2: q = (1/2, 0.9/1.7/2, 0.8/1.7/2)
+    # a:  group masses 0.5 and 0.3, each group gets 1/2: q = (1/2, 0.1/0.3/2, 0.2/0.3/2)
+    classes, q = class_distributions(_GROUP_FREQS, _GROUPS, 0.0)
+    np.testing.assert_array_equal(classes, [0, 1])
+    np.testing.assert_allclose(q[:, 0], [0.5, 0.9 / 3.4, 0.8 / 3.4])
+    np.testing.assert_allclose(q[:, 1], [0.5, 1 / 6, 1 / 3])
+    p = importance_probabilities(_GROUP_FREQS, _GROUPS, 0.0)
+    np.testing.assert_allclose(p, [0.5, (0.9 / 3.4 + 1 / 6) / 2, (0.8 / 3.4 + 1 / 3) / 2])
+
+
+def test_group_balance_square_root_by_hand():
+    # class a, alpha 0.5: group shares sqrt(0.5) and sqrt(0.3) of their sum
+    w0, w1 = np.sqrt(0.5), np.sqrt(0.3)
+    _, q = class_distributions(_GROUP_FREQS, _GROUPS, 0.5)
+    np.testing.assert_allclose(
+        q[:, 1], [w0 / (w0 + w1), 1 / 3 * w1 / (w0 + w1), 2 / 3 * w1 / (w0 + w1)]
+    )
+
+
+def test_group_balance_lets_no_slide_own_a_class():
+    # slide A: 9 images full of class a; slides B, C: one image each with a little of it
+    freqs = np.array([[0.5, 0.5]] * 9 + [[0.9, 0.1], [0.9, 0.1]])
+    groups = np.array(["A"] * 9 + ["B", "C"])
+    sampler = ImportanceSampler(freqs, seed=0, groups=groups, alpha=0.0)
+    idx, cls = sampler.draw(0, size=30000)
+    from_a = idx[cls == 1]
+    # draws for class a: each slide 1/3 (the paper's q_c gives slide A 4.5 / 4.7)
+    assert (from_a < 9).mean() == pytest.approx(1 / 3, abs=0.015)
+    assert (from_a == 9).mean() == pytest.approx(1 / 3, abs=0.015)
+
+
+def test_group_balance_checks_its_arguments():
+    with pytest.raises(ValueError, match="alpha"):
+        importance_probabilities(_GROUP_FREQS, _GROUPS, 1.5)
+    with pytest.raises(ValueError, match="groups"):
+        importance_probabilities(_GROUP_FREQS, _GROUPS[:2], 0.5)
