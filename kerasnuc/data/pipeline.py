@@ -77,8 +77,9 @@ class PipelineConfig:
             show real tissue instead of fill in the crop.
         importance_sampling: draw images with ``p_n`` (with replacement) instead of shuffling.
         image_groups: a regular expression naming the group (source slide) of each image: the
-            first match in the image's id, the whole id where it does not match; groups never
-            span datasets. With it, importance sampling balances each class across groups
+            first match in the image's id; the images of a dataset whose ids do not match form
+            one group (a dataset without matches keeps the paper's sampling inside it); groups
+            never span datasets. With it, importance sampling balances each class across groups
             (:mod:`kerasnuc.data.sampling`), so that one slide cannot define a class. CoNSeP
             patches ``train_18_003``: ``"^train_[0-9]+"``. None: no groups (the paper's ``p_n``).
         group_alpha: the balancing exponent with ``image_groups``: 1 keeps each group's share
@@ -323,12 +324,13 @@ def _sampling_frequencies(class_map: np.ndarray, num_classes: int) -> np.ndarray
 
 
 def image_group(item_id: str, pattern: str | None) -> str:
-    """The group of a pipeline item ``"<dataset>/<image id>"`` under ``image_groups``."""
+    """The group of a pipeline item ``"<dataset>/<image id>"`` under ``image_groups``
+    (``"<dataset>/"`` where the id does not match; the item id itself without a pattern)."""
     dataset, _, image_id = item_id.rpartition("/")
     if pattern is None:
         return item_id
     found = re.search(pattern, image_id)
-    return f"{dataset}/{found.group(0) if found else image_id}"
+    return f"{dataset}/{found.group(0) if found else ''}"
 
 
 def _epoch_sampler(items: list[_Item], freqs: np.ndarray, config: PipelineConfig):

@@ -192,7 +192,7 @@ def test_image_groups_balance_slides_in_the_pipeline_sampler():
     from kerasnuc.data.pipeline import _epoch_sampler, _Item, image_group
 
     assert image_group("consep/train_18_003", "^train_[0-9]+") == "consep/train_18"
-    assert image_group("kumar/TCGA-21", "^train_[0-9]+") == "kumar/TCGA-21"  # no match
+    assert image_group("kumar/TCGA-21", "^train_[0-9]+") == "kumar/"  # no match: one group
     assert image_group("consep/train_18_003", None) == "consep/train_18_003"
     lab = np.zeros((4, 4, 2), np.int32)
     # slide 1: 8 patches; slide 2: 2 patches; the same class content everywhere
@@ -207,6 +207,9 @@ def test_image_groups_balance_slides_in_the_pipeline_sampler():
     sqrt = _cfg(samples_per_epoch=20000, image_groups="^train_[0-9]+")
     assert sqrt.group_alpha == 0.5  # sqrt(8) : sqrt(2) = 2 : 1
     assert (_epoch_sampler(items, freqs, sqrt)(0) >= 8).mean() == pytest.approx(1 / 3, abs=0.015)
+    # ids that do not match form one group, inside which the paper's sampling holds
+    plain = _cfg(samples_per_epoch=20000, image_groups="^slide_[0-9]+", group_alpha=0.0)
+    np.testing.assert_array_equal(_epoch_sampler(items, freqs, plain)(0), paper)
     assert PipelineConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(ValueError, match="regular expression"):
         PipelineConfig(image_groups="train_(")
