@@ -27,6 +27,7 @@ def _load(name: str):
 
 
 train_jax = _load("train_jax")
+pack_data = _load("pack_data")
 
 # Every augmentation off: the probabilities of kerasnuc.data.augment.AugmentConfig.none().
 NO_AUG = {
@@ -261,3 +262,19 @@ def test_float16_weights_hold_the_model_variables_only(tmp_path):
     for a, b in zip(model.get_weights(), clone.get_weights(), strict=True):
         np.testing.assert_allclose(b, a.astype(np.float16).astype(np.float32), rtol=0, atol=0)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.weights.h5"]
+
+
+def test_packed_sampling_probabilities_balance_slides_per_dataset():
+    from kerasnuc.data.pipeline import _Item
+
+    lab = np.zeros((4, 4, 2), np.int32)
+    ids = ["c/train_1_000", "c/train_1_001", "c/train_1_002", "c/train_2_000", "k/TCGA-1"]
+    items = [_Item(i, np.zeros((4, 4, 3), np.uint8), lab, source=int(i[0] == "k")) for i in ids]
+    freqs = np.tile([0.5, 0.5], (5, 1))
+    # no groups: the consep images share their dataset equally, the Kumar image has its own
+    np.testing.assert_allclose(
+        pack_data.sampling_probabilities(items, freqs), [0.25, 0.25, 0.25, 0.25, 1.0]
+    )
+    # alpha 0: slide 1 (three patches) and slide 2 (one) get 1/2 each
+    p = pack_data.sampling_probabilities(items, freqs, "^train_[0-9]+", 0.0)
+    np.testing.assert_allclose(p, [1 / 6, 1 / 6, 1 / 6, 1 / 2, 1.0])

@@ -8,7 +8,8 @@ and resampled to the model's pixel size exactly as ``kerasnuc train`` does
   the device tool's 64 MiB transfer limit,
 * the instance map (uint16) and the class map (int8, -1 = unknown cell type),
 * its dataset index and its importance-sampling probability within that dataset
-  (Rumberger et al. 2022, Eq. 2, as :mod:`kerasnuc.data.sampling` computes it).
+  (Rumberger et al. 2022, Eq. 2, as :mod:`kerasnuc.data.sampling` computes it; balanced across
+  source slides where the run's ``pipeline.image_groups`` or ``--image-groups`` names them).
 
 Usage::
 
@@ -28,17 +29,40 @@ import numpy as np
 from PIL import Image
 
 
+def sampling_probabilities(items, freqs, image_groups=None, alpha=0.5) -> np.ndarray:
+    """Each item's importance-sampling probability within its own dataset, as ``kerasnuc
+    train``'s sampler draws them (``dataset_weights`` then pick the dataset)."""
+    from kerasnuc.data.pipeline import image_group
+    from kerasnuc.data.sampling import importance_probabilities
+
+    sources = np.array([it.source for it in items])
+    groups = None
+    if image_groups is not None:
+        groups = np.array([image_group(it.id, image_groups) for it in items])
+    probs = np.zeros(len(items))
+    for s in np.unique(sources):
+        m = sources == s
+        probs[m] = importance_probabilities(freqs[m], None if groups is None else groups[m], alpha)
+    return probs
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", required=True, help="run or bundled-model folder (config.json)")
     parser.add_argument("--out", required=True)
     parser.add_argument("--split", default="train")
     parser.add_argument("--quality", type=int, default=95)
+    parser.add_argument(
+        "--image-groups",
+        default=None,
+        help="regular expression naming each image's source slide (default: the run's "
+        "pipeline.image_groups), e.g. '^train_[0-9]+' for the CoNSeP patches",
+    )
+    parser.add_argument("--group-alpha", type=float, default=None)
     args = parser.parse_args()
 
     from kerasnuc.data.dataset import Dataset
     from kerasnuc.data.pipeline import _sampling_frequencies, load_items
-    from kerasnuc.data.sampling import importance_probabilities
 
     config = json.loads((Path(args.run) / "config.json").read_text())
     root = Path(os.environ.get("KERASNUC_DATA", "../shared/data"))
@@ -51,10 +75,10 @@ def main() -> None:
 
     freqs = np.stack([_sampling_frequencies(it.labels[..., 1], num_classes) for it in items])
     sources = np.array([it.source for it in items])
-    probs = np.zeros(len(items))
-    for s in np.unique(sources):
-        m = sources == s
-        probs[m] = importance_probabilities(freqs[m])
+    pipeline = config.get("pipeline", {})
+    groups = args.image_groups or pipeline.get("image_groups")
+    alpha = args.group_alpha if args.group_alpha is not None else pipeline.get("group_alpha", 0.5)
+    probs = sampling_probabilities(items, freqs, groups, alpha)
 
     out = {"num_classes": np.int64(num_classes), "sources": sources, "probs": probs}
     for k, it in enumerate(items):
