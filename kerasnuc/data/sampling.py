@@ -17,7 +17,7 @@ Our choice where the paper is silent: a class with no pixel in any training imag
 
 Our extension, **group balancing**: patches cut from one slide are not independent, and with
 ``q_c`` a class can be learned almost entirely from one slide (in our CoNSeP train split, one of
-22 source images holds 57 % of the inflammatory nuclei, a dense lymphocyte aggregate; the
+22 source images holds 58 % of the inflammatory nuclei, a dense lymphocyte aggregate; the
 scattered inflammatory cells of other slides were then typed as spindle). Given a group per
 image (its source slide) and an exponent ``alpha``, the class mass of each group is tempered:
 
