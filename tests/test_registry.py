@@ -144,3 +144,24 @@ def test_unet_sharp_tunes_its_post_processing():
     assert [row["min_distance"] for row in table] == [20, 4]
     assert best == dataclasses.replace(base, min_distance=4)
     assert [row["score"] for row in table] == [-1.0, 0.0]
+
+
+def test_init_from_run_gives_its_augmentation_unless_the_config_says_otherwise(stained):
+    from kerasnuc.data.augment import AugmentConfig
+
+    strong = AugmentConfig.preset("stain").to_dict()
+    init = RunConfig(
+        "conic",
+        build_run_config("conic", [stained], {}, {}).model,
+        data=DataConfig(datasets=[str(stained)], mpp=0.5, class_names={1: "a"}),
+        pipeline={"augment": strong, "crop_size": 512},
+    )
+    config = build_run_config(None, [stained], {}, {}, init_config=init, init_name="run")
+    assert config.pipeline["augment"] == strong and config.pipeline["augment"]["stain_prob"] == 0.5
+    assert config.pipeline["crop_size"] == 256  # only the augmentation is taken over
+    # --config replaces it; a run without --init-from keeps the mild defaults (no stain change)
+    own = {"pipeline": {"augment": {"stain_prob": 0.2}}}
+    config = build_run_config(None, [stained], own, {}, init_config=init, init_name="run")
+    assert config.pipeline["augment"]["stain_prob"] == 0.2
+    assert config.pipeline["augment"]["jpeg_prob"] == 0.0
+    assert build_run_config("conic", [stained], {}, {}).pipeline["augment"]["stain_prob"] == 0.0

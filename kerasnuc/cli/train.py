@@ -52,7 +52,9 @@ def build_run_config(
     """The :class:`~kerasnuc.config.RunConfig` of a new run.
 
     Precedence: method defaults < the ``--init-from`` run (its architecture, i.e. the ``model``
-    section, and its resolution ``data.mpp``) < ``--config`` < flags.
+    section, its resolution ``data.mpp`` and its training augmentation ``pipeline.augment``, so
+    a fine-tuned model stays as robust to stains as the one it starts from) < ``--config`` <
+    flags.
 
     Every section is checked here, before any data is read or a model built: unknown keys,
     value types and ranges, and one ``pipeline.dataset_weights`` entry per dataset.
@@ -121,7 +123,10 @@ def build_run_config(
     try:
         model = method.model_config.from_dict(section("model", base_model)).to_dict()
         name = "pipeline"
-        pipeline_dict = section("pipeline", PipelineConfig(batch_size=4).to_dict())
+        pipeline_base = PipelineConfig(batch_size=4).to_dict()
+        if init_config is not None and "augment" in (init_config.pipeline or {}):
+            pipeline_base["augment"] = init_config.pipeline["augment"]
+        pipeline_dict = section("pipeline", pipeline_base)
         pipeline = PipelineConfig.from_dict(pipeline_dict).to_dict()
         name = "train"
         train_base = {**TrainConfig().to_dict(), **dict(method.train_defaults or {})}
@@ -217,9 +222,9 @@ def parse_dataset_mpp(values: tuple[str, ...], dirs: list[Path]) -> dict[str, fl
 @click.option(
     "--init-from",
     help="Fine-tune: start from this run folder, bundled model (e.g. 'default') or weights "
-    "file. A run or bundled model also gives the architecture, the resolution and the tuned "
-    "post-processing (unless --config or flags say otherwise); its classes are matched to the "
-    "data's by name.",
+    "file. A run or bundled model also gives the architecture, the resolution, the training "
+    "augmentation and the tuned post-processing (unless --config or flags say otherwise); its "
+    "classes are matched to the data's by name.",
 )
 @click.option(
     "--points",

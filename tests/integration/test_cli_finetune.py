@@ -82,6 +82,11 @@ def test_finetune_default_on_alphabetical_qupath_classes_maps_them_by_name(tmp_p
         k: v for k, v in default.config.model.items() if k != "num_classes"
     }
     assert config.data.mpp == 0.25 and config.train.init_from == "default"
+    # The default's strong stain augmentation comes along (stain changes on half the crops,
+    # JPEG on 30 %; a new run's defaults have neither).
+    augment = config.pipeline["augment"]
+    assert augment == default.config.pipeline["augment"]
+    assert (augment["stain_prob"], augment["jpeg_prob"]) == (0.5, 0.3)
     by_name = {v: k for k, v in default.config.data.class_names.items()}
     for k, name in alphabetical.items():
         assert config.data.class_colours[k] == default.config.data.class_colours[by_name[name]]
