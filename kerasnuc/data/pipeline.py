@@ -333,6 +333,13 @@ def image_group(item_id: str, pattern: str | None) -> str:
     return f"{dataset}/{found.group(0) if found else ''}"
 
 
+def item_groups(items: Sequence[_Item], pattern: str | None) -> np.ndarray | None:
+    """``(N,)`` groups of pipeline items under ``image_groups`` (None without a pattern)."""
+    if pattern is None:
+        return None
+    return np.array([image_group(it.id, pattern) for it in items])
+
+
 def _epoch_sampler(items: list[_Item], freqs: np.ndarray, config: PipelineConfig):
     """``epoch -> item indices`` of one epoch.
 
@@ -341,9 +348,7 @@ def _epoch_sampler(items: list[_Item], freqs: np.ndarray, config: PipelineConfig
     dataset by importance sampling among its own images.
     """
     per_epoch = config.samples_per_epoch or len(items)
-    groups = None
-    if config.image_groups is not None:
-        groups = np.array([image_group(it.id, config.image_groups) for it in items])
+    groups = item_groups(items, config.image_groups)
     alpha = config.group_alpha
     if config.dataset_weights is None:
         sampler = ImportanceSampler(

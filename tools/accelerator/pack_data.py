@@ -32,13 +32,11 @@ from PIL import Image
 def sampling_probabilities(items, freqs, image_groups=None, alpha=0.5) -> np.ndarray:
     """Each item's importance-sampling probability within its own dataset, as ``kerasnuc
     train``'s sampler draws them (``dataset_weights`` then pick the dataset)."""
-    from kerasnuc.data.pipeline import image_group
+    from kerasnuc.data.pipeline import item_groups
     from kerasnuc.data.sampling import importance_probabilities
 
     sources = np.array([it.source for it in items])
-    groups = None
-    if image_groups is not None:
-        groups = np.array([image_group(it.id, image_groups) for it in items])
+    groups = item_groups(items, image_groups)
     probs = np.zeros(len(items))
     for s in np.unique(sources):
         m = sources == s
